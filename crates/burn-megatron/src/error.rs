@@ -1,0 +1,72 @@
+//! The crate's error type.
+
+use std::time::Duration;
+
+/// Everything that can go wrong in burn-megatron, with a message that says what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A parallel layout that does not fit the world size or the model.
+    #[error("invalid parallel layout: {0}")]
+    InvalidLayout(String),
+
+    /// A layer or tensor configuration that cannot be built.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+
+    /// A collective operation failed on this rank.
+    #[error("{op} on group `{group}` failed on rank {rank}: {reason}")]
+    Collective {
+        /// The group's name, with its member ranks.
+        group: String,
+        /// The global rank that observed the failure.
+        rank: usize,
+        /// The operation, such as `all_reduce`.
+        op: &'static str,
+        /// What went wrong.
+        reason: CollectiveFailure,
+    },
+
+    /// A rank of a local (thread) run panicked or returned an error.
+    #[error("rank {rank} failed: {message}")]
+    RankFailed {
+        /// The global rank that failed.
+        rank: usize,
+        /// Its panic message or error.
+        message: String,
+    },
+}
+
+/// Why a collective operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CollectiveFailure {
+    /// Not every member arrived within the group's timeout.
+    #[error(
+        "timed out after {waited:?} waiting for ranks {missing:?}; a rank is stuck or called \
+         collectives in another order (raise the timeout if the work between collectives is long)"
+    )]
+    Timeout {
+        /// How long this rank waited.
+        waited: Duration,
+        /// Global ranks that had not arrived.
+        missing: Vec<usize>,
+    },
+    /// Another rank failed, so the group was aborted.
+    #[error("the group was aborted: {0}")]
+    Aborted(String),
+    /// Ranks called different operations at the same point of the program.
+    #[error(
+        "rank {other_rank} called `{other_op}` at the same point; every rank of a group must call the same collectives in the same order"
+    )]
+    Mismatch {
+        /// A rank that called something else.
+        other_rank: usize,
+        /// What that rank called.
+        other_op: &'static str,
+    },
+    /// The tensors given by the ranks do not fit the operation.
+    #[error("{0}")]
+    BadInput(String),
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,20 @@
+//! Parallel layout, process groups and collectives.
+//!
+//! - [`Layout`]: tensor x data x pipeline sizes and Megatron's rank order.
+//! - [`ProcessGroup`]: the transport between a group's ranks; [`Group`]: a handle to one,
+//!   with the tensor collectives.
+//! - [`ParallelBackend`]: the collectives and region operations as a backend extension.
+//! - [`LocalCluster`]: ranks as threads of one process, on any backend.
+
+mod backend;
+pub mod collectives;
+mod context;
+mod group;
+mod layout;
+mod local;
+
+pub use backend::ParallelBackend;
+pub use context::ParallelContext;
+pub use group::{DEFAULT_TIMEOUT, Group, OpName, Payload, ProcessGroup, ReduceOp};
+pub use layout::{Layout, ModelDims, RankCoords};
+pub use local::{LocalCluster, LocalGroup, LocalWorld};
