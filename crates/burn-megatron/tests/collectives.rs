@@ -295,3 +295,27 @@ fn mismatched_operations_and_shapes_are_errors_not_hangs() {
         "{message}"
     );
 }
+
+#[test]
+fn a_panicking_thread_outside_local_cluster_aborts_its_world() {
+    use burn_megatron::parallel::{LocalWorld, ParallelContext};
+    let layout = Layout::new(2, 1, 1).unwrap();
+    let world = LocalWorld::new(2, Duration::from_secs(120));
+    let started = Instant::now();
+    let outcome = std::thread::scope(|scope| {
+        let rank1 = scope.spawn(|| {
+            let _ctx = ParallelContext::local(layout, 1, &world);
+            panic!("rank 1 dies holding its groups");
+        });
+        let ctx = ParallelContext::local(layout, 0, &world);
+        let outcome = ctx
+            .tensor()
+            .all_reduce(row(vec![1.0]), ReduceOp::Sum)
+            .map(|_| ());
+        assert!(rank1.join().is_err(), "rank 1 panicked");
+        outcome
+    });
+    let message = outcome.unwrap_err().to_string();
+    assert!(message.contains("rank 1 failed: panicked"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

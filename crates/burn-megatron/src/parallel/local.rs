@@ -205,6 +205,16 @@ impl LocalGroup {
     }
 }
 
+/// A rank thread that panics drops its groups while unwinding: abort the job then, so the
+/// other ranks fail fast even when the threads were not started by [`LocalCluster`].
+impl Drop for LocalGroup {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.world.abort(self.global_rank(), "panicked".to_string());
+        }
+    }
+}
+
 impl ProcessGroup for LocalGroup {
     fn name(&self) -> &str {
         &self.key.0
@@ -397,6 +407,9 @@ impl LocalCluster {
                         .name(format!("rank-{rank}"))
                         .spawn_scoped(scope, move || {
                             let context = ParallelContext::local(self.layout, rank, world);
+                            // Holding a clone keeps the groups alive through a panic, so the
+                            // abort below (with the panic message) is the one the others see.
+                            let _groups = context.clone();
                             let outcome = panic::catch_unwind(AssertUnwindSafe(|| job(context)));
                             let message = match outcome {
                                 Ok(Ok(value)) => return Ok(value),
