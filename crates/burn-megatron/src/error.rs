@@ -26,6 +26,19 @@ pub enum Error {
         reason: CollectiveFailure,
     },
 
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+
+    /// A file's contents are malformed (truncated, corrupt, or of another format).
+    #[error("{0}")]
+    InvalidData(String),
+
     /// A rank of a local (thread) run panicked or returned an error.
     #[error("rank {rank} failed: {message}")]
     RankFailed {
@@ -66,6 +79,16 @@ pub enum CollectiveFailure {
     /// The tensors given by the ranks do not fit the operation.
     #[error("{0}")]
     BadInput(String),
+}
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
+    }
 }
 
 /// The crate's result type.

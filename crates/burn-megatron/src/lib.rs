@@ -16,6 +16,7 @@
 
 #![warn(missing_docs)]
 
+pub mod data;
 mod error;
 pub mod parallel;
 pub mod tensor_parallel;
