@@ -238,3 +238,65 @@ proptest! {
         let _ = read_everything(&index);
     }
 }
+
+/// A legacy TNTIDX dataset written byte by byte from the documented layout: items
+/// `[10, 11, 12]` and `[13, 14]` of dtype i32 (code 4), one document.
+fn legacy_fixture(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let words: Vec<u64> = vec![
+        1, 4, 4, 2, 2, 2, // version, dtype, element size, items, size entries, documents
+        0, 1, 2, // dim offsets
+        0, 3, 5, // data offsets (elements)
+        3, 2, // sizes
+        0, 2, // document index
+    ];
+    let mut index = b"TNTIDX\x00\x00".to_vec();
+    for word in words {
+        index.extend_from_slice(&word.to_le_bytes());
+    }
+    let data: Vec<u8> = (10i32..15).flat_map(|v| v.to_le_bytes()).collect();
+    let prefix = dir.join("legacy");
+    let (idx, bin) = dataset_paths(&prefix);
+    std::fs::write(&idx, &index).unwrap();
+    std::fs::write(bin, data).unwrap();
+    (prefix, index)
+}
+
+#[test]
+fn legacy_tntidx_reads_lazily_and_cached() {
+    use burn_megatron::data::{LegacyIndexedDataset, LegacyMode};
+    let dir = tempfile::tempdir().unwrap();
+    let (prefix, index) = legacy_fixture(dir.path());
+    for mode in [LegacyMode::Lazy, LegacyMode::Cached] {
+        let dataset = LegacyIndexedDataset::open(&prefix, mode).unwrap();
+        assert_eq!(dataset.len(), 2);
+        assert_eq!(dataset.dtype(), DType::I32);
+        assert_eq!(dataset.tokens(0).unwrap(), vec![10, 11, 12], "{mode:?}");
+        assert_eq!(dataset.tokens(1).unwrap(), vec![13, 14], "{mode:?}");
+        assert_eq!(dataset.item_shape(0).unwrap(), &[3]);
+        assert_eq!(dataset.document_index(), &[0, 2]);
+        assert!(dataset.tokens(2).is_err());
+    }
+    // A truncated index and a truncated .bin are errors, not panics.
+    let (idx, bin) = dataset_paths(&prefix);
+    for length in [0, 20, 56, index.len() - 8] {
+        std::fs::write(&idx, &index[..length]).unwrap();
+        let error = LegacyIndexedDataset::open(&prefix, LegacyMode::Lazy).unwrap_err();
+        assert!(error.to_string().contains("legacy.idx"), "{error}");
+    }
+    std::fs::write(&idx, &index).unwrap();
+    std::fs::write(&bin, [0u8; 13]).unwrap();
+    for mode in [LegacyMode::Lazy, LegacyMode::Cached] {
+        let dataset = LegacyIndexedDataset::open(&prefix, mode).unwrap();
+        assert!(dataset.tokens(0).is_ok());
+        assert!(
+            dataset
+                .tokens(1)
+                .unwrap_err()
+                .to_string()
+                .contains("truncated data")
+        );
+    }
+    // The MMIDIDX reader points at the legacy reader.
+    let error = IndexedDataset::open(&prefix).unwrap_err().to_string();
+    assert!(error.contains("legacy TNTIDX"), "{error}");
+}

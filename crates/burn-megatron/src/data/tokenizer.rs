@@ -114,12 +114,50 @@ impl Tokenizer {
     ///
     /// When a file is missing or malformed.
     pub fn gpt2_bpe(vocab_file: &Path, merge_file: &Path) -> Result<Self> {
-        let model = BPE::from_file(
-            path_str(vocab_file, "--vocab-file")?,
-            path_str(merge_file, "--merge-file")?,
+        let read = |path: &Path, flag: &str| {
+            path_str(path, flag)?;
+            std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+        };
+        Self::gpt2_bpe_from_strings(
+            &read(vocab_file, "--vocab-file")?,
+            &read(merge_file, "--merge-file")?,
         )
-        .build()
-        .map_err(|e| tokenizer_error("GPT-2 vocabulary or merges", e))?;
+    }
+
+    /// GPT-2's byte-level BPE from the contents of `vocab.json` and `merges.txt`.
+    ///
+    /// # Errors
+    ///
+    /// When the vocabulary is not a JSON map of tokens to ids, or a merge line is not two
+    /// tokens.
+    pub fn gpt2_bpe_from_strings(vocab_json: &str, merges_txt: &str) -> Result<Self> {
+        let vocab: std::collections::HashMap<String, u32> = serde_json::from_str(vocab_json)
+            .map_err(|e| tokenizer_error("GPT-2 vocabulary (a JSON map of tokens to ids)", e))?;
+        let merges = merges_txt
+            .lines()
+            .enumerate()
+            .filter(|(_, line)| !line.starts_with("#version"))
+            .map(|(number, line)| {
+                line.split_once(' ')
+                    .filter(|(_, right)| !right.contains(' '))
+                    .map(|(left, right)| (left.to_string(), right.to_string()))
+                    .ok_or_else(|| {
+                        Error::InvalidData(format!(
+                            "GPT-2 merges line {}: expected two tokens separated by a space",
+                            number + 1
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let model = BPE::builder()
+            .vocab_and_merges(
+                vocab
+                    .into_iter()
+                    .collect::<tokenizers::models::bpe::Vocab>(),
+                merges,
+            )
+            .build()
+            .map_err(|e| tokenizer_error("GPT-2 vocabulary or merges", e))?;
         let mut inner = tokenizers::Tokenizer::new(model);
         inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
