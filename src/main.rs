@@ -1,8 +1,10 @@
 //! `burn-megatron`: the command-line front end.
 
+mod commands;
+mod tokenizer_args;
+
 use std::process::ExitCode;
 
-use burn_megatron::parallel::{Layout, ModelDims};
 use clap::{Parser, Subcommand};
 
 /// Megatron-style parallel training for Burn.
@@ -17,88 +19,20 @@ struct Cli {
 enum Command {
     /// Print how a job's ranks split into tensor-, data- and pipeline-parallel groups
     /// (Megatron's rank order), and check the layout against a model's sizes.
-    Layout(LayoutArgs),
-}
-
-#[derive(Parser, Debug)]
-struct LayoutArgs {
-    /// Total number of ranks (GPUs or processes).
-    #[arg(long)]
-    world_size: usize,
-    /// Tensor-parallel size.
-    #[arg(long, default_value_t = 1)]
-    tp: usize,
-    /// Pipeline-parallel size; data parallelism takes the remaining ranks.
-    #[arg(long, default_value_t = 1)]
-    pp: usize,
-    /// Model chunks per pipeline stage (interleaved schedule).
-    #[arg(long, default_value_t = 1)]
-    virtual_stages: usize,
-    /// Check the layout against a model with this many attention heads (with --hidden,
-    /// --layers; the others default to GPT conventions).
-    #[arg(long, requires_all = ["hidden", "layers"])]
-    heads: Option<usize>,
-    /// Hidden size of the model to check.
-    #[arg(long)]
-    hidden: Option<usize>,
-    /// Transformer layers of the model to check.
-    #[arg(long)]
-    layers: Option<usize>,
-    /// Key/value head groups of the model to check (default: one per head).
-    #[arg(long)]
-    query_groups: Option<usize>,
-    /// FFN hidden size of the model to check (default: 4 x hidden).
-    #[arg(long)]
-    ffn_hidden: Option<usize>,
-    /// Vocabulary size of the model to check.
-    #[arg(long, default_value_t = 50257)]
-    vocab: usize,
-}
-
-fn layout(args: &LayoutArgs) -> burn_megatron::Result<()> {
-    let layout = Layout::for_world(args.world_size, args.tp, args.pp)?
-        .with_virtual_pipeline(args.virtual_stages)?;
-    if let (Some(heads), Some(hidden), Some(layers)) = (args.heads, args.hidden, args.layers) {
-        layout.check_model(&ModelDims {
-            hidden,
-            heads,
-            query_groups: args.query_groups.unwrap_or(heads),
-            ffn_hidden: args.ffn_hidden.unwrap_or(4 * hidden),
-            layers,
-            vocab: args.vocab,
-        })?;
-    }
-    println!("{layout} on {} ranks", layout.world_size());
-    println!(
-        "{:>5} {:>4} {:>4} {:>4}  {:<16} {:<16} {:<16} embedding",
-        "rank", "tp", "dp", "pp", "tp group", "dp group", "pp group"
-    );
-    for rank in 0..layout.world_size() {
-        let coords = layout.coords(rank);
-        let groups = [
-            layout.tensor_group(rank),
-            layout.data_group(rank),
-            layout.pipeline_group(rank),
-        ]
-        .map(|members| format!("{members:?}"));
-        println!(
-            "{rank:>5} {:>4} {:>4} {:>4}  {:<16} {:<16} {:<16} {:?}",
-            coords.tp,
-            coords.dp,
-            coords.pp,
-            groups[0],
-            groups[1],
-            groups[2],
-            layout.embedding_group(rank),
-        );
-    }
-    Ok(())
+    Layout(commands::layout::LayoutArgs),
+    /// Tokenize JSON lines into Megatron `.bin/.idx` datasets (byte-compatible with
+    /// Megatron-LM's `tools/preprocess_data.py`).
+    Preprocess(commands::preprocess::PreprocessArgs),
+    /// Summarize an indexed dataset, decode a few documents, and run the GPT sampler.
+    Inspect(commands::inspect::InspectArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match &cli.command {
-        Command::Layout(args) => layout(args),
+        Command::Layout(args) => commands::layout::run(args),
+        Command::Preprocess(args) => commands::preprocess::run(args),
+        Command::Inspect(args) => commands::inspect::run(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -64,3 +64,123 @@ fn layout_errors_say_what_to_change() {
         "{stderr}"
     );
 }
+
+fn fixture(name: &str) -> String {
+    format!(
+        "{}/tests/fixtures/megatron-data/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+#[test]
+fn preprocess_and_inspect_reproduce_megatron() {
+    let out = tempfile::tempdir().unwrap();
+    let prefix = out.path().join("shakespeare").display().to_string();
+    let tokenizers = format!("{}/data/tokenizers", env!("CARGO_MANIFEST_DIR"));
+    let (ok, stdout, stderr) = burn_megatron(&[
+        "preprocess",
+        "--input",
+        &fixture("docs.jsonl"),
+        "--json-keys",
+        "text",
+        "--output-prefix",
+        &prefix,
+        "--tokenizer-type",
+        "GPT2BPETokenizer",
+        "--vocab-file",
+        &format!("{tokenizers}/gpt2-vocab.json"),
+        "--merge-file",
+        &format!("{tokenizers}/gpt2-merges.txt"),
+        "--append-eod",
+        "--workers",
+        "2",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.starts_with("600 documents, 24103 tokens, 48206 bytes"),
+        "{stdout}"
+    );
+    let dataset = format!("{prefix}_text_document");
+    for extension in ["bin", "idx"] {
+        let ours = std::fs::read(format!("{dataset}.{extension}")).unwrap();
+        let megatron =
+            std::fs::read(fixture(&format!("shakespeare_text_document.{extension}"))).unwrap();
+        assert!(
+            ours == megatron,
+            ".{extension} differs from Megatron-Core's"
+        );
+    }
+
+    let dump = out.path().join("samples.safetensors");
+    let (ok, stdout, stderr) = burn_megatron(&[
+        "inspect",
+        &dataset,
+        "--split",
+        "949,50,1",
+        "--seq-length",
+        "64",
+        "--seed",
+        "1234",
+        "--num-samples",
+        "200,40,8",
+        "--dump-samples",
+        dump.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("600 documents, 600 sequences, 24103 tokens, dtype U16"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("document 0 (15 tokens): \"First Citizen:\\nBefore we proceed"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("train: sequences 0..569, 362 samples"),
+        "{stdout}"
+    );
+    let ours = std::fs::read(&dump).unwrap();
+    let megatron = std::fs::read(fixture("gptdataset_samples.safetensors")).unwrap();
+    let (ours, megatron) = (
+        safetensors::SafeTensors::deserialize(&ours).unwrap(),
+        safetensors::SafeTensors::deserialize(&megatron).unwrap(),
+    );
+    for split in ["train", "valid", "test"] {
+        for array in ["tokens", "labels"] {
+            let name = format!("{split}.{array}");
+            let (a, b) = (ours.tensor(&name).unwrap(), megatron.tensor(&name).unwrap());
+            assert_eq!(a.shape(), b.shape(), "{name}");
+            assert!(
+                a.data() == b.data(),
+                "{name} differs from Megatron-Core's samples"
+            );
+        }
+    }
+}
+
+#[test]
+fn data_errors_name_the_file_and_the_fix() {
+    let out = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = burn_megatron(&["inspect", out.path().join("missing").to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("missing.idx"), "{stderr}");
+
+    let input = out.path().join("bad.jsonl");
+    std::fs::write(
+        &input,
+        "{\"text\": \"fine\"}\n{\"body\": \"no text key\"}\n",
+    )
+    .unwrap();
+    let (ok, _, stderr) = burn_megatron(&[
+        "preprocess",
+        "--input",
+        input.to_str().unwrap(),
+        "--output-prefix",
+        out.path().join("bad").to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("bad.jsonl line 2: no key `text`"),
+        "{stderr}"
+    );
+}

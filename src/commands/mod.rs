@@ -1,0 +1,5 @@
+//! The subcommands of `burn-megatron`.
+
+pub mod inspect;
+pub mod layout;
+pub mod preprocess;
