@@ -23,6 +23,9 @@ enum Command {
     /// Tokenize JSON lines into Megatron `.bin/.idx` datasets (byte-compatible with
     /// Megatron-LM's `tools/preprocess_data.py`).
     Preprocess(commands::preprocess::PreprocessArgs),
+    /// Run a Hugging Face GPT checkpoint (gpt2, llama, bloom, gpt_bigcode) on token ids
+    /// and write its logits, split over tensor-parallel thread ranks.
+    Forward(commands::forward::ForwardArgs),
     /// Summarize an indexed dataset, decode a few documents, and run the GPT sampler.
     Inspect(commands::inspect::InspectArgs),
 }
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
         Command::Layout(args) => commands::layout::run(args),
         Command::Preprocess(args) => commands::preprocess::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
+        Command::Forward(args) => commands::forward::run(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

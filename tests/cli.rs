@@ -184,3 +184,86 @@ fn data_errors_name_the_file_and_the_fix() {
         "{stderr}"
     );
 }
+
+/// `input.*` tensors of a fixture's reference file, re-saved under the names `forward`
+/// reads.
+fn forward_inputs(model: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    let reference = std::fs::read(format!(
+        "{}/tests/fixtures/{model}/reference.safetensors",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let reference = safetensors::SafeTensors::deserialize(&reference).unwrap();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = ["input_ids", "attention_mask"]
+        .iter()
+        .map(|name| {
+            (
+                name.to_string(),
+                reference.tensor(&format!("input.{name}")).unwrap(),
+            )
+        })
+        .collect();
+    let path = dir.join(format!("{model}-inputs.safetensors"));
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    path
+}
+
+#[test]
+fn forward_reproduces_hf_logits_at_every_tensor_parallel_size() {
+    let out = tempfile::tempdir().unwrap();
+    for model in [
+        "gpt2-a",
+        "gpt2-a-sharded",
+        "llama-a",
+        "bloom-a",
+        "gptbigcode-a",
+    ] {
+        let inputs = forward_inputs("gpt2-a", out.path());
+        let reference = std::fs::read(format!(
+            "{}/tests/fixtures/{}/reference.safetensors",
+            env!("CARGO_MANIFEST_DIR"),
+            model.trim_end_matches("-sharded")
+        ))
+        .unwrap();
+        let reference = safetensors::SafeTensors::deserialize(&reference).unwrap();
+        let expected: Vec<f32> = reference
+            .tensor("logits")
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for tp in [1, 2, 4] {
+            let output = out.path().join(format!("{model}-tp{tp}.safetensors"));
+            let (ok, _, stderr) = burn_megatron(&[
+                "forward",
+                "--hf",
+                &format!("{}/tests/fixtures/{model}", env!("CARGO_MANIFEST_DIR")),
+                "--inputs",
+                inputs.to_str().unwrap(),
+                "--output",
+                output.to_str().unwrap(),
+                "--tp",
+                &tp.to_string(),
+            ]);
+            assert!(ok, "{model} tp={tp}: {stderr}");
+            let ours = std::fs::read(&output).unwrap();
+            let ours = safetensors::SafeTensors::deserialize(&ours).unwrap();
+            let logits = ours.tensor("logits").unwrap();
+            assert_eq!(logits.shape(), &[2, 16, 512], "{model} tp={tp}");
+            let worst = logits
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .zip(&expected)
+                .map(|(a, e)| (a - e).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst / scale < 1e-4,
+                "{model} tp={tp}: relative error {}",
+                worst / scale
+            );
+        }
+    }
+}

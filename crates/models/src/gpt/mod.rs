@@ -1,0 +1,13 @@
+//! The GPT family: GPT-2, Llama-style (rotary, RMSNorm, SwiGLU, GQA), BLOOM (ALiBi) and
+//! GPTBigCode (multi-query) from one configurable model.
+
+mod config;
+pub mod hf;
+mod layers;
+mod model;
+mod weights;
+
+pub use config::{Activation, GptConfig, NormKind, PositionEmbedding};
+pub use layers::{Mlp, Norm, SelfAttention, TransformerLayer, alibi_slopes};
+pub use model::GptModel;
+pub use weights::{FullTensors, Weights};
