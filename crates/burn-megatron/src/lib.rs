@@ -20,5 +20,6 @@ pub mod data;
 mod error;
 pub mod parallel;
 pub mod tensor_parallel;
+pub mod train;
 
 pub use error::{CollectiveFailure, Error, Result};

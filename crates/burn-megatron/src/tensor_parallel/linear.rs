@@ -106,6 +106,25 @@ impl ColumnParallelLinearConfig {
         Ok(self.build(group, weight, bias))
     }
 
+    /// This rank's layer from its own shard: `weight` `[d_input, d_output / tp]`, `bias`
+    /// `[d_output / tp]`, for callers that lay out the full weight themselves.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidConfig` when the shapes do not match this rank's shard.
+    pub fn init_from_shard<B: Backend>(
+        &self,
+        group: &Group,
+        weight: TensorData,
+        bias: Option<TensorData>,
+        device: &B::Device,
+    ) -> Result<ColumnParallelLinear<B>> {
+        let (_, width) = partition(self.d_output, group, "output features")?;
+        let weight = full_tensor::<B, 2>(weight, [self.d_input, width], "weight shard", device)?;
+        let bias = full_bias::<B>(self.bias, bias, width, device)?;
+        Ok(self.build(group, weight, bias))
+    }
+
     fn build<B: Backend>(
         &self,
         group: &Group,

@@ -166,7 +166,9 @@ impl GptConfig {
     /// `InvalidLayout` or `InvalidConfig` naming the setting and the fix.
     pub fn check(&self, layout: &Layout) -> Result<()> {
         layout.check_model(&self.dims())?;
-        if matches!(self.position, PositionEmbedding::Rotary { .. }) && !self.head_dim().is_multiple_of(2) {
+        if matches!(self.position, PositionEmbedding::Rotary { .. })
+            && !self.head_dim().is_multiple_of(2)
+        {
             return Err(Error::InvalidConfig(format!(
                 "rotary positions need an even head size, got {}",
                 self.head_dim()

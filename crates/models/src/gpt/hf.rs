@@ -224,14 +224,15 @@ impl HfCheckpoint {
                     ));
                 }
                 if let Some(head_dim) = self.optional_usize("head_dim")
-                    && head_dim * heads != hidden {
-                        return Err(invalid(
-                            &self.directory,
-                            format!(
-                                "head_dim {head_dim} x {heads} heads != hidden size {hidden}, which burn-megatron does not support"
-                            ),
-                        ));
-                    }
+                    && head_dim * heads != hidden
+                {
+                    return Err(invalid(
+                        &self.directory,
+                        format!(
+                            "head_dim {head_dim} x {heads} heads != hidden size {hidden}, which burn-megatron does not support"
+                        ),
+                    ));
+                }
                 let base = self.config["rope_theta"]
                     .as_f64()
                     .or_else(|| self.config["rope_parameters"]["rope_theta"].as_f64())

@@ -5,9 +5,11 @@ mod config;
 pub mod hf;
 mod layers;
 mod model;
+mod step;
 mod weights;
 
 pub use config::{Activation, GptConfig, NormKind, PositionEmbedding};
 pub use layers::{Mlp, Norm, SelfAttention, TransformerLayer, alibi_slopes};
 pub use model::GptModel;
+pub use step::{GptStep, batch_tensors};
 pub use weights::{FullTensors, Weights};

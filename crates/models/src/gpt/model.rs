@@ -17,7 +17,7 @@ use burn_megatron::tensor_parallel::{
 };
 
 use super::config::{GptConfig, PositionEmbedding};
-use super::layers::{Norm, TransformerLayer, column_parallel};
+use super::layers::{Norm, TransformerLayer};
 use super::weights::Weights;
 
 /// A GPT whose layers are split across the tensor-parallel group of a rank.
@@ -113,7 +113,33 @@ impl<B: Backend> GptModel<B> {
                         .with_sequence_parallel(config.sequence_parallel);
                     layer.init_from_full(group, full, None, device)?
                 }
-                None => column_parallel(config, weights, "output", layer, group, device)?,
+                // Fresh: the columns of real tokens drawn from the unpadded shape, so the
+                // weights do not depend on the padding (which grows with tp); padding zero.
+                None => {
+                    let partition = embedding.partition();
+                    let real = partition.real_len();
+                    let mut columns = Vec::new();
+                    if real > 0 {
+                        columns.push(weights.shard::<B, 2>(
+                            "output.weight",
+                            [config.hidden, config.vocab_size],
+                            (1, partition.start, real),
+                            ParamInit::Normal { std: weights.std() },
+                            device,
+                        )?);
+                    }
+                    if real < partition.len() {
+                        columns.push(Tensor::zeros(
+                            [config.hidden, partition.len() - real],
+                            device,
+                        ));
+                    }
+                    let shard = Tensor::cat(columns, 1).into_data();
+                    layer
+                        .with_bias(false)
+                        .with_sequence_parallel(config.sequence_parallel)
+                        .init_from_shard(group, shard, None, device)?
+                }
             };
             Some(layer)
         };

@@ -1,0 +1,62 @@
+//! The GPT pretraining step: next-token cross-entropy over every token.
+
+use std::collections::HashSet;
+
+use burn::module::ParamId;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use burn_megatron::data::GptSample;
+use burn_megatron::parallel::ParallelBackend;
+use burn_megatron::train::{ParallelParams, TrainStep};
+
+use super::model::GptModel;
+
+/// Next-token cross-entropy, averaged over the micro-batch's tokens.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GptStep;
+
+/// The `tokens` and `labels` of samples as `[batch, seq]` tensors.
+///
+/// # Panics
+///
+/// When the samples have different lengths.
+pub fn batch_tensors<B: Backend>(
+    samples: &[GptSample],
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+    let seq = samples.first().map_or(0, |s| s.tokens.len());
+    let stack = |pick: fn(&GptSample) -> &Vec<i64>| {
+        let values: Vec<i64> = samples
+            .iter()
+            .flat_map(|s| pick(s).iter().copied())
+            .collect();
+        assert_eq!(
+            values.len(),
+            samples.len() * seq,
+            "samples of different lengths"
+        );
+        Tensor::from_data(TensorData::new(values, [samples.len(), seq]), device)
+    };
+    (stack(|s| &s.tokens), stack(|s| &s.labels))
+}
+
+impl<B> TrainStep<B, GptModel<B>> for GptStep
+where
+    B: AutodiffBackend + ParallelBackend,
+{
+    fn loss(&self, model: &GptModel<B>, samples: &[GptSample], device: &B::Device) -> Tensor<B, 1> {
+        let (tokens, labels) = batch_tensors::<B>(samples, device);
+        let mask = Tensor::ones(labels.dims(), device);
+        model.loss(tokens, labels, mask)
+    }
+}
+
+impl<B: Backend> ParallelParams for GptModel<B> {
+    fn sequence_parallel_params(&self) -> HashSet<ParamId> {
+        GptModel::sequence_parallel_params(self)
+    }
+
+    fn tensor_parallel_params(&self) -> HashSet<ParamId> {
+        GptModel::tensor_parallel_params(self)
+    }
+}
