@@ -81,7 +81,7 @@ impl TrainConfig {
     /// `micro_batch * dp`, listing valid global batch sizes.
     pub fn micro_batches(&self, dp: usize) -> Result<usize> {
         let per_pass = self.micro_batch_size * dp;
-        if per_pass == 0 || self.global_batch_size == 0 || self.global_batch_size % per_pass != 0 {
+        if per_pass == 0 || self.global_batch_size == 0 || !self.global_batch_size.is_multiple_of(per_pass) {
             return Err(Error::InvalidConfig(format!(
                 "global batch size {} is not a multiple of micro batch size {} x data-parallel \
                  size {dp} = {per_pass}; use --global-batch-size {}, {} or {}",
