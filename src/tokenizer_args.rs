@@ -10,7 +10,7 @@ const GPT2_VOCAB: &str = include_str!("../data/tokenizers/gpt2-vocab.json");
 const GPT2_MERGES: &str = include_str!("../data/tokenizers/gpt2-merges.txt");
 
 /// Megatron's tokenizer flags.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Default)]
 pub struct TokenizerArgs {
     /// Tokenizer: GPT2BPETokenizer, BertWordPieceLowerCase, BertWordPieceCase or
     /// HuggingFaceTokenizer. Without it (and without files), the GPT-2 BPE built into

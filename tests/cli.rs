@@ -267,3 +267,135 @@ fn forward_reproduces_hf_logits_at_every_tensor_parallel_size() {
         }
     }
 }
+
+/// The flags of a tiny model that trains in seconds.
+const TINY: &[&str] = &[
+    "--num-layers",
+    "1",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "2",
+    "--seq-length",
+    "16",
+    "--micro-batch-size",
+    "1",
+    "--global-batch-size",
+    "2",
+    "--eval-iters",
+    "1",
+];
+
+#[test]
+fn train_runs_on_megatron_data_and_writes_metrics() {
+    let out = tempfile::tempdir().unwrap();
+    let prefix = out.path().join("docs").display().to_string();
+    let (ok, _, stderr) = burn_megatron(&[
+        "preprocess",
+        "--input",
+        &fixture("docs.jsonl"),
+        "--output-prefix",
+        &prefix,
+        "--append-eod",
+    ]);
+    assert!(ok, "{stderr}");
+    let data = format!("{prefix}_text_document");
+    let metrics = out.path().join("metrics.jsonl");
+    let config = out.path().join("train.toml");
+    std::fs::write(
+        &config,
+        "steps = 3\nlog_interval = 1\neval_interval = 3\nsplit = \"90,10,0\"\n",
+    )
+    .unwrap();
+    let mut args = vec![
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--data-path",
+        "0.5",
+        &data,
+        "0.5",
+        &data,
+        "--metrics",
+        metrics.to_str().unwrap(),
+        "--data-cache-path",
+        out.path().to_str().unwrap(),
+    ];
+    args.extend(TINY);
+    let (ok, stdout, stderr) = burn_megatron(&args);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("global batch 2 = micro batch 1 x 1 micro-batches x dp 2"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("eval perplexity"), "{stdout}");
+    let lines: Vec<String> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(lines.len(), 3, "one line per logged step: {lines:?}");
+    for key in [
+        "\"step\"",
+        "\"loss\"",
+        "\"lr\"",
+        "\"grad_norm\"",
+        "\"tokens_per_s\"",
+    ] {
+        assert!(lines.iter().all(|l| l.contains(key)), "{key} in {lines:?}");
+    }
+    assert!(lines[2].contains("\"eval_loss\""), "{}", lines[2]);
+}
+
+#[test]
+fn wrong_train_settings_name_the_setting_and_the_fix() {
+    let out = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = burn_megatron(&[
+        "train",
+        "--tp",
+        "4",
+        "--dp",
+        "1",
+        "--num-attention-heads",
+        "6",
+        "--hidden-size",
+        "120",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("tensor-parallel size 4 does not divide 6 attention heads"),
+        "{stderr}"
+    );
+
+    let config = out.path().join("bad.toml");
+    std::fs::write(&config, "steps = 3\nlearning_rate = 0.1\n").unwrap();
+    let (ok, _, stderr) = burn_megatron(&["train", "--config", config.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("unknown field `learning_rate`"),
+        "{stderr}"
+    );
+
+    let missing = out.path().join("nowhere").display().to_string();
+    let (ok, _, stderr) = burn_megatron(&["train", "--data-path", &missing]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("nowhere.idx does not exist") && stderr.contains("preprocess"),
+        "{stderr}"
+    );
+
+    let (ok, _, stderr) = burn_megatron(&[
+        "train",
+        "--global-batch-size",
+        "6",
+        "--micro-batch-size",
+        "4",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(
+            "global batch size 6 is not a multiple of micro batch size 4 x data-parallel size 2"
+        ),
+        "{stderr}"
+    );
+}

@@ -4,3 +4,4 @@ pub mod forward;
 pub mod inspect;
 pub mod layout;
 pub mod preprocess;
+pub mod train;

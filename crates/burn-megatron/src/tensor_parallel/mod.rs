@@ -7,12 +7,14 @@
 //! backward, whatever the tensor-parallel size.
 
 mod cross_entropy;
+mod dropout;
 mod embedding;
 mod init;
 mod linear;
 pub mod mappings;
 
 pub use cross_entropy::vocab_parallel_cross_entropy;
+pub use dropout::dropout;
 pub use embedding::{
     VocabParallelEmbedding, VocabParallelEmbeddingConfig, VocabPartition, padded_vocab_size,
 };

@@ -34,6 +34,8 @@ pub trait ParallelParams {
     /// Parameters split across the tensor-parallel group. All others are replicated and
     /// count once in the gradient norm.
     fn tensor_parallel_params(&self) -> HashSet<ParamId>;
+    /// Switches stochastic layers (dropout) on for training, off for evaluation.
+    fn set_training(&self, _training: bool) {}
 }
 
 /// Settings of a training run.
@@ -81,7 +83,10 @@ impl TrainConfig {
     /// `micro_batch * dp`, listing valid global batch sizes.
     pub fn micro_batches(&self, dp: usize) -> Result<usize> {
         let per_pass = self.micro_batch_size * dp;
-        if per_pass == 0 || self.global_batch_size == 0 || !self.global_batch_size.is_multiple_of(per_pass) {
+        if per_pass == 0
+            || self.global_batch_size == 0
+            || !self.global_batch_size.is_multiple_of(per_pass)
+        {
             return Err(Error::InvalidConfig(format!(
                 "global batch size {} is not a multiple of micro batch size {} x data-parallel \
                  size {dp} = {per_pass}; use --global-batch-size {}, {} or {}",
@@ -200,6 +205,7 @@ where
 
     let mut records = Vec::with_capacity(config.steps);
     for index in 1..=config.steps {
+        model.set_training(true);
         let started = Instant::now();
         let mut gradients = GradientsParams::new();
         let mut loss_sum = 0.0;
@@ -252,6 +258,7 @@ where
         let evaluate = valid_data.is_some()
             && ((config.eval_interval > 0 && index % config.eval_interval == 0)
                 || index == config.steps);
+        model.set_training(false);
         let eval_loss = match (evaluate, valid_data) {
             (true, Some(valid)) => Some(evaluate_loss(ctx, &model, step, valid, config, device)?),
             _ => None,

@@ -80,6 +80,13 @@ pub struct GptConfig {
     /// A norm right after the embeddings (BLOOM).
     #[config(default = false)]
     pub embedding_norm: bool,
+    /// Dropout on the embeddings and on the outputs of attention and feed-forward blocks
+    /// (training only).
+    #[config(default = 0.0)]
+    pub hidden_dropout: f64,
+    /// Dropout on the attention probabilities (training only).
+    #[config(default = 0.0)]
+    pub attention_dropout: f64,
     /// Split the residual stream along the sequence across tensor-parallel ranks.
     #[config(default = false)]
     pub sequence_parallel: bool,
@@ -173,6 +180,16 @@ impl GptConfig {
                 "rotary positions need an even head size, got {}",
                 self.head_dim()
             )));
+        }
+        for (rate, name) in [
+            (self.hidden_dropout, "hidden_dropout"),
+            (self.attention_dropout, "attention_dropout"),
+        ] {
+            if !(0.0..1.0).contains(&rate) {
+                return Err(Error::InvalidConfig(format!(
+                    "{name} {rate} must be in [0, 1)"
+                )));
+            }
         }
         if self.max_seq_len == 0 {
             return Err(Error::InvalidConfig(

@@ -10,11 +10,36 @@ use burn_megatron::tensor_parallel::mappings::{
 };
 use burn_megatron::tensor_parallel::{
     ColumnParallelLinear, ColumnParallelLinearConfig, ParamInit, RowParallelLinear,
-    RowParallelLinearConfig,
+    RowParallelLinearConfig, dropout,
 };
 
 use super::config::{Activation, GptConfig, NormKind, PositionEmbedding};
 use super::weights::Weights;
+
+/// The dropout of one forward pass: rates and the pass's seed (zero rates: none).
+#[derive(Debug, Clone, Copy)]
+pub struct DropoutPass {
+    /// Rate on block outputs.
+    pub hidden: f64,
+    /// Rate on attention probabilities.
+    pub attention: f64,
+    /// Seed of this pass; each site mixes in its own number.
+    pub seed: u64,
+}
+
+impl DropoutPass {
+    /// No dropout.
+    pub const OFF: DropoutPass = DropoutPass {
+        hidden: 0.0,
+        attention: 0.0,
+        seed: 0,
+    };
+
+    /// The seed of dropout site `site` of this pass.
+    pub fn site(&self, site: u64) -> u64 {
+        Weights::seed_of(self.seed, &site.to_string())
+    }
+}
 
 /// LayerNorm or RMSNorm over the last dimension, statistics in the tensor's precision.
 #[derive(Module, Debug)]
@@ -213,7 +238,13 @@ impl<B: Backend> SelfAttention<B> {
 impl<B: ParallelBackend> SelfAttention<B> {
     /// Attends over `x` (`[batch, seq, hidden]`, or `[batch, seq / tp, hidden]` with
     /// sequence parallelism); `padding` (`[batch, seq]`, true for padding) masks keys.
-    pub fn forward(&self, x: Tensor<B, 3>, padding: Option<&Tensor<B, 2, Bool>>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        padding: Option<&Tensor<B, 2, Bool>>,
+        dropout_pass: &DropoutPass,
+        layer: usize,
+    ) -> Tensor<B, 3> {
         let x = if self.sequence_parallel {
             gather_from_sequence_parallel_region(x, &self.group, 1, true)
         } else {
@@ -291,7 +322,18 @@ impl<B: ParallelBackend> SelfAttention<B> {
             let keys = padding.clone().unsqueeze_dim::<3>(1).unsqueeze_dim::<4>(1);
             masked = masked.bool_or(keys.expand([batch, self.heads, seq, seq]));
         }
-        let probabilities = softmax(scores.mask_fill(masked, f32::MIN), 3);
+        let mut probabilities = softmax(scores.mask_fill(masked, f32::MIN), 3);
+        if dropout_pass.attention > 0.0 {
+            let first_head = self.group.rank() * self.heads;
+            let all_heads = self.heads * self.group.size();
+            probabilities = dropout(
+                probabilities,
+                dropout_pass.attention,
+                dropout_pass.site(3 * layer as u64 + 1),
+                [batch, all_heads, seq, seq],
+                [0, first_head, 0, 0],
+            );
+        }
         let context = probabilities.matmul(value).swap_dims(1, 2).reshape([
             batch,
             seq,
@@ -460,10 +502,47 @@ impl<B: Backend> TransformerLayer<B> {
 }
 
 impl<B: ParallelBackend> TransformerLayer<B> {
-    /// Applies the layer to the residual stream.
-    pub fn forward(&self, x: Tensor<B, 3>, padding: Option<&Tensor<B, 2, Bool>>) -> Tensor<B, 3> {
-        let x = x.clone() + self.attention.forward(self.norm1.forward(x), padding);
-        x.clone() + self.mlp.forward(self.norm2.forward(x))
+    /// Applies layer `index` to the residual stream (`[batch, seq, hidden]`, or this
+    /// rank's sequence chunk with sequence parallelism).
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        padding: Option<&Tensor<B, 2, Bool>>,
+        dropout_pass: &DropoutPass,
+        index: usize,
+    ) -> Tensor<B, 3> {
+        let attention =
+            self.attention
+                .forward(self.norm1.forward(x.clone()), padding, dropout_pass, index);
+        let x = x + self.hidden_dropout(attention, dropout_pass, 3 * index as u64 + 2);
+        let mlp = self.mlp.forward(self.norm2.forward(x.clone()));
+        x + self.hidden_dropout(mlp, dropout_pass, 3 * index as u64 + 3)
+    }
+
+    /// Dropout on a block output, consistent with the unsplit sequence.
+    fn hidden_dropout(
+        &self,
+        x: Tensor<B, 3>,
+        dropout_pass: &DropoutPass,
+        site: u64,
+    ) -> Tensor<B, 3> {
+        if dropout_pass.hidden == 0.0 {
+            return x;
+        }
+        let [batch, seq, hidden] = x.dims();
+        let group = &self.attention.group;
+        let (full_seq, offset) = if self.attention.sequence_parallel {
+            (seq * group.size(), seq * group.rank())
+        } else {
+            (seq, 0)
+        };
+        dropout(
+            x,
+            dropout_pass.hidden,
+            dropout_pass.site(site),
+            [batch, full_seq, hidden],
+            [0, offset, 0],
+        )
     }
 }
 

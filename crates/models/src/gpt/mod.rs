@@ -9,7 +9,7 @@ mod step;
 mod weights;
 
 pub use config::{Activation, GptConfig, NormKind, PositionEmbedding};
-pub use layers::{Mlp, Norm, SelfAttention, TransformerLayer, alibi_slopes};
+pub use layers::{DropoutPass, Mlp, Norm, SelfAttention, TransformerLayer, alibi_slopes};
 pub use model::GptModel;
 pub use step::{GptStep, batch_tensors};
 pub use weights::{FullTensors, Weights};

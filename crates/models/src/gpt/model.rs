@@ -2,6 +2,8 @@
 //! across the tensor-parallel group.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::{Bool, Int, Tensor, backend::Backend, module::linear};
@@ -13,11 +15,11 @@ use burn_megatron::tensor_parallel::mappings::{
 };
 use burn_megatron::tensor_parallel::{
     ColumnParallelLinear, ColumnParallelLinearConfig, ParamInit, VocabParallelEmbedding,
-    VocabParallelEmbeddingConfig, VocabPartition, vocab_parallel_cross_entropy,
+    VocabParallelEmbeddingConfig, VocabPartition, dropout, vocab_parallel_cross_entropy,
 };
 
 use super::config::{GptConfig, PositionEmbedding};
-use super::layers::{Norm, TransformerLayer};
+use super::layers::{DropoutPass, Norm, TransformerLayer};
 use super::weights::Weights;
 
 /// A GPT whose layers are split across the tensor-parallel group of a rank.
@@ -38,6 +40,33 @@ pub struct GptModel<B: Backend> {
     group: Group,
     sequence_parallel: bool,
     max_seq_len: usize,
+    dropout: DropoutState,
+}
+
+/// Dropout rates and the count of forward passes that seeds each pass's masks. Ranks of
+/// a tensor-parallel group run the same passes in the same order, so they draw the same
+/// masks. Shared by clones of the model.
+#[derive(Debug, Clone)]
+struct DropoutState {
+    hidden: f64,
+    attention: f64,
+    seed: u64,
+    passes: Arc<AtomicU64>,
+    training: Arc<AtomicBool>,
+}
+
+impl DropoutState {
+    fn next_pass(&self) -> DropoutPass {
+        if !self.training.load(Ordering::Relaxed) || (self.hidden == 0.0 && self.attention == 0.0) {
+            return DropoutPass::OFF;
+        }
+        let pass = self.passes.fetch_add(1, Ordering::Relaxed);
+        DropoutPass {
+            hidden: self.hidden,
+            attention: self.attention,
+            seed: Weights::seed_of(self.seed, &format!("dropout pass {pass}")),
+        }
+    }
 }
 
 impl<B: Backend> GptModel<B> {
@@ -153,7 +182,24 @@ impl<B: Backend> GptModel<B> {
             group: group.clone(),
             sequence_parallel: config.sequence_parallel,
             max_seq_len: config.max_seq_len,
+            dropout: DropoutState {
+                hidden: config.hidden_dropout,
+                attention: config.attention_dropout,
+                seed: config.seed,
+                passes: Arc::new(AtomicU64::new(0)),
+                training: Arc::new(AtomicBool::new(false)),
+            },
         })
+    }
+
+    /// Turns dropout on (training) or off (evaluation, inference; the default).
+    pub fn set_training(&self, training: bool) {
+        self.dropout.training.store(training, Ordering::Relaxed);
+    }
+
+    /// The tensor-parallel group the model is split over.
+    pub fn tensor_group(&self) -> Group {
+        self.group.clone()
     }
 
     /// This rank's slice of the padded vocabulary.
@@ -241,7 +287,8 @@ impl<B: ParallelBackend> GptModel<B> {
         ids: Tensor<B, 2, Int>,
         padding: Option<&Tensor<B, 2, Bool>>,
     ) -> Tensor<B, 3> {
-        let [_, seq] = ids.dims();
+        let [batch, seq] = ids.dims();
+        let dropout_pass = self.dropout.next_pass();
         let mut hidden = self.embedding.forward(ids);
         if let Some(positions) = &self.positions {
             assert!(
@@ -254,11 +301,21 @@ impl<B: ParallelBackend> GptModel<B> {
         if let Some(norm) = &self.embedding_norm {
             hidden = norm.forward(hidden);
         }
+        if dropout_pass.hidden > 0.0 {
+            let full = [batch, seq, hidden.dims()[2]];
+            hidden = dropout(
+                hidden,
+                dropout_pass.hidden,
+                dropout_pass.site(0),
+                full,
+                [0, 0, 0],
+            );
+        }
         if self.sequence_parallel {
             hidden = scatter_to_sequence_parallel_region(hidden, &self.group, 1);
         }
-        for layer in &self.layers {
-            hidden = layer.forward(hidden, padding);
+        for (index, layer) in self.layers.iter().enumerate() {
+            hidden = layer.forward(hidden, padding, &dropout_pass, index);
         }
         let hidden = self.final_norm.forward(hidden);
         match &self.output {

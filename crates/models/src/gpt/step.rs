@@ -59,4 +59,8 @@ impl<B: Backend> ParallelParams for GptModel<B> {
     fn tensor_parallel_params(&self) -> HashSet<ParamId> {
         GptModel::tensor_parallel_params(self)
     }
+
+    fn set_training(&self, training: bool) {
+        GptModel::set_training(self, training);
+    }
 }

@@ -1,0 +1,101 @@
+//! Dropout that agrees across tensor-parallel ranks.
+//!
+//! Whether an element is dropped depends only on a seed and the element's position in the
+//! full (unsplit) tensor. Ranks holding copies of a tensor (the residual stream without
+//! sequence parallelism) drop the same elements, and ranks holding parts of it (heads,
+//! sequence chunks) drop exactly what the unsplit tensor would: the role of Megatron's
+//! tensor-parallel RNG tracker, without per-rank generator state.
+
+use burn::tensor::{Tensor, TensorData, backend::Backend};
+
+/// Drops each element of `tensor` with probability `p` and scales the rest by
+/// `1 / (1 - p)`. `tensor` is the part at `offsets` of a full tensor of shape `full`.
+///
+/// # Panics
+///
+/// When `p` is not in `[0, 1)` or the part does not fit in `full`.
+pub fn dropout<B: Backend, const D: usize>(
+    tensor: Tensor<B, D>,
+    p: f64,
+    seed: u64,
+    full: [usize; D],
+    offsets: [usize; D],
+) -> Tensor<B, D> {
+    assert!(
+        (0.0..1.0).contains(&p),
+        "dropout probability {p} must be in [0, 1)"
+    );
+    if p == 0.0 {
+        return tensor;
+    }
+    let local = tensor.dims();
+    for dim in 0..D {
+        assert!(
+            offsets[dim] + local[dim] <= full[dim],
+            "part {local:?} at {offsets:?} is outside {full:?}"
+        );
+    }
+    let count: usize = local.iter().product();
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let mut mask = Vec::with_capacity(count);
+    let mut index = [0usize; D];
+    for _ in 0..count {
+        let global = (0..D).fold(0u64, |flat, dim| {
+            flat * full[dim] as u64 + (index[dim] + offsets[dim]) as u64
+        });
+        let draw = (mix(seed ^ mix(global)) >> 11) as f64 / (1u64 << 53) as f64;
+        mask.push(if draw >= p { scale } else { 0.0 });
+        for dim in (0..D).rev() {
+            index[dim] += 1;
+            if index[dim] < local[dim] {
+                break;
+            }
+            index[dim] = 0;
+        }
+    }
+    let mask = Tensor::<B, D>::from_data(TensorData::new(mask, local), &tensor.device());
+    tensor * mask
+}
+
+/// SplitMix64's finalizer.
+pub(crate) fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type B = burn_ndarray::NdArray<f32>;
+
+    #[test]
+    fn parts_drop_what_the_whole_drops_and_seeds_differ() {
+        let device = Default::default();
+        let ones = |shape: [usize; 3]| Tensor::<B, 3>::ones(shape, &device);
+        let whole = dropout(ones([2, 4, 6]), 0.3, 7, [2, 4, 6], [0, 0, 0]);
+        let part = dropout(ones([2, 2, 6]), 0.3, 7, [2, 4, 6], [0, 2, 0]);
+        assert_eq!(whole.clone().narrow(1, 2, 2).into_data(), part.into_data());
+        let again = dropout(ones([2, 4, 6]), 0.3, 7, [2, 4, 6], [0, 0, 0]);
+        assert_eq!(
+            whole.clone().into_data(),
+            again.into_data(),
+            "same seed, same mask"
+        );
+        let other = dropout(ones([2, 4, 6]), 0.3, 8, [2, 4, 6], [0, 0, 0]);
+        assert_ne!(
+            whole.clone().into_data(),
+            other.into_data(),
+            "another seed, another mask"
+        );
+        let kept = whole.clone().greater_elem(0.0).int().sum().into_scalar() as f64 / 48.0;
+        assert!((0.45..0.9).contains(&kept), "kept share {kept}");
+        let value = whole.max().into_scalar();
+        assert!(
+            (value - 1.0 / 0.7).abs() < 1e-6,
+            "survivors are scaled: {value}"
+        );
+    }
+}

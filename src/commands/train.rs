@@ -1,0 +1,456 @@
+//! `train`: GPT pretraining with tensor x data parallelism on thread ranks (CPU).
+//!
+//! Every setting is a flag and a key of the TOML file given with `--config` (the flag's
+//! name with underscores); flags win over the file, the file over the defaults. With no
+//! arguments it trains a small GPT on the embedded tinyshakespeare, tokenized with the
+//! embedded GPT-2 BPE, at tp 2 x dp 2.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Autodiff;
+use burn_megatron::data::{
+    DType, GptDatasetConfig, IndexedDatasetBuilder, build_gpt_splits, dataset_paths,
+    parse_data_path,
+};
+use burn_megatron::parallel::{Layout, LocalCluster};
+use burn_megatron::train::{Decay, LrSchedule, TrainConfig, train};
+use burn_megatron::{Error, Result};
+use burn_megatron_models::gpt::{
+    Activation, GptConfig, GptModel, GptStep, NormKind, PositionEmbedding,
+};
+use clap::Args;
+use serde::Deserialize;
+
+use crate::tokenizer_args::TokenizerArgs;
+
+type Backend = Autodiff<burn_ndarray::NdArray<f32>>;
+
+const TINYSHAKESPEARE: &str = include_str!("../../data/corpora/tinyshakespeare.txt");
+
+/// Flags of `train` (also the keys of its TOML file).
+#[derive(Args, Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct TrainArgs {
+    /// TOML file with any of these settings (flag names with underscores).
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+
+    /// Tensor-parallel size [default: 2].
+    #[arg(long)]
+    tp: Option<usize>,
+    /// Data-parallel size [default: 2].
+    #[arg(long)]
+    dp: Option<usize>,
+
+    /// Model preset (gpt2-124m, gpt2-355m, gpt2-774m, gpt2-1.5b); other model flags
+    /// override it. Without it: a small GPT (4 layers, hidden 128, 4 heads).
+    #[arg(long)]
+    preset: Option<String>,
+    /// Transformer layers.
+    #[arg(long)]
+    num_layers: Option<usize>,
+    /// Hidden size.
+    #[arg(long)]
+    hidden_size: Option<usize>,
+    /// Attention heads.
+    #[arg(long)]
+    num_attention_heads: Option<usize>,
+    /// Key/value head groups (grouped-query attention; 1 for multi-query).
+    #[arg(long)]
+    num_query_groups: Option<usize>,
+    /// Feed-forward hidden size [default: 4 x hidden].
+    #[arg(long)]
+    ffn_hidden_size: Option<usize>,
+    /// Positions: learned, rope or alibi [default: learned].
+    #[arg(long)]
+    position_embedding: Option<String>,
+    /// Rotary base (with --position-embedding rope) [default: 10000].
+    #[arg(long)]
+    rotary_base: Option<f64>,
+    /// Normalization: LayerNorm or RMSNorm [default: LayerNorm].
+    #[arg(long)]
+    normalization: Option<String>,
+    /// Feed-forward activation: gelu, gelu-tanh or swiglu [default: gelu-tanh].
+    #[arg(long)]
+    activation: Option<String>,
+    /// Give the output layer its own weights instead of sharing the embeddings.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    untie_embeddings: Option<bool>,
+    /// Linear layers without biases.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    disable_bias: Option<bool>,
+    /// Split the residual stream along the sequence over tensor-parallel ranks.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    sequence_parallel: Option<bool>,
+    /// Pad the vocabulary to a multiple of this times tp [default: 128].
+    #[arg(long)]
+    make_vocab_size_divisible_by: Option<usize>,
+    /// Standard deviation of the initial weights [default: 0.02].
+    #[arg(long)]
+    init_method_std: Option<f64>,
+
+    /// Tokens per sample [default: 64].
+    #[arg(long)]
+    seq_length: Option<usize>,
+    /// Samples per micro-batch per data-parallel rank [default: 4].
+    #[arg(long)]
+    micro_batch_size: Option<usize>,
+    /// Samples per optimizer step; micro-batches = global / (micro x dp) [default: 8].
+    #[arg(long)]
+    global_batch_size: Option<usize>,
+    /// Optimizer steps [default: 400].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Seed of the weights and the data order [default: 1234].
+    #[arg(long)]
+    seed: Option<u64>,
+
+    /// Peak learning rate [default: 3e-3].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Final learning rate [default: lr / 10].
+    #[arg(long)]
+    min_lr: Option<f64>,
+    /// Linear warmup steps [default: steps / 10].
+    #[arg(long)]
+    lr_warmup_steps: Option<usize>,
+    /// Decay after warmup: constant, linear, cosine or WSD [default: cosine].
+    #[arg(long)]
+    lr_decay_style: Option<String>,
+    /// Steps over which the schedule runs [default: steps].
+    #[arg(long)]
+    lr_decay_steps: Option<usize>,
+    /// Final decay steps of the WSD schedule [default: steps / 5].
+    #[arg(long)]
+    lr_wsd_decay_steps: Option<usize>,
+    /// AdamW weight decay [default: 0.1].
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// AdamW beta 1 [default: 0.9].
+    #[arg(long)]
+    adam_beta1: Option<f64>,
+    /// AdamW beta 2 [default: 0.95].
+    #[arg(long)]
+    adam_beta2: Option<f64>,
+    /// AdamW epsilon [default: 1e-8].
+    #[arg(long)]
+    adam_eps: Option<f64>,
+    /// Clip the global gradient norm to this; 0 disables [default: 1.0].
+    #[arg(long)]
+    clip_grad: Option<f64>,
+
+    /// Dataset prefix, or `WEIGHT PREFIX` pairs for a blend [default: the embedded
+    /// tinyshakespeare].
+    #[arg(long, num_args = 1..)]
+    data_path: Option<Vec<String>>,
+    /// Train/valid/test split weights [default: 95,5,0].
+    #[arg(long)]
+    split: Option<String>,
+    /// Where dataset index caches go [default: next to the data].
+    #[arg(long)]
+    data_cache_path: Option<PathBuf>,
+
+    /// Log every this many steps [default: 10].
+    #[arg(long)]
+    log_interval: Option<usize>,
+    /// Evaluate every this many steps [default: 100].
+    #[arg(long)]
+    eval_interval: Option<usize>,
+    /// Micro-batches per data-parallel rank in an evaluation [default: 4].
+    #[arg(long)]
+    eval_iters: Option<usize>,
+    /// Write one JSON object per logged step to this file.
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+
+    #[command(flatten)]
+    #[serde(skip)]
+    tokenizer: TokenizerArgs,
+}
+
+macro_rules! merge {
+    ($flags:expr, $file:expr, $($field:ident),* $(,)?) => {
+        TrainArgs { $($field: $flags.$field.clone().or($file.$field.clone()),)* config: None, tokenizer: $flags.tokenizer.clone() }
+    };
+}
+
+impl TrainArgs {
+    /// The flags laid over the TOML file's settings.
+    fn resolve(&self) -> Result<TrainArgs> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+                toml::from_str::<TrainArgs>(&text).map_err(|e| {
+                    Error::InvalidConfig(format!(
+                        "{}: {}",
+                        path.display(),
+                        e.to_string().trim_end()
+                    ))
+                })?
+            }
+            None => TrainArgs::default(),
+        };
+        Ok(merge!(
+            self,
+            file,
+            tp,
+            dp,
+            preset,
+            num_layers,
+            hidden_size,
+            num_attention_heads,
+            num_query_groups,
+            ffn_hidden_size,
+            position_embedding,
+            rotary_base,
+            normalization,
+            activation,
+            untie_embeddings,
+            disable_bias,
+            sequence_parallel,
+            make_vocab_size_divisible_by,
+            init_method_std,
+            seq_length,
+            micro_batch_size,
+            global_batch_size,
+            steps,
+            seed,
+            lr,
+            min_lr,
+            lr_warmup_steps,
+            lr_decay_style,
+            lr_decay_steps,
+            lr_wsd_decay_steps,
+            weight_decay,
+            adam_beta1,
+            adam_beta2,
+            adam_eps,
+            clip_grad,
+            data_path,
+            split,
+            data_cache_path,
+            log_interval,
+            eval_interval,
+            eval_iters,
+            metrics,
+        ))
+    }
+
+    fn model(&self, vocab_size: usize) -> Result<GptConfig> {
+        let mut model = match &self.preset {
+            Some(name) => GptConfig::preset(name)?,
+            None => GptConfig::new(vocab_size, 128, 4, 4),
+        };
+        model.vocab_size = vocab_size;
+        model.layers = self.num_layers.unwrap_or(model.layers);
+        model.hidden = self.hidden_size.unwrap_or(model.hidden);
+        model.heads = self.num_attention_heads.unwrap_or(model.heads);
+        model.query_groups = self.num_query_groups.or(model.query_groups);
+        model.ffn_hidden = self.ffn_hidden_size.or(model.ffn_hidden);
+        model.max_seq_len = self.seq_length.unwrap_or(64);
+        model.position = match self.position_embedding.as_deref().unwrap_or("learned") {
+            "learned" => PositionEmbedding::Learned,
+            "rope" => PositionEmbedding::Rotary {
+                base: self.rotary_base.unwrap_or(10_000.0),
+            },
+            "alibi" => PositionEmbedding::Alibi,
+            other => {
+                return Err(invalid(
+                    "position_embedding",
+                    other,
+                    "learned, rope or alibi",
+                ));
+            }
+        };
+        model.norm = match self.normalization.as_deref().unwrap_or("LayerNorm") {
+            "LayerNorm" => NormKind::LayerNorm,
+            "RMSNorm" => NormKind::RmsNorm,
+            other => return Err(invalid("normalization", other, "LayerNorm or RMSNorm")),
+        };
+        model.activation = match self.activation.as_deref().unwrap_or("gelu-tanh") {
+            "gelu" => Activation::Gelu,
+            "gelu-tanh" => Activation::GeluTanh,
+            "swiglu" => Activation::SwiGlu,
+            other => return Err(invalid("activation", other, "gelu, gelu-tanh or swiglu")),
+        };
+        model.tied_embeddings = !self.untie_embeddings.unwrap_or(false);
+        model.bias = !self.disable_bias.unwrap_or(false);
+        model.sequence_parallel = self.sequence_parallel.unwrap_or(false);
+        model.make_vocab_size_divisible_by = self.make_vocab_size_divisible_by.unwrap_or(128);
+        model.init_std = self.init_method_std.unwrap_or(0.02);
+        model.seed = self.seed.unwrap_or(1234);
+        Ok(model)
+    }
+
+    fn train_config(&self) -> Result<TrainConfig> {
+        let steps = self.steps.unwrap_or(400);
+        let max_lr = self.lr.unwrap_or(3e-3);
+        let mut decay: Decay = self.lr_decay_style.as_deref().unwrap_or("cosine").parse()?;
+        if let Decay::Wsd { .. } = decay {
+            decay = Decay::Wsd {
+                decay_steps: self.lr_wsd_decay_steps.unwrap_or(steps / 5),
+            };
+        }
+        Ok(TrainConfig {
+            steps,
+            micro_batch_size: self.micro_batch_size.unwrap_or(4),
+            global_batch_size: self.global_batch_size.unwrap_or(8),
+            seq_length: self.seq_length.unwrap_or(64),
+            schedule: LrSchedule {
+                max_lr,
+                min_lr: self.min_lr.unwrap_or(max_lr / 10.0),
+                warmup_steps: self.lr_warmup_steps.unwrap_or(steps / 10),
+                decay_steps: self.lr_decay_steps.unwrap_or(steps),
+                decay,
+            },
+            weight_decay: self.weight_decay.unwrap_or(0.1),
+            adam_beta1: self.adam_beta1.unwrap_or(0.9),
+            adam_beta2: self.adam_beta2.unwrap_or(0.95),
+            adam_eps: self.adam_eps.unwrap_or(1e-8),
+            clip_grad: self.clip_grad.unwrap_or(1.0),
+            log_interval: self.log_interval.unwrap_or(10),
+            eval_interval: self.eval_interval.unwrap_or(100),
+            eval_iters: self.eval_iters.unwrap_or(4),
+            metrics: self.metrics.clone(),
+            progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        })
+    }
+}
+
+fn invalid(key: &str, value: &str, valid: &str) -> Error {
+    Error::InvalidConfig(format!("--{} {value}: use {valid}", key.replace('_', "-")))
+}
+
+/// Tokenizes the embedded tinyshakespeare into an indexed dataset under the system's
+/// temporary directory (once), one paragraph per document with EOD appended.
+fn embedded_dataset(tokenizer: &burn_megatron::data::Tokenizer) -> Result<PathBuf> {
+    let directory = std::env::temp_dir().join("burn-megatron");
+    std::fs::create_dir_all(&directory).map_err(|e| Error::io(&directory, e))?;
+    let prefix = directory.join(format!(
+        "tinyshakespeare-v{}_text_document",
+        tokenizer.vocab_size()
+    ));
+    let (idx, bin) = dataset_paths(&prefix);
+    if idx.exists() && bin.exists() {
+        return Ok(prefix);
+    }
+    let eod = tokenizer.eod().ok_or_else(|| {
+        Error::InvalidConfig("the tokenizer has no end-of-document token".to_string())
+    })?;
+    let mut builder =
+        IndexedDatasetBuilder::create(&prefix, DType::for_vocab_size(tokenizer.vocab_size()))?;
+    for paragraph in TINYSHAKESPEARE
+        .split("\n\n")
+        .filter(|p| !p.trim().is_empty())
+    {
+        let mut tokens: Vec<i64> = tokenizer
+            .encode(paragraph)?
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        tokens.push(eod as i64);
+        builder.add_tokens(&tokens)?;
+        builder.end_document();
+    }
+    builder.finish()?;
+    Ok(prefix)
+}
+
+/// Runs the training job.
+pub fn run(flags: &TrainArgs) -> Result<()> {
+    let args = flags.resolve()?;
+    let tokenizer = args.tokenizer.build()?;
+    let (tp, dp) = (args.tp.unwrap_or(2), args.dp.unwrap_or(2));
+    let layout = Layout::new(tp, 1, dp)?;
+    let model = args.model(tokenizer.vocab_size())?;
+    model.check(&layout)?;
+    let config = args.train_config()?;
+    if model.sequence_parallel && config.seq_length % tp != 0 {
+        return Err(Error::InvalidConfig(format!(
+            "--sequence-parallel splits the sequence over tp {tp}: --seq-length {} must be a multiple of it",
+            config.seq_length
+        )));
+    }
+    config.micro_batches(dp)?;
+
+    let data_path = match &args.data_path {
+        Some(values) => parse_data_path(values)?,
+        None => vec![(1.0, embedded_dataset(&tokenizer)?)],
+    };
+    for (_, prefix) in &data_path {
+        check_dataset(prefix)?;
+    }
+    let split = args.split.clone().unwrap_or_else(|| "95,5,0".to_string());
+    let evals = config.steps / config.eval_interval.max(1) + 1;
+    let valid_samples = evals * config.eval_iters * config.micro_batch_size * dp;
+    let data_config = GptDatasetConfig {
+        seq_length: config.seq_length,
+        seed: model.seed as u32,
+        cache_dir: args.data_cache_path.clone(),
+    };
+    let [train_data, valid_data, _] = build_gpt_splits(
+        &data_path,
+        &split,
+        [config.steps * config.global_batch_size, valid_samples, 0],
+        &data_config,
+    )?;
+    let train_data = train_data.ok_or_else(|| {
+        Error::InvalidConfig(format!("--split {split} gives the training split no data"))
+    })?;
+    println!(
+        "model: {} layers, hidden {}, {} heads, {} parameters; data: {}",
+        model.layers,
+        model.hidden,
+        model.heads,
+        model.num_params(),
+        data_path
+            .iter()
+            .map(|(w, p)| format!("{w} x {}", p.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let started = std::time::Instant::now();
+    let outcomes = LocalCluster::new(layout).run(|ctx| {
+        let device = Default::default();
+        let gpt = GptModel::<Backend>::init(&model, &ctx, &device)?;
+        let (_, records) = train(
+            &ctx,
+            gpt,
+            &GptStep,
+            train_data.as_ref(),
+            valid_data.as_deref(),
+            &config,
+            &device,
+        )?;
+        Ok::<_, Error>(records)
+    })?;
+    let records = &outcomes[outcomes.len() - 1];
+    if let Some(last) = records.last() {
+        let eval = last
+            .eval_loss
+            .map(|loss| format!(", eval loss {loss:.4}, eval perplexity {:.2}", loss.exp()))
+            .unwrap_or_default();
+        println!(
+            "done: {} steps in {:.1} s, final training loss {:.4}{eval}",
+            records.len(),
+            started.elapsed().as_secs_f64(),
+            last.loss
+        );
+    }
+    Ok(())
+}
+
+fn check_dataset(prefix: &Path) -> Result<()> {
+    let (idx, bin) = dataset_paths(prefix);
+    for path in [idx, bin] {
+        if !path.is_file() {
+            return Err(Error::InvalidConfig(format!(
+                "--data-path: {} does not exist; give the prefix of a .bin/.idx pair made by \
+                 `burn-megatron preprocess`",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
