@@ -261,12 +261,6 @@ impl HfCheckpoint {
     ///
     /// When the checkpoint lacks the tensor.
     pub fn canonical(&self, config: &GptConfig, name: &str) -> Result<TensorData> {
-        let (hidden, head_dim, heads, groups) = (
-            config.hidden,
-            config.head_dim(),
-            config.heads,
-            config.groups(),
-        );
         let parts: Vec<&str> = name.split('.').collect();
         let transposed = |hf: &str| self.tensor(hf).map(transpose);
         match (self.family, parts.as_slice()) {
@@ -358,10 +352,7 @@ impl HfCheckpoint {
                     _ => Err(self.unknown(name)),
                 }
             }
-            _ => {
-                let _ = (hidden, head_dim, heads, groups);
-                Err(self.unknown(name))
-            }
+            _ => Err(self.unknown(name)),
         }
     }
 
@@ -445,12 +436,7 @@ impl HfCheckpoint {
         }
         let shape = data.shape.as_slice().to_vec();
         // Output features along rows (transposed HF Linear) or columns (Conv1D).
-        let (outputs, inputs) = if hf_transposed {
-            (shape[0], shape[1])
-        } else {
-            (shape[1], shape[0])
-        };
-        let _ = outputs;
+        let inputs = if hf_transposed { shape[1] } else { shape[0] };
         let mut out = Vec::with_capacity(inputs * rows.len());
         for i in 0..inputs {
             for &r in &rows {

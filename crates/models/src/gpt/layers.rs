@@ -556,7 +556,7 @@ pub(crate) fn column_parallel<B: Backend>(
     device: &B::Device,
 ) -> Result<ColumnParallelLinear<B>> {
     let layer = layer
-        .with_bias(config.bias && !name.ends_with("output"))
+        .with_bias(config.bias)
         .with_sequence_parallel(config.sequence_parallel);
     let weight_shape = [layer.d_input, layer.d_output];
     match weights.full(&format!("{name}.weight"), &weight_shape)? {
@@ -569,7 +569,7 @@ pub(crate) fn column_parallel<B: Backend>(
         }
         None => layer
             .with_init(ParamInit::Normal { std: weights.std() })
-            .with_seed(seed(weights, name))
+            .with_seed(weights.param_seed(name))
             .init(group, device),
     }
 }
@@ -599,15 +599,8 @@ fn row_parallel<B: Backend>(
             let std = weights.std() / (2.0 * config.layers as f64).sqrt();
             layer
                 .with_init(ParamInit::Normal { std })
-                .with_seed(seed(weights, name))
+                .with_seed(weights.param_seed(name))
                 .init(group, device)
         }
-    }
-}
-
-fn seed(weights: &Weights, name: &str) -> u64 {
-    match weights {
-        Weights::Init { seed, .. } => Weights::seed_of(*seed, name),
-        Weights::Full(_) => 0,
     }
 }

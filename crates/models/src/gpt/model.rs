@@ -100,10 +100,7 @@ impl<B: Backend> GptModel<B> {
         let embedding_config = VocabParallelEmbeddingConfig::new(config.vocab_size, config.hidden)
             .with_make_vocab_size_divisible_by(config.make_vocab_size_divisible_by)
             .with_init(ParamInit::Normal { std: weights.std() })
-            .with_seed(match weights {
-                Weights::Init { seed, .. } => Weights::seed_of(*seed, "embedding"),
-                Weights::Full(_) => 0,
-            });
+            .with_seed(weights.param_seed("embedding"));
         let embedding = match weights.full("embedding", &[config.vocab_size, config.hidden])? {
             Some(table) => embedding_config.init_from_full(group, table, device)?,
             None => embedding_config.init(group, device)?,

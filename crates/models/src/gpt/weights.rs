@@ -68,16 +68,21 @@ impl Weights<'_> {
         init: ParamInit,
         device: &B::Device,
     ) -> Result<Tensor<B, D>> {
-        match (self, self.full(name, &full)?) {
-            (Weights::Init { seed, .. }, _) => {
-                Ok(init.init_shard(full, dim, start, len, Self::seed_of(*seed, name), device))
-            }
-            (Weights::Full(_), Some(data)) => {
+        match self.full(name, &full)? {
+            Some(data) => {
                 let part = Tensor::<B, D>::from_data(data, device).narrow(dim, start, len);
                 // A fresh leaf, with no history shared between ranks.
                 Ok(Tensor::from_data(part.into_data(), device))
             }
-            (Weights::Full(_), None) => unreachable!("loading always gives a tensor"),
+            None => Ok(init.init_shard(full, dim, start, len, self.param_seed(name), device)),
+        }
+    }
+
+    /// The seed of fresh values for parameter `name` (0 when loading).
+    pub fn param_seed(&self, name: &str) -> u64 {
+        match self {
+            Weights::Init { seed, .. } => Self::seed_of(*seed, name),
+            Weights::Full(_) => 0,
         }
     }
 
