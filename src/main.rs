@@ -26,6 +26,9 @@ enum Command {
     /// Pretrain a GPT with tensor x data parallelism (thread ranks on the CPU). With no
     /// arguments: a small GPT on the embedded tinyshakespeare at tp 2 x dp 2.
     Train(Box<commands::train::TrainArgs>),
+    /// Start the local ranks of a multi-process job with torchrun's environment (RANK,
+    /// WORLD_SIZE, MASTER_ADDR, ...); prefixes their output and stops all when one fails.
+    Launch(commands::launch::LaunchArgs),
     /// Print how a job's ranks split into tensor-, data- and pipeline-parallel groups
     /// (Megatron's rank order), and check the layout against a model's sizes.
     Layout(commands::layout::LayoutArgs),
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match &cli.command {
         Command::Train(args) => commands::train::run(args),
+        Command::Launch(args) => commands::launch::run(args),
         Command::Layout(args) => commands::layout::run(args),
         Command::Preprocess(args) => commands::preprocess::run(args),
         Command::Inspect(args) => commands::inspect::run(args),

@@ -399,3 +399,119 @@ fn wrong_train_settings_name_the_setting_and_the_fix() {
         "{stderr}"
     );
 }
+
+fn free_port() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port().to_string()
+}
+
+fn metric_values(path: &std::path::Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let field = |key: &str| {
+                let start = line.find(&format!("\"{key}\": ")).unwrap() + key.len() + 4;
+                line[start..].split([',', '}']).next().unwrap().to_string()
+            };
+            (field("loss"), field("grad_norm"))
+        })
+        .collect()
+}
+
+#[test]
+fn launched_processes_train_like_thread_ranks() {
+    let out = tempfile::tempdir().unwrap();
+    let prefix = out.path().join("docs").display().to_string();
+    let (ok, _, stderr) = burn_megatron(&[
+        "preprocess",
+        "--input",
+        &fixture("docs.jsonl"),
+        "--output-prefix",
+        &prefix,
+        "--append-eod",
+    ]);
+    assert!(ok, "{stderr}");
+    let data = format!("{prefix}_text_document");
+    let threads = out.path().join("threads.jsonl");
+    let processes = out.path().join("processes.jsonl");
+    let train = |metrics: &std::path::Path| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "train",
+            "--tp",
+            "2",
+            "--dp",
+            "2",
+            "--steps",
+            "3",
+            "--log-interval",
+            "1",
+            "--data-path",
+            &data,
+            "--metrics",
+            metrics.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(TINY.iter().map(|s| s.to_string()));
+        args
+    };
+    let thread_args = train(&threads);
+    let (ok, _, stderr) =
+        burn_megatron(&thread_args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{stderr}");
+
+    let port = free_port();
+    let mut launch_args: Vec<String> = [
+        "launch",
+        "--nproc-per-node",
+        "4",
+        "--master-port",
+        &port,
+        "--",
+        env!("CARGO_BIN_EXE_burn-megatron"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    launch_args.extend(train(&processes));
+    let (ok, stdout, stderr) =
+        burn_megatron(&launch_args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("[rank 3] done: 3 steps"),
+        "the last rank logs: {stdout}"
+    );
+    let (a, b) = (metric_values(&threads), metric_values(&processes));
+    assert_eq!(a.len(), 3);
+    assert_eq!(
+        a, b,
+        "TcpGroup processes and thread ranks log the same losses and norms"
+    );
+}
+
+#[test]
+fn launch_stops_every_rank_when_one_fails() {
+    let started = std::time::Instant::now();
+    let (ok, _, stderr) = burn_megatron(&[
+        "launch",
+        "--nproc-per-node",
+        "3",
+        "--",
+        "sh",
+        "-c",
+        "if [ \"$RANK\" = 1 ]; then echo dying >&2; exit 3; fi; sleep 60",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("[rank 1] dying"), "{stderr}");
+    assert!(
+        stderr.contains("rank 1 failed: exited with exit status: 3"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+}

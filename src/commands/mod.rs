@@ -2,6 +2,7 @@
 
 pub mod forward;
 pub mod inspect;
+pub mod launch;
 pub mod layout;
 pub mod preprocess;
 pub mod train;

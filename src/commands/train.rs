@@ -12,7 +12,8 @@ use burn_megatron::data::{
     DType, GptDatasetConfig, IndexedDatasetBuilder, build_gpt_splits, dataset_paths,
     parse_data_path,
 };
-use burn_megatron::parallel::{Layout, LocalCluster};
+use burn_megatron::launch::LaunchEnv;
+use burn_megatron::parallel::{DEFAULT_TIMEOUT, Layout, LocalCluster, ParallelContext};
 use burn_megatron::train::{Decay, LrSchedule, TrainConfig, train};
 use burn_megatron::{Error, Result};
 use burn_megatron_models::gpt::{
@@ -357,7 +358,8 @@ fn embedded_dataset(tokenizer: &burn_megatron::data::Tokenizer) -> Result<PathBu
     Ok(prefix)
 }
 
-/// Runs the training job.
+/// Runs the training job: on thread ranks, or as one rank of a launched job when the
+/// launch environment (torchrun, SLURM, OpenMPI) is set.
 pub fn run(flags: &TrainArgs) -> Result<()> {
     let args = flags.resolve()?;
     let tokenizer = args.tokenizer.build()?;
@@ -398,20 +400,26 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
     let train_data = train_data.ok_or_else(|| {
         Error::InvalidConfig(format!("--split {split} gives the training split no data"))
     })?;
-    println!(
-        "model: {} layers, hidden {}, {} heads, {} parameters; data: {}",
-        model.layers,
-        model.hidden,
-        model.heads,
-        model.num_params(),
-        data_path
-            .iter()
-            .map(|(w, p)| format!("{w} x {}", p.display()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let launched = LaunchEnv::from_env()?;
+    let logging = launched
+        .as_ref()
+        .is_none_or(|env| env.rank == layout.logging_rank());
+    if logging {
+        println!(
+            "model: {} layers, hidden {}, {} heads, {} parameters; data: {}",
+            model.layers,
+            model.hidden,
+            model.heads,
+            model.num_params(),
+            data_path
+                .iter()
+                .map(|(w, p)| format!("{w} x {}", p.display()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let started = std::time::Instant::now();
-    let outcomes = LocalCluster::new(layout).run(|ctx| {
+    let run_rank = |ctx: ParallelContext| {
         let device = Default::default();
         let gpt = GptModel::<Backend>::init(&model, &ctx, &device)?;
         let (_, records) = train(
@@ -424,9 +432,24 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
             &device,
         )?;
         Ok::<_, Error>(records)
-    })?;
-    let records = &outcomes[outcomes.len() - 1];
-    if let Some(last) = records.last() {
+    };
+    let records = match &launched {
+        // One rank of a multi-process job (started by `launch`, torchrun, srun or mpirun).
+        Some(env) => {
+            let (ctx, world) = env.connect(layout, DEFAULT_TIMEOUT)?;
+            let outcome = run_rank(ctx);
+            match &outcome {
+                Ok(_) => world.finish(),
+                Err(error) => world.abort(&error.to_string()),
+            }
+            outcome?
+        }
+        None => LocalCluster::new(layout)
+            .run(run_rank)?
+            .pop()
+            .unwrap_or_default(),
+    };
+    if let (true, Some(last)) = (logging, records.last()) {
         let eval = last
             .eval_loss
             .map(|loss| format!(", eval loss {loss:.4}, eval perplexity {:.2}", loss.exp()))

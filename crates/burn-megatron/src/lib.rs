@@ -18,6 +18,7 @@
 
 pub mod data;
 mod error;
+pub mod launch;
 pub mod parallel;
 pub mod tensor_parallel;
 pub mod train;

@@ -319,3 +319,60 @@ fn a_panicking_thread_outside_local_cluster_aborts_its_world() {
     assert!(message.contains("rank 1 failed: panicked"), "{message}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn tcp_groups_run_every_collective_between_processes() {
+    use burn_megatron::parallel::TcpWorld;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    let n = 3;
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|rank| {
+                let address = address.clone();
+                scope.spawn(move || {
+                    let world =
+                        TcpWorld::connect(rank, n, &address, Duration::from_secs(30)).unwrap();
+                    let group = world.group("tp", (0..n).collect());
+                    let r = rank as f32;
+                    let sum = data(
+                        group
+                            .all_reduce(row(vec![r + 1.0, -r]), ReduceOp::Sum)
+                            .unwrap(),
+                    );
+                    let gathered = data(group.all_gather(row(vec![r]), 1).unwrap());
+                    let scattered = data(
+                        group
+                            .reduce_scatter(
+                                row((0..n).map(|j| 10.0 * r + j as f32).collect()),
+                                1,
+                                ReduceOp::Sum,
+                            )
+                            .unwrap(),
+                    );
+                    let broadcast = data(group.broadcast(row(vec![r; 2]), 2).unwrap());
+                    group.send(row(vec![r, 7.0]), (rank + 1) % n).unwrap();
+                    let received: Tensor<Plain, 2> = group
+                        .recv([1, 2], (rank + n - 1) % n, &Default::default())
+                        .unwrap();
+                    group.barrier().unwrap();
+                    world.finish();
+                    (sum, gathered, scattered, broadcast, data(received))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (rank, (sum, gathered, scattered, broadcast, received)) in results.into_iter().enumerate() {
+        assert_eq!(sum, vec![6.0, -3.0]);
+        assert_eq!(gathered, vec![0.0, 1.0, 2.0]);
+        // Sum over ranks of 10 r + j at column j = rank: 30 + 3 rank.
+        assert_eq!(scattered, vec![30.0 + 3.0 * rank as f32]);
+        assert_eq!(broadcast, vec![2.0, 2.0]);
+        assert_eq!(received, vec![((rank + n - 1) % n) as f32, 7.0]);
+    }
+}

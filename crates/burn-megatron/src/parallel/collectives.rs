@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use burn::tensor::{Shape, Tensor, backend::Backend};
+use burn::tensor::{Shape, Tensor, TensorData, backend::Backend};
 
 use super::{Group, OpName, Payload, ReduceOp};
 use crate::{CollectiveFailure, Result};
@@ -22,35 +22,47 @@ fn exchange<B: Backend, const D: usize>(
     let device = tensor.device();
     let payloads = group
         .process_group()
-        .all_gather_payloads(op, Arc::new(tensor))?;
+        .all_gather_payloads(op, pack(group, tensor))?;
     payloads
         .iter()
         .enumerate()
-        .map(|(position, payload)| {
-            unpack::<B, D>(group, op, position, payload).map(|t| t.to_device(&device))
-        })
+        .map(|(position, payload)| unpack::<B, D>(group, op, position, payload, &device))
         .collect()
 }
 
+/// A tensor as the transport takes it: itself, or its host data.
+fn pack<B: Backend, const D: usize>(group: &Group, tensor: Tensor<B, D>) -> Payload {
+    if group.process_group().carries_host_data() {
+        Arc::new(tensor.into_data())
+    } else {
+        Arc::new(tensor)
+    }
+}
+
+/// A payload as a tensor on `device`.
 fn unpack<B: Backend, const D: usize>(
     group: &Group,
     op: OpName,
     position: usize,
     payload: &Payload,
+    device: &B::Device,
 ) -> Result<Tensor<B, D>> {
-    payload
-        .downcast_ref::<Tensor<B, D>>()
-        .cloned()
-        .ok_or_else(|| {
-            group.error(
-                op,
-                CollectiveFailure::BadInput(format!(
-                    "rank {} sent something other than a {D}-dimensional float tensor of this \
+    let tensor = payload.downcast_ref::<Tensor<B, D>>().cloned().or_else(|| {
+        payload
+            .downcast_ref::<TensorData>()
+            .filter(|data| data.shape.num_dims() == D)
+            .map(|data| Tensor::from_data(data.clone(), device))
+    });
+    tensor.map(|t| t.to_device(device)).ok_or_else(|| {
+        group.error(
+            op,
+            CollectiveFailure::BadInput(format!(
+                "rank {} sent something other than a {D}-dimensional float tensor of this \
                      backend",
-                    group.members()[position]
-                )),
-            )
-        })
+                group.members()[position]
+            )),
+        )
+    })
 }
 
 /// Checks that every rank's shape equals this rank's, except along `free_dim`.
@@ -181,12 +193,12 @@ pub fn broadcast<B: Backend, const D: usize>(
     let device = tensor.device();
     let shape = tensor.shape();
     let mine: Payload = if group.rank() == root {
-        Arc::new(tensor)
+        pack(group, tensor)
     } else {
         Arc::new(())
     };
     let payloads = group.process_group().all_gather_payloads(OP, mine)?;
-    let received = unpack::<B, D>(group, OP, root, &payloads[root])?.to_device(&device);
+    let received = unpack::<B, D>(group, OP, root, &payloads[root], &device)?;
     check_received(group, OP, root, &shape, &received.shape())?;
     Ok(received)
 }
@@ -200,7 +212,7 @@ pub fn send<B: Backend, const D: usize>(
     group.check_peer("send", dst)?;
     group
         .process_group()
-        .send_payload("send", dst, Arc::new(tensor))
+        .send_payload("send", dst, pack(group, tensor))
 }
 
 /// See [`Group::recv`].
@@ -213,7 +225,7 @@ pub fn recv<B: Backend, const D: usize>(
     const OP: OpName = "recv";
     group.check_peer(OP, src)?;
     let payload = group.process_group().recv_payload(OP, src)?;
-    let received = unpack::<B, D>(group, OP, src, &payload)?.to_device(device);
+    let received = unpack::<B, D>(group, OP, src, &payload, device)?;
     check_received(group, OP, src, &shape, &received.shape())?;
     Ok(received)
 }

@@ -74,6 +74,12 @@ pub trait ProcessGroup: Send + Sync + fmt::Debug {
     /// [`Error::Collective`] on timeout or abort.
     fn recv_payload(&self, op: OpName, src: usize) -> Result<Payload>;
 
+    /// Whether payloads must be host data (`TensorData`, or `()` for no data) because the
+    /// transport serializes them; in-process transports take tensors as they are.
+    fn carries_host_data(&self) -> bool {
+        false
+    }
+
     /// Marks the whole job as failed so that every rank waiting in a collective returns an
     /// error at once instead of waiting for its timeout.
     fn abort(&self, reason: String);

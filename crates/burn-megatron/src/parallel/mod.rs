@@ -5,6 +5,7 @@
 //!   with the tensor collectives.
 //! - [`ParallelBackend`]: the collectives and region operations as a backend extension.
 //! - [`LocalCluster`]: ranks as threads of one process, on any backend.
+//! - [`TcpWorld`]: ranks as processes connected over TCP (CPU tensors).
 
 mod backend;
 pub mod collectives;
@@ -12,9 +13,11 @@ mod context;
 mod group;
 mod layout;
 mod local;
+mod tcp;
 
 pub use backend::ParallelBackend;
 pub use context::ParallelContext;
 pub use group::{DEFAULT_TIMEOUT, Group, OpName, Payload, ProcessGroup, ReduceOp};
 pub use layout::{Layout, ModelDims, RankCoords};
 pub use local::{LocalCluster, LocalGroup, LocalWorld};
+pub use tcp::{TcpGroup, TcpWorld};
