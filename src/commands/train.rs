@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::Autodiff;
 use burn_megatron::data::{
-    DType, GptDatasetConfig, IndexedDatasetBuilder, build_gpt_splits, dataset_paths,
-    parse_data_path,
+    DType, GptDatasetConfig, IndexedDatasetBuilder, SampleSource, build_gpt_splits,
+    dataset_paths, parse_data_path,
 };
 use burn_megatron::launch::LaunchEnv;
-use burn_megatron::parallel::{DEFAULT_TIMEOUT, Layout, LocalCluster, ParallelContext};
-use burn_megatron::train::{Decay, LrSchedule, TrainConfig, train};
+use burn_megatron::parallel::{DEFAULT_TIMEOUT, Layout, LocalCluster, ParallelBackend, ParallelContext};
+use burn_megatron::train::{Decay, LrSchedule, StepRecord, TrainConfig, train};
 use burn_megatron::{Error, Result};
 use burn_megatron_models::gpt::{
     Activation, GptConfig, GptModel, GptStep, NormKind, PositionEmbedding,
@@ -24,7 +24,6 @@ use serde::Deserialize;
 
 use crate::tokenizer_args::TokenizerArgs;
 
-type Backend = Autodiff<burn_ndarray::NdArray<f32>>;
 
 const TINYSHAKESPEARE: &str = include_str!("../../data/corpora/tinyshakespeare.txt");
 
@@ -37,6 +36,10 @@ pub struct TrainArgs {
     #[serde(skip)]
     config: Option<PathBuf>,
 
+    /// Where the ranks compute: cpu, or cuda (one GPU per launched rank, its LOCAL_RANK;
+    /// thread ranks share GPU 0) when built with `--features cuda` [default: cpu].
+    #[arg(long)]
+    device: Option<String>,
     /// Tensor-parallel size [default: 2].
     #[arg(long)]
     tp: Option<usize>,
@@ -195,6 +198,7 @@ impl TrainArgs {
         Ok(merge!(
             self,
             file,
+            device,
             tp,
             dp,
             preset,
@@ -400,6 +404,12 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
     let train_data = train_data.ok_or_else(|| {
         Error::InvalidConfig(format!("--split {split} gives the training split no data"))
     })?;
+    let device = args.device.clone().unwrap_or_else(|| "cpu".to_string());
+    let devices: &[&str] = if cfg!(feature = "cuda") { &["cpu", "cuda"] } else { &["cpu"] };
+    if !devices.contains(&device.as_str()) {
+        let hint = if cfg!(feature = "cuda") { "" } else { " (cuda needs a build with --features cuda)" };
+        return Err(invalid("device", &device, &format!("{}{hint}", devices.join(" or "))));
+    }
     let launched = LaunchEnv::from_env()?;
     let logging = launched
         .as_ref()
@@ -419,19 +429,17 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
         );
     }
     let started = std::time::Instant::now();
-    let run_rank = |ctx: ParallelContext| {
-        let device = Default::default();
-        let gpt = GptModel::<Backend>::init(&model, &ctx, &device)?;
-        let (_, records) = train(
-            &ctx,
-            gpt,
-            &GptStep,
-            train_data.as_ref(),
-            valid_data.as_deref(),
-            &config,
-            &device,
-        )?;
-        Ok::<_, Error>(records)
+    let gpu = launched.as_ref().map_or(0, |env| env.local_rank);
+    let run_rank = |ctx: ParallelContext| -> Result<Vec<StepRecord>> {
+        let data = (train_data.as_ref(), valid_data.as_deref());
+        match device.as_str() {
+            #[cfg(feature = "cuda")]
+            "cuda" => train_rank::<burn_cuda::Cuda>(&ctx, &burn_cuda::CudaDevice::new(gpu), &model, data, &config),
+            _ => {
+                let _ = gpu;
+                train_rank::<burn_ndarray::NdArray<f32>>(&ctx, &Default::default(), &model, data, &config)
+            }
+        }
     };
     let records = match &launched {
         // One rank of a multi-process job (started by `launch`, torchrun, srun or mpirun).
@@ -462,6 +470,19 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Trains one rank on backend `B` (with autodiff).
+fn train_rank<B: ParallelBackend>(
+    ctx: &ParallelContext,
+    device: &B::Device,
+    model: &GptConfig,
+    (train_data, valid_data): (&dyn SampleSource, Option<&dyn SampleSource>),
+    config: &TrainConfig,
+) -> Result<Vec<StepRecord>> {
+    let gpt = GptModel::<Autodiff<B>>::init(model, ctx, device)?;
+    let (_, records) = train(ctx, gpt, &GptStep, train_data, valid_data, config, device)?;
+    Ok(records)
 }
 
 fn check_dataset(prefix: &Path) -> Result<()> {
