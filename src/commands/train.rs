@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::Autodiff;
 use burn_megatron::data::{
-    DType, GptDatasetConfig, IndexedDatasetBuilder, SampleSource, build_gpt_splits,
-    dataset_paths, parse_data_path,
+    DType, GptDatasetConfig, IndexedDatasetBuilder, SampleSource, build_gpt_splits, dataset_paths,
+    parse_data_path,
 };
 use burn_megatron::launch::LaunchEnv;
-use burn_megatron::parallel::{DEFAULT_TIMEOUT, Layout, LocalCluster, ParallelBackend, ParallelContext};
+use burn_megatron::parallel::{
+    DEFAULT_TIMEOUT, Layout, LocalCluster, ParallelBackend, ParallelContext,
+};
 use burn_megatron::train::{Decay, LrSchedule, StepRecord, TrainConfig, train};
 use burn_megatron::{Error, Result};
 use burn_megatron_models::gpt::{
@@ -23,7 +25,6 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::tokenizer_args::TokenizerArgs;
-
 
 const TINYSHAKESPEARE: &str = include_str!("../../data/corpora/tinyshakespeare.txt");
 
@@ -37,7 +38,9 @@ pub struct TrainArgs {
     config: Option<PathBuf>,
 
     /// Where the ranks compute: cpu, or cuda (one GPU per launched rank, its LOCAL_RANK;
-    /// thread ranks share GPU 0) when built with `--features cuda` [default: cpu].
+    /// thread ranks share GPU 0) when built with `--features cuda`. CUDA is a first
+    /// port: the first steps compile kernels for minutes, and speed is not tuned yet
+    /// [default: cpu].
     #[arg(long)]
     device: Option<String>,
     /// Tensor-parallel size [default: 2].
@@ -405,10 +408,22 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
         Error::InvalidConfig(format!("--split {split} gives the training split no data"))
     })?;
     let device = args.device.clone().unwrap_or_else(|| "cpu".to_string());
-    let devices: &[&str] = if cfg!(feature = "cuda") { &["cpu", "cuda"] } else { &["cpu"] };
+    let devices: &[&str] = if cfg!(feature = "cuda") {
+        &["cpu", "cuda"]
+    } else {
+        &["cpu"]
+    };
     if !devices.contains(&device.as_str()) {
-        let hint = if cfg!(feature = "cuda") { "" } else { " (cuda needs a build with --features cuda)" };
-        return Err(invalid("device", &device, &format!("{}{hint}", devices.join(" or "))));
+        let hint = if cfg!(feature = "cuda") {
+            ""
+        } else {
+            " (cuda needs a build with --features cuda)"
+        };
+        return Err(invalid(
+            "device",
+            &device,
+            &format!("{}{hint}", devices.join(" or ")),
+        ));
     }
     let launched = LaunchEnv::from_env()?;
     let logging = launched
@@ -434,10 +449,22 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
         let data = (train_data.as_ref(), valid_data.as_deref());
         match device.as_str() {
             #[cfg(feature = "cuda")]
-            "cuda" => train_rank::<burn_cuda::Cuda>(&ctx, &burn_cuda::CudaDevice::new(gpu), &model, data, &config),
+            "cuda" => train_rank::<CudaBackend>(
+                &ctx,
+                &burn_cuda::CudaDevice::new(gpu),
+                &model,
+                data,
+                &config,
+            ),
             _ => {
                 let _ = gpu;
-                train_rank::<burn_ndarray::NdArray<f32>>(&ctx, &Default::default(), &model, data, &config)
+                train_rank::<burn_ndarray::NdArray<f32>>(
+                    &ctx,
+                    &Default::default(),
+                    &model,
+                    data,
+                    &config,
+                )
             }
         }
     };
@@ -471,6 +498,11 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// The CUDA backend: CubeCL without the fusion layer, whose client does not accept
+/// tensors handed between the threads of thread ranks (measured on an H200: `CallError`).
+#[cfg(feature = "cuda")]
+type CudaBackend = burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, f32, i32, u8>;
 
 /// Trains one rank on backend `B` (with autodiff).
 fn train_rank<B: ParallelBackend>(

@@ -427,7 +427,7 @@ fn in_file(path: &Path, error: Error) -> Error {
 }
 
 /// Writes a Megatron indexed dataset. The files appear under their names only when
-/// [`finish`](Self::finish) succeeds (they are written as `*.tmp` and renamed), so a
+/// [`finish`](Self::finish) succeeds (they are written under temporary names and renamed), so a
 /// crash never leaves a dataset that looks complete.
 pub struct IndexedDatasetBuilder {
     prefix: PathBuf,
@@ -439,9 +439,11 @@ pub struct IndexedDatasetBuilder {
     scratch: Vec<u8>,
 }
 
+/// Where `path` is written before it is renamed into place: a name of this process's own,
+/// so that concurrent writers of the same dataset never share a file.
 fn temporary(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_os_string();
-    name.push(".tmp");
+    name.push(format!(".tmp{}", std::process::id()));
     PathBuf::from(name)
 }
 
