@@ -31,16 +31,10 @@ fn exchange<B: Backend, const D: usize>(
 }
 
 /// A tensor as the transport takes it: itself, or its host data.
-///
-/// A tensor handed to other threads as it is must be complete first: on a GPU each thread
-/// queues work on its own stream, and a reader on another stream would otherwise race
-/// the kernels that write it (seen on an H200 as tp 2 thread ranks drifting from tp 1).
 fn pack<B: Backend, const D: usize>(group: &Group, tensor: Tensor<B, D>) -> Payload {
     if group.process_group().carries_host_data() {
         Arc::new(tensor.into_data())
     } else {
-        // A failed sync surfaces again on the next operation on this device.
-        let _ = B::sync(&tensor.device());
         Arc::new(tensor)
     }
 }

@@ -232,6 +232,14 @@ impl ProcessGroup for LocalGroup {
         self.world.timeout
     }
 
+    /// Thread ranks exchange host copies, not device tensors: on a GPU every thread
+    /// queues work on its own stream, and a buffer shared between streams can be read by
+    /// one while another already reuses it (measured on an H200: tp 2 thread ranks drifted
+    /// from tp 1). On the CPU the copy is a memcpy.
+    fn carries_host_data(&self) -> bool {
+        true
+    }
+
     fn all_gather_payloads(&self, op: OpName, payload: Payload) -> Result<Vec<Payload>> {
         let size = self.key.1.len();
         let id = (
