@@ -236,6 +236,18 @@ impl<B: Backend> SelfAttention<B> {
 }
 
 impl<B: ParallelBackend> SelfAttention<B> {
+    /// A key/value parameter as the forward uses it: when replicated, identity forward
+    /// with gradients summed over the group.
+    fn shared<const D: usize>(&self, tensor: Tensor<B, D>) -> Tensor<B, D> {
+        if self.kv_replicated {
+            copy_to_tensor_parallel_region(tensor, &self.group)
+        } else {
+            tensor
+        }
+    }
+}
+
+impl<B: ParallelBackend> SelfAttention<B> {
     /// Attends over `x` (`[batch, seq, hidden]`, or `[batch, seq / tp, hidden]` with
     /// sequence parallelism); `padding` (`[batch, seq]`, true for padding) masks keys.
     pub fn forward(
@@ -253,20 +265,6 @@ impl<B: ParallelBackend> SelfAttention<B> {
         let [batch, seq, _] = x.dims();
         let device = x.device();
         // Replicated key/value weights: identity forward, gradients summed over the group.
-        let shared = |tensor: Tensor<B, 2>| {
-            if self.kv_replicated {
-                copy_to_tensor_parallel_region(tensor, &self.group)
-            } else {
-                tensor
-            }
-        };
-        let shared_bias = |tensor: Tensor<B, 1>| {
-            if self.kv_replicated {
-                copy_to_tensor_parallel_region(tensor, &self.group)
-            } else {
-                tensor
-            }
-        };
         let bias = |i: usize| self.qkv_bias.as_ref().map(|b| b[i].val());
         let split_heads = |t: Tensor<B, 3>| {
             let [_, _, width] = t.dims();
@@ -276,13 +274,13 @@ impl<B: ParallelBackend> SelfAttention<B> {
         let mut query = split_heads(linear(x.clone(), self.query.val(), bias(0)));
         let mut key = split_heads(linear(
             x.clone(),
-            shared(self.key.val()),
-            bias(1).map(shared_bias),
+            self.shared(self.key.val()),
+            bias(1).map(|b| self.shared(b)),
         ));
         let value = split_heads(linear(
             x,
-            shared(self.value.val()),
-            bias(2).map(shared_bias),
+            self.shared(self.value.val()),
+            bias(2).map(|b| self.shared(b)),
         ));
 
         if let Some(base) = self.rotary_base {
