@@ -1,13 +1,15 @@
 //! Training with your own loss: next-token cross-entropy that counts chosen "key" tokens
-//! more, on tp 2 x dp 2 thread ranks.
+//! more, on tp 2 x pp 2 thread ranks.
 //!
 //! ```text
 //! cargo run --release --example custom_loss -- --key-weight 5
 //! ```
 //!
-//! A loss is a [`TrainStep`]: given the model and a micro-batch of samples, return the
-//! mean loss. The engine does the rest (gradient accumulation, data-parallel averaging,
-//! clipping, AdamW, the schedule), and the loss is the same whatever the parallel layout.
+//! A loss is a [`TrainStep`]: given a model chunk, its input and a micro-batch of
+//! samples, run the chunk; the last pipeline stage returns the mean loss. The engine does
+//! the rest (the pipeline schedule, gradient accumulation, data-parallel averaging,
+//! clipping, AdamW, the learning-rate schedule), and the loss is the same whatever the
+//! parallel layout.
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
@@ -16,8 +18,8 @@ use burn_megatron::Error;
 use burn_megatron::data::{GptSample, SampleSource};
 use burn_megatron::parallel::{Layout, LocalCluster, ParallelBackend};
 use burn_megatron::tensor_parallel::vocab_parallel_cross_entropy;
-use burn_megatron::train::{Decay, LrSchedule, TrainConfig, TrainStep, train};
-use burn_megatron_models::gpt::{GptConfig, GptModel, batch_tensors};
+use burn_megatron::train::{Decay, LrSchedule, StageOutput, TrainConfig, TrainStep, train};
+use burn_megatron_models::gpt::{GptConfig, GptModel, StageInput, batch_tensors};
 use clap::Parser;
 
 type Backend = Autodiff<burn_ndarray::NdArray<f32>>;
@@ -40,8 +42,22 @@ struct KeyTokenLoss {
 }
 
 impl<B: AutodiffBackend + ParallelBackend> TrainStep<B, GptModel<B>> for KeyTokenLoss {
-    fn loss(&self, model: &GptModel<B>, samples: &[GptSample], device: &B::Device) -> Tensor<B, 1> {
+    fn forward(
+        &self,
+        model: &GptModel<B>,
+        input: Option<Tensor<B, 3>>,
+        samples: &[GptSample],
+        device: &B::Device,
+    ) -> StageOutput<B> {
         let (tokens, labels) = batch_tensors::<B>(samples, device);
+        let input = match input {
+            Some(hidden) => StageInput::Hidden(hidden),
+            None => StageInput::Tokens(tokens),
+        };
+        let output = model.forward_chunk(input, None);
+        if !model.is_last_chunk() {
+            return StageOutput::Activations(output);
+        }
         let weights: Vec<f32> = samples
             .iter()
             .flat_map(|s| {
@@ -55,11 +71,10 @@ impl<B: AutodiffBackend + ParallelBackend> TrainStep<B, GptModel<B>> for KeyToke
             })
             .collect();
         let weights = Tensor::<B, 2>::from_data(TensorData::new(weights, labels.dims()), device);
-        let logits = model.forward(tokens, None);
         let group = model.tensor_group();
         let losses =
-            vocab_parallel_cross_entropy(logits, labels, &model.vocab_partition(), &group, 0.0);
-        (losses * weights.clone()).sum() / weights.sum()
+            vocab_parallel_cross_entropy(output, labels, &model.vocab_partition(), &group, 0.0);
+        StageOutput::Loss((losses * weights.clone()).sum() / weights.sum())
     }
 }
 
@@ -112,10 +127,10 @@ fn main() -> Result<(), Error> {
     let step = KeyTokenLoss {
         key_weight: args.key_weight,
     };
-    LocalCluster::new(Layout::new(2, 1, 2)?).run(|ctx| {
+    LocalCluster::new(Layout::new(2, 2, 1)?).run(|ctx| {
         let device = Default::default();
-        let gpt = GptModel::<Backend>::init(&model, &ctx, &device)?;
-        train(&ctx, gpt, &step, &data, None, &config, &device).map(|_| ())
+        let chunks = GptModel::<Backend>::init_chunks(&model, &ctx, &device)?;
+        train(&ctx, chunks, &step, &data, None, &config, &device).map(|_| ())
     })?;
     Ok(())
 }

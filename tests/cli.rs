@@ -386,6 +386,31 @@ fn wrong_train_settings_name_the_setting_and_the_fix() {
 
     let (ok, _, stderr) = burn_megatron(&[
         "train",
+        "--pp",
+        "2",
+        "--virtual-stages",
+        "2",
+        "--global-batch-size",
+        "24",
+        "--micro-batch-size",
+        "4",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("multiple of the pipeline-parallel size 2, got 3")
+            && stderr.contains("--global-batch-size 32"),
+        "{stderr}"
+    );
+
+    let (ok, _, stderr) = burn_megatron(&["train", "--pp", "2", "--pipeline-layers", "1,2"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--pipeline-layers [1, 2]") && stderr.contains("add up to the 4 layers"),
+        "{stderr}"
+    );
+
+    let (ok, _, stderr) = burn_megatron(&[
+        "train",
         "--global-batch-size",
         "6",
         "--micro-batch-size",
@@ -398,6 +423,81 @@ fn wrong_train_settings_name_the_setting_and_the_fix() {
         ),
         "{stderr}"
     );
+}
+
+#[test]
+fn pipeline_stages_log_the_losses_of_one_rank() {
+    let out = tempfile::tempdir().unwrap();
+    let run = |name: &str, layout: &[&str]| {
+        let metrics = out.path().join(format!("{name}.jsonl"));
+        let mut args = vec![
+            "train",
+            "--steps",
+            "3",
+            "--log-interval",
+            "1",
+            "--num-layers",
+            "4",
+            "--hidden-size",
+            "32",
+            "--num-attention-heads",
+            "2",
+            "--seq-length",
+            "16",
+            "--micro-batch-size",
+            "1",
+            "--global-batch-size",
+            "8",
+            "--eval-iters",
+            "1",
+            "--metrics",
+            metrics.to_str().unwrap(),
+        ];
+        args.extend(layout);
+        let (ok, stdout, stderr) = burn_megatron(&args);
+        assert!(ok, "{stderr}");
+        (metric_values(&metrics), stdout)
+    };
+    let (single, _) = run("single", &["--tp", "1", "--pp", "1", "--dp", "1"]);
+    let (parallel, stdout) = run(
+        "parallel",
+        &["--tp", "2", "--pp", "2", "--dp", "2", "--sequence-parallel"],
+    );
+    assert!(
+        stdout.contains("pipeline: 1F1B (2 stages, 4 micro-batches): bubble (pp - 1) / m = 0.2500"),
+        "the log reports the bubble: {stdout}"
+    );
+    let (interleaved, stdout) = run(
+        "interleaved",
+        &[
+            "--tp",
+            "1",
+            "--pp",
+            "2",
+            "--dp",
+            "1",
+            "--virtual-stages",
+            "2",
+        ],
+    );
+    assert!(
+        stdout.contains(
+            "interleaved 1F1B (2 stages, 8 micro-batches, 2 chunks per stage): bubble \
+             (pp - 1) / (v x m) = 0.0625"
+        ),
+        "{stdout}"
+    );
+    assert_eq!(single.len(), 3);
+    for (name, run) in [
+        ("tp 2 x pp 2 x dp 2", &parallel),
+        ("interleaved", &interleaved),
+    ] {
+        assert_eq!(run.len(), 3);
+        for ((a, _), (b, _)) in run.iter().zip(&single) {
+            let (a, b): (f64, f64) = (a.parse().unwrap(), b.parse().unwrap());
+            assert!(((a - b) / b).abs() < 1e-4, "{name} loss {a}, one rank {b}");
+        }
+    }
 }
 
 fn free_port() -> String {

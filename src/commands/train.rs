@@ -1,4 +1,5 @@
-//! `train`: GPT pretraining with tensor x data parallelism on thread ranks (CPU).
+//! `train`: GPT pretraining with tensor x pipeline x data parallelism, on thread ranks or
+//! as one rank of a launched job.
 //!
 //! Every setting is a flag and a key of the TOML file given with `--config` (the flag's
 //! name with underscores); flags win over the file, the file over the defaults. With no
@@ -49,6 +50,18 @@ pub struct TrainArgs {
     /// Data-parallel size [default: 2].
     #[arg(long)]
     dp: Option<usize>,
+    /// Pipeline-parallel size (stages); micro-batches per step = global batch / (micro
+    /// batch x dp) [default: 1].
+    #[arg(long)]
+    pp: Option<usize>,
+    /// Model chunks per pipeline stage: above 1 selects the interleaved 1F1B schedule,
+    /// which needs the micro-batches to be a multiple of --pp [default: 1].
+    #[arg(long)]
+    virtual_stages: Option<usize>,
+    /// Layers of each virtual pipeline stage, comma-separated, in virtual-stage order
+    /// (for example 3,5 with --pp 2) [default: an even split].
+    #[arg(long, value_delimiter = ',')]
+    pipeline_layers: Option<Vec<usize>>,
 
     /// Model preset (gpt2-124m, gpt2-355m, gpt2-774m, gpt2-1.5b); other model flags
     /// override it. Without it: a small GPT (4 layers, hidden 128, 4 heads).
@@ -204,6 +217,9 @@ impl TrainArgs {
             device,
             tp,
             dp,
+            pp,
+            virtual_stages,
+            pipeline_layers,
             preset,
             num_layers,
             hidden_size,
@@ -288,6 +304,7 @@ impl TrainArgs {
         model.make_vocab_size_divisible_by = self.make_vocab_size_divisible_by.unwrap_or(128);
         model.init_std = self.init_method_std.unwrap_or(0.02);
         model.seed = self.seed.unwrap_or(1234);
+        model.pipeline_layers = self.pipeline_layers.clone();
         Ok(model)
     }
 
@@ -370,8 +387,13 @@ fn embedded_dataset(tokenizer: &burn_megatron::data::Tokenizer) -> Result<PathBu
 pub fn run(flags: &TrainArgs) -> Result<()> {
     let args = flags.resolve()?;
     let tokenizer = args.tokenizer.build()?;
-    let (tp, dp) = (args.tp.unwrap_or(2), args.dp.unwrap_or(2));
-    let layout = Layout::new(tp, 1, dp)?;
+    let (tp, dp, pp) = (
+        args.tp.unwrap_or(2),
+        args.dp.unwrap_or(2),
+        args.pp.unwrap_or(1),
+    );
+    let layout =
+        Layout::new(tp, pp, dp)?.with_virtual_pipeline(args.virtual_stages.unwrap_or(1))?;
     let model = args.model(tokenizer.vocab_size())?;
     model.check(&layout)?;
     let config = args.train_config()?;
@@ -381,7 +403,7 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
             config.seq_length
         )));
     }
-    config.micro_batches(dp)?;
+    config.schedule(&layout)?;
 
     let data_path = match &args.data_path {
         Some(values) => parse_data_path(values)?,
@@ -512,8 +534,10 @@ fn train_rank<B: ParallelBackend>(
     (train_data, valid_data): (&dyn SampleSource, Option<&dyn SampleSource>),
     config: &TrainConfig,
 ) -> Result<Vec<StepRecord>> {
-    let gpt = GptModel::<Autodiff<B>>::init(model, ctx, device)?;
-    let (_, records) = train(ctx, gpt, &GptStep, train_data, valid_data, config, device)?;
+    let chunks = GptModel::<Autodiff<B>>::init_chunks(model, ctx, device)?;
+    let (_, records) = train(
+        ctx, chunks, &GptStep, train_data, valid_data, config, device,
+    )?;
     Ok(records)
 }
 

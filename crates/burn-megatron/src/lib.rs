@@ -20,6 +20,7 @@ pub mod data;
 mod error;
 pub mod launch;
 pub mod parallel;
+pub mod pipeline;
 pub mod tensor_parallel;
 pub mod train;
 

@@ -12,6 +12,7 @@ pub struct ParallelContext {
     tensor: Group,
     data: Group,
     pipeline: Group,
+    pipeline_gradients: Group,
     embedding: Option<Group>,
     world: Group,
 }
@@ -32,6 +33,7 @@ impl ParallelContext {
             tensor: make_group("tp", layout.tensor_group(rank)),
             data: make_group("dp", layout.data_group(rank)),
             pipeline: make_group("pp", layout.pipeline_group(rank)),
+            pipeline_gradients: make_group("pp-grad", layout.pipeline_group(rank)),
             embedding: (!embedding_members.is_empty())
                 .then(|| make_group("embedding", embedding_members)),
             world: make_group("world", (0..layout.world_size()).collect()),
@@ -76,9 +78,17 @@ impl ParallelContext {
         &self.data
     }
 
-    /// The pipeline group (this rank's counterparts on every stage).
+    /// The pipeline group (this rank's counterparts on every stage), which carries
+    /// activations forward between stages.
     pub fn pipeline(&self) -> &Group {
         &self.pipeline
+    }
+
+    /// The pipeline group's members again, for the gradients that go backward between
+    /// stages: a channel of its own, so that activations and gradients between the same
+    /// two stages (interleaved schedules) never queue behind one another.
+    pub fn pipeline_gradients(&self) -> &Group {
+        &self.pipeline_gradients
     }
 
     /// The embedding group (first and last stage), or `None` on a middle stage.

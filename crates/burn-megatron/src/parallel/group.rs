@@ -80,6 +80,14 @@ pub trait ProcessGroup: Send + Sync + fmt::Debug {
         false
     }
 
+    /// Whether the members are threads of this process. Such ranks share Burn's autodiff
+    /// graph registry, whose clean-up at the end of every backward locks each graph in the
+    /// process in turn: a rank may then wait for another rank's backward, so ranks whose
+    /// backward runs collectives must enter it together (see the training engine).
+    fn threads_of_one_process(&self) -> bool {
+        false
+    }
+
     /// Marks the whole job as failed so that every rank waiting in a collective returns an
     /// error at once instead of waiting for its timeout.
     fn abort(&self, reason: String);

@@ -1,6 +1,7 @@
 //! The parallel layout: how the ranks of a job split into tensor-, data- and
 //! pipeline-parallel groups, in Megatron's rank order.
 
+use crate::pipeline::LayerSplit;
 use crate::{Error, Result};
 
 /// Sizes of the parallel dimensions of a job.
@@ -167,14 +168,26 @@ impl Layout {
     /// `InvalidLayout` naming the first size that does not divide, for example
     /// "tensor-parallel size 3 does not divide 16 attention heads".
     pub fn check_model(&self, model: &ModelDims) -> Result<()> {
+        self.check_tensor_parallel(model)?;
+        LayerSplit::new(model.layers, self, None).map(|_| ())
+    }
+
+    /// Checks that the tensor-parallel size divides the model's heads, query groups and
+    /// feed-forward size (everything [`check_model`](Self::check_model) checks but the
+    /// pipeline split of the layers, for models that give their own split).
+    ///
+    /// # Errors
+    ///
+    /// As [`check_model`](Self::check_model).
+    pub fn check_tensor_parallel(&self, model: &ModelDims) -> Result<()> {
         let tp = self.tensor;
         let ModelDims {
             hidden,
             heads,
             query_groups,
             ffn_hidden,
-            layers,
             vocab,
+            ..
         } = *model;
         if heads == 0 || hidden % heads != 0 {
             return Err(invalid(format!(
@@ -209,15 +222,6 @@ impl Layout {
                     .into_iter()
                     .filter(|d| query_groups % d == 0 || d % query_groups == 0)
                     .collect::<Vec<_>>()
-            )));
-        }
-        let chunks = self.pipeline * self.virtual_pipeline();
-        if layers == 0 || layers % chunks != 0 {
-            return Err(invalid(format!(
-                "{layers} layers do not split evenly into pipeline-parallel size {} x virtual \
-                 stages {} = {chunks} model chunks; choose sizes whose product divides {layers}",
-                self.pipeline,
-                self.virtual_pipeline()
             )));
         }
         if vocab == 0 {

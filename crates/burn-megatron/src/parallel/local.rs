@@ -240,6 +240,10 @@ impl ProcessGroup for LocalGroup {
         true
     }
 
+    fn threads_of_one_process(&self) -> bool {
+        true
+    }
+
     fn all_gather_payloads(&self, op: OpName, payload: Payload) -> Result<Vec<Payload>> {
         let size = self.key.1.len();
         let id = (

@@ -1,6 +1,7 @@
-//! The training loop: micro-batches with gradient accumulation, data-parallel gradient
-//! averaging, sequence-parallel gradient sums, global gradient-norm clipping, AdamW on
-//! Megatron's learning-rate schedule, evaluation, logging and metrics.
+//! The training loop: micro-batches run through the pipeline schedule with gradient
+//! accumulation, data-parallel gradient averaging, sequence-parallel and tied-embedding
+//! gradient sums, global gradient-norm clipping, AdamW on Megatron's learning-rate
+//! schedule, evaluation, logging and metrics.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -10,30 +11,61 @@ use std::time::Instant;
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::{ElementConversion, Tensor, backend::Backend};
 
+use super::pipeline::StageRunner;
 use super::schedule::LrSchedule;
 use crate::data::{GptSample, MicroBatchSampler, SampleSource};
-use crate::parallel::{ParallelBackend, ParallelContext, ReduceOp};
+use crate::parallel::{Layout, ParallelBackend, ParallelContext, ReduceOp};
+use crate::pipeline::Schedule;
 use crate::{Error, Result};
 
-/// The loss of one micro-batch: what a training job optimizes.
+/// What a model chunk gives for a micro-batch.
+#[derive(Debug, Clone)]
+pub enum StageOutput<B: Backend> {
+    /// Hidden states for the next pipeline stage, `[batch, seq, hidden]` (the sequence
+    /// split over tensor-parallel ranks under sequence parallelism).
+    Activations(Tensor<B, 3>),
+    /// The micro-batch's mean loss (the last stage), a one-element tensor.
+    Loss(Tensor<B, 1>),
+}
+
+/// The forward pass of one micro-batch through one model chunk: what a training job
+/// optimizes.
 ///
 /// The GPT step is next-token cross-entropy; a user can supply another loss, such as one
 /// that up-weights chosen tokens.
 pub trait TrainStep<B: AutodiffBackend, M>: Sync {
-    /// The mean loss over the micro-batch's tokens, as a one-element tensor.
-    fn loss(&self, model: &M, samples: &[GptSample], device: &B::Device) -> Tensor<B, 1>;
+    /// Runs `model` (one model chunk) on a micro-batch. `input` is `None` on the first
+    /// virtual pipeline stage, which starts from the samples' tokens, and the previous
+    /// stage's activations elsewhere. The last stage returns the mean loss over the
+    /// micro-batch's tokens, the others their activations.
+    fn forward(
+        &self,
+        model: &M,
+        input: Option<Tensor<B, 3>>,
+        samples: &[GptSample],
+        device: &B::Device,
+    ) -> StageOutput<B>;
 }
 
-/// What the engine must know about a model's parameters under tensor parallelism.
-pub trait ParallelParams {
+/// What the engine must know about a model chunk under tensor and pipeline parallelism.
+pub trait ParallelModel {
     /// Replicated parameters whose gradient each rank computes only for its sequence chunk
     /// (norms under sequence parallelism): summed over the tensor-parallel group.
     fn sequence_parallel_params(&self) -> HashSet<ParamId>;
     /// Parameters split across the tensor-parallel group. All others are replicated and
     /// count once in the gradient norm.
     fn tensor_parallel_params(&self) -> HashSet<ParamId>;
+    /// Parameters with a copy on another pipeline stage (the embeddings that the first
+    /// and last stage share when the output layer is tied to them): their gradients are
+    /// summed over the embedding group, and only the first stage counts them in the norm.
+    fn shared_embedding_params(&self) -> HashSet<ParamId> {
+        HashSet::new()
+    }
+    /// The shape of the activations that enter and leave the chunk for a micro-batch of
+    /// `batch` samples of `seq` tokens.
+    fn activation_shape(&self, batch: usize, seq: usize) -> [usize; 3];
     /// Switches stochastic layers (dropout) on for training, off for evaluation.
     fn set_training(&self, _training: bool) {}
 }
@@ -99,6 +131,30 @@ impl TrainConfig {
         }
         Ok(self.global_batch_size / per_pass)
     }
+
+    /// The pipeline schedule of a step on `layout`: 1F1B, or interleaved 1F1B with
+    /// virtual stages, over [`micro_batches`](Self::micro_batches).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidConfig` when the batch sizes do not fit the layout, or the interleaved
+    /// schedule's micro-batches are not a multiple of the stages (naming a global batch
+    /// size that fits).
+    pub fn schedule(&self, layout: &Layout) -> Result<Schedule> {
+        let micro_batches = self.micro_batches(layout.data())?;
+        Schedule::for_layout(layout, micro_batches).map_err(|error| {
+            let stages = layout.pipeline();
+            let fitting = micro_batches.div_ceil(stages).max(1) * stages;
+            Error::InvalidConfig(format!(
+                "{error} (micro-batches = global batch {} / (micro batch {} x dp {})); for \
+                 example --global-batch-size {}",
+                self.global_batch_size,
+                self.micro_batch_size,
+                layout.data(),
+                fitting * self.micro_batch_size * layout.data()
+            ))
+        })
+    }
 }
 
 /// One logged step.
@@ -116,6 +172,9 @@ pub struct StepRecord {
     pub tokens_per_s: f64,
     /// Validation loss, when evaluated at this step.
     pub eval_loss: Option<f64>,
+    /// The most micro-batches whose activations this rank held at once during the step
+    /// (pipeline schedules bound it; it differs between stages).
+    pub peak_in_flight: usize,
 }
 
 impl StepRecord {
@@ -132,31 +191,41 @@ impl StepRecord {
     }
 }
 
-/// Trains `model` for `config.steps` optimizer steps on this rank's share of
-/// `train_data`, and returns the model and a record of every step (the same on every
-/// rank).
+/// Trains the model chunks of this rank (one per virtual pipeline stage it runs, one
+/// without interleaving) for `config.steps` optimizer steps on this rank's share of
+/// `train_data`, and returns them with a record of every step (the same on every rank,
+/// but for [`StepRecord::peak_in_flight`]).
 ///
 /// # Errors
 ///
-/// When the batch sizes do not fit the layout, the data runs out, a collective fails, or
-/// the metrics file cannot be written.
+/// When the batch sizes do not fit the layout or schedule, the data runs out, a
+/// collective fails, or the metrics file cannot be written.
 #[allow(clippy::too_many_arguments)]
 pub fn train<B, M, S>(
     ctx: &ParallelContext,
-    mut model: M,
+    mut chunks: Vec<M>,
     step: &S,
     train_data: &dyn SampleSource,
     valid_data: Option<&dyn SampleSource>,
     config: &TrainConfig,
     device: &B::Device,
-) -> Result<(M, Vec<StepRecord>)>
+) -> Result<(Vec<M>, Vec<StepRecord>)>
 where
     B: AutodiffBackend + ParallelBackend,
     B::InnerBackend: ParallelBackend,
-    M: AutodiffModule<B> + ParallelParams,
+    M: AutodiffModule<B> + ParallelModel,
     S: TrainStep<B, M>,
 {
-    let micro_batches = config.micro_batches(ctx.layout().data())?;
+    let layout = *ctx.layout();
+    let schedule = config.schedule(&layout)?;
+    let micro_batches = schedule.micro_batches();
+    if chunks.len() != schedule.chunks() {
+        return Err(Error::InvalidConfig(format!(
+            "the layout runs {} model chunks per pipeline stage, got {}",
+            schedule.chunks(),
+            chunks.len()
+        )));
+    }
     let needed = config.steps * config.global_batch_size;
     if train_data.len() < needed {
         return Err(Error::InvalidConfig(format!(
@@ -168,22 +237,33 @@ where
         )));
     }
     let coords = ctx.coords();
-    let logging = ctx.rank() == ctx.layout().logging_rank();
+    let logging = ctx.rank() == layout.logging_rank();
     let mut sampler = MicroBatchSampler::new(
         train_data.len(),
         0,
         config.micro_batch_size,
         coords.dp,
-        ctx.layout().data(),
+        layout.data(),
     )?;
-    let mut optimizer = AdamWConfig::new()
-        .with_beta_1(config.adam_beta1 as f32)
-        .with_beta_2(config.adam_beta2 as f32)
-        .with_epsilon(config.adam_eps as f32)
-        .with_weight_decay(config.weight_decay as f32)
-        .init::<B, M>();
-    let sequence_parallel = model.sequence_parallel_params();
-    let tensor_parallel = model.tensor_parallel_params();
+    let mut optimizers: Vec<_> = chunks
+        .iter()
+        .map(|_| {
+            AdamWConfig::new()
+                .with_beta_1(config.adam_beta1 as f32)
+                .with_beta_2(config.adam_beta2 as f32)
+                .with_epsilon(config.adam_eps as f32)
+                .with_weight_decay(config.weight_decay as f32)
+                .init::<B, M>()
+        })
+        .collect();
+    let roles: Vec<ParamRoles> = chunks.iter().map(ParamRoles::of).collect();
+    let runner = StageRunner {
+        ctx,
+        schedule,
+        step,
+        device,
+    };
+    let actions = schedule.actions(coords.pp);
     let mut metrics = match (&config.metrics, logging) {
         (Some(path), true) => Some(std::fs::File::create(path).map_err(|e| Error::io(path, e))?),
         _ => None,
@@ -196,71 +276,96 @@ where
             config.steps,
             config.global_batch_size,
             config.micro_batch_size,
-            ctx.layout().data(),
+            layout.data(),
             config.global_batch_size * config.seq_length,
-            ctx.layout()
+            layout
         );
         print_line(&progress, line);
+        if layout.pipeline() > 1 {
+            // Backward costs twice the forward, as in a transformer.
+            let simulated = schedule.simulate(1.0, 2.0)?;
+            let formula = if schedule.chunks() > 1 {
+                "(pp - 1) / (v x m)"
+            } else {
+                "(pp - 1) / m"
+            };
+            print_line(
+                &progress,
+                format!(
+                    "pipeline: {schedule}: bubble {formula} = {:.4} of compute time (simulated \
+                     schedule: {:.4}); at most {} micro-batches of activations per stage",
+                    schedule.bubble_fraction(),
+                    simulated.bubble_fraction,
+                    simulated.peak_in_flight.iter().max().copied().unwrap_or(0)
+                ),
+            );
+        }
     }
 
     let mut records = Vec::with_capacity(config.steps);
     for index in 1..=config.steps {
-        model.set_training(true);
+        for chunk in &chunks {
+            chunk.set_training(true);
+        }
         let started = Instant::now();
-        let mut gradients = GradientsParams::new();
-        let mut loss_sum = 0.0;
-        for _ in 0..micro_batches {
-            let range = sampler.next_micro_batch().ok_or_else(|| {
-                Error::InvalidConfig("the training data ran out of samples".to_string())
-            })?;
-            let samples = range
-                .map(|i| train_data.get(i))
-                .collect::<Result<Vec<_>>>()?;
-            let loss = step.loss(&model, &samples, device);
-            loss_sum += loss.clone().into_scalar().elem::<f64>();
-            let grads = (loss / micro_batches as f64).backward();
-            let mut micro = GradientsParams::from_grads(grads, &model);
-            model.visit(&mut Accumulate::<B> {
-                total: &mut gradients,
-                new: &mut micro,
+        let samples = (0..micro_batches)
+            .map(|_| {
+                let range = sampler.next_micro_batch().ok_or_else(|| {
+                    Error::InvalidConfig("the training data ran out of samples".to_string())
+                })?;
+                range.map(|i| train_data.get(i)).collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut gradients: Vec<GradientsParams> =
+            chunks.iter().map(|_| GradientsParams::new()).collect();
+        let outcome = runner.run(&actions, &chunks, &samples, Some(&mut gradients))?;
+        let mut norm_squared = 0.0;
+        for ((chunk, grads), roles) in chunks.iter().zip(&mut gradients).zip(&roles) {
+            let mut reduce = ReduceGradients::<B> {
+                grads,
+                ctx,
+                roles,
+                norm_squared: 0.0,
+                error: None,
                 _backend: std::marker::PhantomData,
-            });
+            };
+            chunk.visit(&mut reduce);
+            if let Some(error) = reduce.error {
+                return Err(error);
+            }
+            norm_squared += reduce.norm_squared;
         }
-        let mut reduce = ReduceGradients::<B> {
-            grads: &mut gradients,
-            ctx,
-            sequence_parallel: &sequence_parallel,
-            tensor_parallel: &tensor_parallel,
-            norm_squared: 0.0,
-            error: None,
-            _backend: std::marker::PhantomData,
-        };
-        model.visit(&mut reduce);
-        if let Some(error) = reduce.error {
-            return Err(error);
-        }
-        let grad_norm = global_norm::<B>(ctx, reduce.norm_squared, device)?;
+        let grad_norm = global_norm::<B>(ctx, norm_squared, device)?;
         if config.clip_grad > 0.0 {
             let coefficient = config.clip_grad / (grad_norm + 1e-6);
             if coefficient < 1.0 {
-                model.visit(&mut Scale::<B> {
-                    grads: &mut gradients,
-                    factor: coefficient,
-                    _backend: std::marker::PhantomData,
-                });
+                for (chunk, grads) in chunks.iter().zip(&mut gradients) {
+                    chunk.visit(&mut Scale::<B> {
+                        grads,
+                        factor: coefficient,
+                        _backend: std::marker::PhantomData,
+                    });
+                }
             }
         }
         let lr = config.schedule.lr(index);
-        model = optimizer.step(lr, model, gradients);
-        let loss = mean_over_data_parallel::<B>(ctx, loss_sum / micro_batches as f64, device)?;
+        chunks = chunks
+            .into_iter()
+            .zip(gradients)
+            .zip(&mut optimizers)
+            .map(|((chunk, grads), optimizer)| optimizer.step(lr, chunk, grads))
+            .collect();
+        let loss = loss_of_step::<B>(ctx, outcome.loss_sum / micro_batches as f64, device)?;
         let seconds = started.elapsed().as_secs_f64();
 
         let evaluate = valid_data.is_some()
             && ((config.eval_interval > 0 && index % config.eval_interval == 0)
                 || index == config.steps);
-        model.set_training(false);
+        for chunk in &chunks {
+            chunk.set_training(false);
+        }
         let eval_loss = match (evaluate, valid_data) {
-            (true, Some(valid)) => Some(evaluate_loss(ctx, &model, step, valid, config, device)?),
+            (true, Some(valid)) => Some(evaluate_loss(&runner, &chunks, valid, config)?),
             _ => None,
         };
         let record = StepRecord {
@@ -270,6 +375,7 @@ where
             grad_norm,
             tokens_per_s: (config.global_batch_size * config.seq_length) as f64 / seconds,
             eval_loss,
+            peak_in_flight: outcome.peak_in_flight,
         };
         if let Some(bar) = &progress {
             bar.set_position(index as u64);
@@ -298,24 +404,41 @@ where
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
-    Ok((model, records))
+    Ok((chunks, records))
+}
+
+/// How the engine treats each parameter of a model chunk.
+struct ParamRoles {
+    sequence_parallel: HashSet<ParamId>,
+    tensor_parallel: HashSet<ParamId>,
+    shared_embedding: HashSet<ParamId>,
+}
+
+impl ParamRoles {
+    fn of<M: ParallelModel>(chunk: &M) -> Self {
+        Self {
+            sequence_parallel: chunk.sequence_parallel_params(),
+            tensor_parallel: chunk.tensor_parallel_params(),
+            shared_embedding: chunk.shared_embedding_params(),
+        }
+    }
 }
 
 /// The mean loss over `eval_iters` micro-batches of validation data per data-parallel
-/// rank, averaged over the ranks.
+/// rank, averaged over the ranks, through the forward-only pipeline schedule.
 fn evaluate_loss<B, M, S>(
-    ctx: &ParallelContext,
-    model: &M,
-    step: &S,
+    runner: &StageRunner<'_, B, S>,
+    chunks: &[M],
     valid: &dyn SampleSource,
     config: &TrainConfig,
-    device: &B::Device,
 ) -> Result<f64>
 where
     B: AutodiffBackend + ParallelBackend,
     B::InnerBackend: ParallelBackend,
+    M: AutodiffModule<B> + ParallelModel,
     S: TrainStep<B, M>,
 {
+    let ctx = runner.ctx;
     let mut sampler = MicroBatchSampler::new(
         valid.len(),
         0,
@@ -323,40 +446,42 @@ where
         ctx.coords().dp,
         ctx.layout().data(),
     )?;
-    let mut total = 0.0;
-    let mut count = 0;
+    let mut samples = Vec::new();
     for _ in 0..config.eval_iters.max(1) {
         let Some(range) = sampler.next_micro_batch() else {
             break;
         };
-        let samples = range.map(|i| valid.get(i)).collect::<Result<Vec<_>>>()?;
-        total += step
-            .loss(model, &samples, device)
-            .into_scalar()
-            .elem::<f64>();
-        count += 1;
+        samples.push(range.map(|i| valid.get(i)).collect::<Result<Vec<_>>>()?);
     }
-    if count == 0 {
+    if samples.is_empty() {
         return Err(Error::InvalidConfig(format!(
             "the validation data has {} samples, fewer than one micro-batch per data-parallel rank",
             valid.len()
         )));
     }
-    mean_over_data_parallel::<B>(ctx, total / count as f64, device)
+    let actions = runner.schedule.forward_only(samples.len());
+    let outcome = runner.run(&actions, chunks, &samples, None)?;
+    loss_of_step::<B>(ctx, outcome.loss_sum / samples.len() as f64, runner.device)
 }
 
-fn mean_over_data_parallel<B>(ctx: &ParallelContext, value: f64, device: &B::Device) -> Result<f64>
+/// The loss of a step on every rank: the last stage's value (the loss lives there),
+/// averaged over its data-parallel group and handed to the other stages.
+fn loss_of_step<B>(ctx: &ParallelContext, value: f64, device: &B::Device) -> Result<f64>
 where
     B: AutodiffBackend,
     B::InnerBackend: ParallelBackend,
 {
     let tensor = Tensor::<B::InnerBackend, 1>::from_floats([value as f32], device);
     let mean = ctx.data().all_reduce(tensor, ReduceOp::Mean)?;
-    Ok(mean.into_scalar().elem::<f64>())
+    let last_stage = ctx.coords().pp + 1 == ctx.layout().pipeline();
+    let mean = if last_stage { mean } else { mean.zeros_like() };
+    let loss = ctx.pipeline().all_reduce(mean, ReduceOp::Sum)?;
+    Ok(loss.into_scalar().elem::<f64>())
 }
 
 /// The global gradient norm from this rank's sum of squares (split parameters on every
-/// tensor-parallel rank, replicated ones on the first), summed over the group.
+/// tensor-parallel rank, replicated ones on the first), summed over the tensor-parallel
+/// group and the pipeline stages.
 fn global_norm<B>(ctx: &ParallelContext, norm_squared: f64, device: &B::Device) -> Result<f64>
 where
     B: AutodiffBackend,
@@ -364,14 +489,15 @@ where
 {
     let tensor = Tensor::<B::InnerBackend, 1>::from_floats([norm_squared as f32], device);
     let total = ctx.tensor().all_reduce(tensor, ReduceOp::Sum)?;
+    let total = ctx.pipeline().all_reduce(total, ReduceOp::Sum)?;
     Ok(total.into_scalar().elem::<f64>().sqrt())
 }
 
 /// Adds a micro-batch's gradients to the step's.
-struct Accumulate<'a, B: AutodiffBackend> {
-    total: &'a mut GradientsParams,
-    new: &'a mut GradientsParams,
-    _backend: std::marker::PhantomData<B>,
+pub(crate) struct Accumulate<'a, B: AutodiffBackend> {
+    pub total: &'a mut GradientsParams,
+    pub new: &'a mut GradientsParams,
+    pub _backend: std::marker::PhantomData<B>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for Accumulate<'_, B> {
@@ -387,13 +513,13 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Accumulate<'_, B> {
     }
 }
 
-/// Sums sequence-parallel gradients over the tensor-parallel group, averages every
-/// gradient over the data-parallel group, and adds up the squares for the norm.
+/// Sums sequence-parallel gradients over the tensor-parallel group and shared embedding
+/// gradients over the embedding group, averages every gradient over the data-parallel
+/// group, and adds up the squares for the norm.
 struct ReduceGradients<'a, B: AutodiffBackend> {
     grads: &'a mut GradientsParams,
     ctx: &'a ParallelContext,
-    sequence_parallel: &'a HashSet<ParamId>,
-    tensor_parallel: &'a HashSet<ParamId>,
+    roles: &'a ParamRoles,
     norm_squared: f64,
     error: Option<Error>,
     _backend: std::marker::PhantomData<B>,
@@ -412,8 +538,14 @@ where
             return;
         };
         let reduced = (|| {
-            if self.sequence_parallel.contains(&param.id) {
+            if self.roles.sequence_parallel.contains(&param.id) {
                 grad = self.ctx.tensor().all_reduce(grad, ReduceOp::Sum)?;
+            }
+            if self.roles.shared_embedding.contains(&param.id)
+                && let Some(embedding) = self.ctx.embedding()
+                && embedding.size() > 1
+            {
+                grad = embedding.all_reduce(grad, ReduceOp::Sum)?;
             }
             if self.ctx.data().size() > 1 {
                 grad = self.ctx.data().all_reduce(grad, ReduceOp::Mean)?;
@@ -422,7 +554,11 @@ where
         })();
         match reduced {
             Ok(grad) => {
-                if self.tensor_parallel.contains(&param.id) || self.ctx.coords().tp == 0 {
+                let coords = self.ctx.coords();
+                let counted_elsewhere =
+                    self.roles.shared_embedding.contains(&param.id) && coords.pp != 0;
+                let split = self.roles.tensor_parallel.contains(&param.id);
+                if !counted_elsewhere && (split || coords.tp == 0) {
                     self.norm_squared += grad
                         .clone()
                         .powi_scalar(2)

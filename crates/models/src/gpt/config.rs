@@ -2,6 +2,7 @@
 
 use burn::config::Config;
 use burn_megatron::parallel::{Layout, ModelDims};
+use burn_megatron::pipeline::LayerSplit;
 use burn_megatron::{Error, Result};
 
 /// How token positions enter the model.
@@ -87,6 +88,10 @@ pub struct GptConfig {
     /// Dropout on the attention probabilities (training only).
     #[config(default = 0.0)]
     pub attention_dropout: f64,
+    /// Layers of each virtual pipeline stage, in virtual-stage order (stage 0 chunk 0,
+    /// stage 1 chunk 0, ...). `None` splits them evenly.
+    #[config(default = "None")]
+    pub pipeline_layers: Option<Vec<usize>>,
     /// Split the residual stream along the sequence across tensor-parallel ranks.
     #[config(default = false)]
     pub sequence_parallel: bool,
@@ -172,7 +177,8 @@ impl GptConfig {
     ///
     /// `InvalidLayout` or `InvalidConfig` naming the setting and the fix.
     pub fn check(&self, layout: &Layout) -> Result<()> {
-        layout.check_model(&self.dims())?;
+        layout.check_tensor_parallel(&self.dims())?;
+        LayerSplit::new(self.layers, layout, self.pipeline_layers.as_deref())?;
         if matches!(self.position, PositionEmbedding::Rotary { .. })
             && !self.head_dim().is_multiple_of(2)
         {

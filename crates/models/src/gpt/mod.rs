@@ -2,6 +2,7 @@
 //! GPTBigCode (multi-query) from one configurable model.
 
 mod config;
+mod export;
 pub mod hf;
 mod layers;
 mod model;
@@ -10,6 +11,6 @@ mod weights;
 
 pub use config::{Activation, GptConfig, NormKind, PositionEmbedding};
 pub use layers::{DropoutPass, Mlp, Norm, SelfAttention, TransformerLayer, alibi_slopes};
-pub use model::GptModel;
+pub use model::{GptModel, StageInput};
 pub use step::{GptStep, batch_tensors};
 pub use weights::{FullTensors, Weights};

@@ -1,5 +1,5 @@
 //! [`GptModel`]: embeddings, transformer layers, final norm and output layer, split
-//! across the tensor-parallel group.
+//! across the tensor-parallel group, whole or as the model chunk of a pipeline stage.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::{Bool, Int, Tensor, backend::Backend, module::linear};
-use burn_megatron::Result;
 use burn_megatron::parallel::{Group, ParallelBackend, ParallelContext};
+use burn_megatron::pipeline::{LayerSplit, ModelChunk};
 use burn_megatron::tensor_parallel::mappings::{
     copy_to_tensor_parallel_region, gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
@@ -17,30 +17,63 @@ use burn_megatron::tensor_parallel::{
     ColumnParallelLinear, ColumnParallelLinearConfig, ParamInit, VocabParallelEmbedding,
     VocabParallelEmbeddingConfig, VocabPartition, dropout, vocab_parallel_cross_entropy,
 };
+use burn_megatron::{Error, Result};
 
 use super::config::{GptConfig, PositionEmbedding};
 use super::layers::{DropoutPass, Norm, TransformerLayer};
 use super::weights::Weights;
 
-/// A GPT whose layers are split across the tensor-parallel group of a rank.
+/// A GPT, or the model chunk of one pipeline stage, whose layers are split across the
+/// tensor-parallel group of a rank.
+///
+/// The first chunk of a pipeline holds the embeddings, the last the final norm and the
+/// output layer; with tied embeddings the last chunk holds a copy of the embedding table
+/// as its output weight, kept equal to the first's by summing their gradients.
 #[derive(Module, Debug)]
 pub struct GptModel<B: Backend> {
-    /// Token embeddings (this rank's slice of the padded vocabulary).
-    pub embedding: VocabParallelEmbedding<B>,
-    /// Learned position embeddings, `[max_seq_len, hidden]`, on every rank.
+    /// Token embeddings (this rank's slice of the padded vocabulary): on the first chunk,
+    /// and on the last as the output weight when tied.
+    pub embedding: Option<VocabParallelEmbedding<B>>,
+    /// Learned position embeddings, `[max_seq_len, hidden]` (first chunk).
     pub positions: Option<Param<Tensor<B, 2>>>,
-    /// Norm after the embeddings (BLOOM).
+    /// Norm after the embeddings (BLOOM; first chunk).
     pub embedding_norm: Option<Norm<B>>,
-    /// Transformer layers.
+    /// This chunk's transformer layers.
     pub layers: Vec<TransformerLayer<B>>,
-    /// Final norm.
-    pub final_norm: Norm<B>,
-    /// Output layer when it is not tied to the embeddings.
+    /// Final norm (last chunk).
+    pub final_norm: Option<Norm<B>>,
+    /// Output layer when it is not tied to the embeddings (last chunk).
     pub output: Option<ColumnParallelLinear<B>>,
     group: Group,
     sequence_parallel: bool,
     max_seq_len: usize,
+    hidden: usize,
+    vocab: VocabPartition,
+    place: ChunkPlace,
     dropout: DropoutState,
+}
+
+/// Where a model chunk sits in the pipeline.
+#[derive(Debug, Clone, Copy)]
+struct ChunkPlace {
+    /// Holds the embeddings.
+    first: bool,
+    /// Holds the final norm and output layer.
+    last: bool,
+    /// Global index of the chunk's first layer.
+    first_layer: usize,
+    /// Holds one of two copies of the tied embedding table (pipeline parallelism).
+    shares_embedding: bool,
+}
+
+/// What enters a model chunk.
+#[derive(Debug, Clone)]
+pub enum StageInput<B: Backend> {
+    /// Token ids, `[batch, seq]` (the first chunk).
+    Tokens(Tensor<B, 2, Int>),
+    /// The previous chunk's activations, `[batch, seq, hidden]` (`seq / tp` under
+    /// sequence parallelism).
+    Hidden(Tensor<B, 3>),
 }
 
 /// Dropout rates and the count of forward passes that seeds each pass's masks. Ranks of
@@ -70,43 +103,124 @@ impl DropoutState {
 }
 
 impl<B: Backend> GptModel<B> {
-    /// A freshly initialized model: the same full weights for the same seed, whatever the
-    /// parallel layout.
+    /// A freshly initialized whole model (no pipeline parallelism): the same full weights
+    /// for the same seed, whatever the tensor- and data-parallel layout.
     ///
     /// # Errors
     ///
-    /// When the layout cannot split the model.
+    /// When the layout cannot split the model, or has pipeline stages (use
+    /// [`init_chunks`](Self::init_chunks)).
     pub fn init(config: &GptConfig, ctx: &ParallelContext, device: &B::Device) -> Result<Self> {
-        let weights = Weights::Init {
-            seed: config.seed,
-            std: config.init_std,
-        };
-        Self::build(config, ctx, &weights, device)
+        Self::build(config, ctx, &Self::fresh(config), device)
     }
 
-    /// A model from full tensors by canonical name (see [`Weights`]).
+    /// A whole model from full tensors by canonical name (see [`Weights`]).
     ///
     /// # Errors
     ///
-    /// When the layout cannot split the model, or a tensor is missing or mis-shaped.
+    /// When the layout cannot split the model or has pipeline stages, or a tensor is
+    /// missing or mis-shaped.
     pub fn build(
         config: &GptConfig,
         ctx: &ParallelContext,
         weights: &Weights,
         device: &B::Device,
     ) -> Result<Self> {
+        let layout = ctx.layout();
+        if layout.pipeline() > 1 {
+            return Err(Error::InvalidLayout(format!(
+                "{layout} has pipeline stages, which hold model chunks rather than the whole \
+                 model; build them with GptModel::build_chunks"
+            )));
+        }
+        let mut chunks = Self::build_chunks(config, ctx, weights, device)?;
+        Ok(chunks.remove(0))
+    }
+
+    /// This rank's model chunks, freshly initialized: one per virtual pipeline stage it
+    /// runs (one without interleaving). The chunks of all stages together are the model
+    /// [`init`](Self::init) makes on one rank.
+    ///
+    /// # Errors
+    ///
+    /// When the layout cannot split the model.
+    pub fn init_chunks(
+        config: &GptConfig,
+        ctx: &ParallelContext,
+        device: &B::Device,
+    ) -> Result<Vec<Self>> {
+        Self::build_chunks(config, ctx, &Self::fresh(config), device)
+    }
+
+    /// This rank's model chunks from full tensors by canonical name.
+    ///
+    /// # Errors
+    ///
+    /// When the layout cannot split the model, or a tensor is missing or mis-shaped.
+    pub fn build_chunks(
+        config: &GptConfig,
+        ctx: &ParallelContext,
+        weights: &Weights,
+        device: &B::Device,
+    ) -> Result<Vec<Self>> {
         config.check(ctx.layout())?;
+        let split = LayerSplit::new(
+            config.layers,
+            ctx.layout(),
+            config.pipeline_layers.as_deref(),
+        )?;
+        split
+            .chunks_of(ctx.coords().pp)
+            .iter()
+            .map(|chunk| Self::build_chunk(config, ctx, chunk, weights, device))
+            .collect()
+    }
+
+    fn fresh(config: &GptConfig) -> Weights<'static> {
+        Weights::Init {
+            seed: config.seed,
+            std: config.init_std,
+        }
+    }
+
+    fn build_chunk(
+        config: &GptConfig,
+        ctx: &ParallelContext,
+        chunk: &ModelChunk,
+        weights: &Weights,
+        device: &B::Device,
+    ) -> Result<Self> {
         let group = ctx.tensor();
-        let embedding_config = VocabParallelEmbeddingConfig::new(config.vocab_size, config.hidden)
-            .with_make_vocab_size_divisible_by(config.make_vocab_size_divisible_by)
-            .with_init(ParamInit::Normal { std: weights.std() })
-            .with_seed(weights.param_seed("embedding"));
-        let embedding = match weights.full("embedding", &[config.vocab_size, config.hidden])? {
-            Some(table) => embedding_config.init_from_full(group, table, device)?,
-            None => embedding_config.init(group, device)?,
+        let place = ChunkPlace {
+            first: chunk.first,
+            last: chunk.last,
+            first_layer: chunk.layers.start,
+            shares_embedding: config.tied_embeddings
+                && ctx.layout().pipeline() > 1
+                && (chunk.first || chunk.last),
         };
-        let positions = match config.position {
-            PositionEmbedding::Learned => Some(Param::from_tensor(weights.whole(
+        let vocab = VocabPartition::new(
+            config.vocab_size,
+            config.make_vocab_size_divisible_by,
+            group,
+        )?;
+        let embedding = if chunk.first || (chunk.last && config.tied_embeddings) {
+            let embedding_config =
+                VocabParallelEmbeddingConfig::new(config.vocab_size, config.hidden)
+                    .with_make_vocab_size_divisible_by(config.make_vocab_size_divisible_by)
+                    .with_init(ParamInit::Normal { std: weights.std() })
+                    .with_seed(weights.param_seed("embedding"));
+            Some(
+                match weights.full("embedding", &[config.vocab_size, config.hidden])? {
+                    Some(table) => embedding_config.init_from_full(group, table, device)?,
+                    None => embedding_config.init(group, device)?,
+                },
+            )
+        } else {
+            None
+        };
+        let positions = match (chunk.first, config.position) {
+            (true, PositionEmbedding::Learned) => Some(Param::from_tensor(weights.whole(
                 "positions",
                 [config.max_seq_len, config.hidden],
                 ParamInit::Normal { std: weights.std() },
@@ -114,60 +228,22 @@ impl<B: Backend> GptModel<B> {
             )?)),
             _ => None,
         };
-        let embedding_norm = config
-            .embedding_norm
+        let embedding_norm = (chunk.first && config.embedding_norm)
             .then(|| Norm::new(config, weights, "embedding_norm", device))
             .transpose()?;
-        let layers = (0..config.layers)
+        let layers = chunk
+            .layers
+            .clone()
             .map(|index| TransformerLayer::new(config, weights, index, group, device))
             .collect::<Result<Vec<_>>>()?;
-        let final_norm = Norm::new(config, weights, "final_norm", device)?;
-        let padded = embedding.partition().padded_size;
-        let output = if config.tied_embeddings {
-            None
+        let final_norm = chunk
+            .last
+            .then(|| Norm::new(config, weights, "final_norm", device))
+            .transpose()?;
+        let output = if chunk.last && !config.tied_embeddings {
+            Some(Self::output_layer(config, weights, &vocab, group, device)?)
         } else {
-            let layer = ColumnParallelLinearConfig::new(config.hidden, padded);
-            let layer = match weights.full("output.weight", &[config.hidden, config.vocab_size])? {
-                // Pad the checkpoint's columns with zeros to the padded vocabulary.
-                Some(weight) => {
-                    let weight = Tensor::<B, 2>::from_data(weight, device);
-                    let padding =
-                        Tensor::zeros([config.hidden, padded - config.vocab_size], device);
-                    let full = Tensor::cat(vec![weight, padding], 1).into_data();
-                    let layer = layer
-                        .with_bias(false)
-                        .with_sequence_parallel(config.sequence_parallel);
-                    layer.init_from_full(group, full, None, device)?
-                }
-                // Fresh: the columns of real tokens drawn from the unpadded shape, so the
-                // weights do not depend on the padding (which grows with tp); padding zero.
-                None => {
-                    let partition = embedding.partition();
-                    let real = partition.real_len();
-                    let mut columns = Vec::new();
-                    if real > 0 {
-                        columns.push(weights.shard::<B, 2>(
-                            "output.weight",
-                            [config.hidden, config.vocab_size],
-                            (1, partition.start, real),
-                            ParamInit::Normal { std: weights.std() },
-                            device,
-                        )?);
-                    }
-                    if real < partition.len() {
-                        columns.push(Tensor::zeros(
-                            [config.hidden, partition.len() - real],
-                            device,
-                        ));
-                    }
-                    let shard = Tensor::cat(columns, 1).into_data();
-                    layer
-                        .with_bias(false)
-                        .with_sequence_parallel(config.sequence_parallel)
-                        .init_from_shard(group, shard, None, device)?
-                }
-            };
-            Some(layer)
+            None
         };
         Ok(Self {
             embedding,
@@ -179,6 +255,9 @@ impl<B: Backend> GptModel<B> {
             group: group.clone(),
             sequence_parallel: config.sequence_parallel,
             max_seq_len: config.max_seq_len,
+            hidden: config.hidden,
+            vocab,
+            place,
             dropout: DropoutState {
                 hidden: config.hidden_dropout,
                 attention: config.attention_dropout,
@@ -187,6 +266,51 @@ impl<B: Backend> GptModel<B> {
                 training: Arc::new(AtomicBool::new(false)),
             },
         })
+    }
+
+    /// The untied output layer: the checkpoint's weight padded with zero columns to the
+    /// padded vocabulary, or fresh columns drawn from the unpadded shape (so the weights
+    /// do not depend on the padding, which grows with tp) and zero padding.
+    fn output_layer(
+        config: &GptConfig,
+        weights: &Weights,
+        partition: &VocabPartition,
+        group: &Group,
+        device: &B::Device,
+    ) -> Result<ColumnParallelLinear<B>> {
+        let padded = partition.padded_size;
+        let layer = ColumnParallelLinearConfig::new(config.hidden, padded)
+            .with_bias(false)
+            .with_sequence_parallel(config.sequence_parallel);
+        match weights.full("output.weight", &[config.hidden, config.vocab_size])? {
+            Some(weight) => {
+                let weight = Tensor::<B, 2>::from_data(weight, device);
+                let padding = Tensor::zeros([config.hidden, padded - config.vocab_size], device);
+                let full = Tensor::cat(vec![weight, padding], 1).into_data();
+                layer.init_from_full(group, full, None, device)
+            }
+            None => {
+                let real = partition.real_len();
+                let mut columns = Vec::new();
+                if real > 0 {
+                    columns.push(weights.shard::<B, 2>(
+                        "output.weight",
+                        [config.hidden, config.vocab_size],
+                        (1, partition.start, real),
+                        ParamInit::Normal { std: weights.std() },
+                        device,
+                    )?);
+                }
+                if real < partition.len() {
+                    columns.push(Tensor::zeros(
+                        [config.hidden, partition.len() - real],
+                        device,
+                    ));
+                }
+                let shard = Tensor::cat(columns, 1).into_data();
+                layer.init_from_shard(group, shard, None, device)
+            }
+        }
     }
 
     /// Turns dropout on (training) or off (evaluation, inference; the default).
@@ -201,7 +325,42 @@ impl<B: Backend> GptModel<B> {
 
     /// This rank's slice of the padded vocabulary.
     pub fn vocab_partition(&self) -> VocabPartition {
-        self.embedding.partition()
+        self.vocab
+    }
+
+    /// Global index of the chunk's first transformer layer.
+    pub fn first_layer(&self) -> usize {
+        self.place.first_layer
+    }
+
+    /// Whether this chunk starts the model (takes token ids).
+    pub fn is_first_chunk(&self) -> bool {
+        self.place.first
+    }
+
+    /// Whether this chunk ends the model (gives logits).
+    pub fn is_last_chunk(&self) -> bool {
+        self.place.last
+    }
+
+    /// The shape of the activations between chunks for `batch` samples of `seq` tokens.
+    pub fn activation_shape(&self, batch: usize, seq: usize) -> [usize; 3] {
+        let seq = if self.sequence_parallel {
+            seq / self.group.size()
+        } else {
+            seq
+        };
+        [batch, seq, self.hidden]
+    }
+
+    /// The embedding table when this chunk holds one of the two copies that tied
+    /// embeddings need under pipeline parallelism: its gradient is summed with the other
+    /// copy's over the embedding group.
+    pub fn shared_embedding_params(&self) -> HashSet<ParamId> {
+        match (&self.embedding, self.place.shares_embedding) {
+            (Some(embedding), true) => HashSet::from([embedding.weight.id]),
+            _ => HashSet::new(),
+        }
     }
 
     /// Parameters whose gradients each rank computes only for its sequence chunk (norms
@@ -214,7 +373,7 @@ impl<B: Backend> GptModel<B> {
             .layers
             .iter()
             .flat_map(|layer| [&layer.norm1, &layer.norm2])
-            .chain(std::iter::once(&self.final_norm));
+            .chain(&self.final_norm);
         let mut ids = HashSet::new();
         for norm in norms {
             ids.insert(norm.weight.id);
@@ -240,7 +399,9 @@ impl<B: Backend> GptModel<B> {
         if self.group.size() == 1 {
             return ids;
         }
-        ids.insert(self.embedding.weight.id);
+        if let Some(embedding) = &self.embedding {
+            ids.insert(embedding.weight.id);
+        }
         if let Some(output) = &self.output {
             ids.insert(output.weight.id);
         }
@@ -273,20 +434,80 @@ impl<B: Backend> GptModel<B> {
 
 impl<B: ParallelBackend> GptModel<B> {
     /// Logits of this rank's vocabulary slice, `[batch, seq, partition.len()]`, for token
-    /// ids `[batch, seq]`. `padding` (`[batch, seq]`, true for padding) masks keys.
+    /// ids `[batch, seq]`, through the whole model. `padding` (`[batch, seq]`, true for
+    /// padding) masks keys.
     ///
     /// # Panics
     ///
-    /// When a collective fails, or the sequence is longer than a learned position table
-    /// or (with sequence parallelism) not a multiple of the tensor-parallel size.
+    /// On a model chunk that is not the whole model, when a collective fails, or when
+    /// the sequence is longer than a learned position table or (with sequence
+    /// parallelism) not a multiple of the tensor-parallel size.
     pub fn forward(
         &self,
         ids: Tensor<B, 2, Int>,
         padding: Option<&Tensor<B, 2, Bool>>,
     ) -> Tensor<B, 3> {
-        let [batch, seq] = ids.dims();
+        assert!(
+            self.place.first && self.place.last,
+            "GptModel::forward runs a whole model; run pipeline chunks with forward_chunk"
+        );
+        self.forward_chunk(StageInput::Tokens(ids), padding)
+    }
+
+    /// Runs this model chunk: the activations for the next chunk, or, on the last chunk,
+    /// the logits of this rank's vocabulary slice.
+    ///
+    /// # Panics
+    ///
+    /// When the input does not fit the chunk (token ids for a chunk other than the
+    /// first, activations for the first), and as [`forward`](Self::forward).
+    pub fn forward_chunk(
+        &self,
+        input: StageInput<B>,
+        padding: Option<&Tensor<B, 2, Bool>>,
+    ) -> Tensor<B, 3> {
         let dropout_pass = self.dropout.next_pass();
-        let mut hidden = self.embedding.forward(ids);
+        let mut hidden = match input {
+            StageInput::Tokens(ids) => self.embed(ids, &dropout_pass),
+            StageInput::Hidden(hidden) => {
+                assert!(
+                    !self.place.first,
+                    "the first model chunk takes token ids, not activations"
+                );
+                hidden
+            }
+        };
+        for (offset, layer) in self.layers.iter().enumerate() {
+            let index = self.place.first_layer + offset;
+            hidden = layer.forward(hidden, padding, &dropout_pass, index);
+        }
+        let Some(final_norm) = &self.final_norm else {
+            return hidden;
+        };
+        let hidden = final_norm.forward(hidden);
+        match (&self.output, &self.embedding) {
+            (Some(output), _) => output.forward(hidden),
+            (None, Some(embedding)) => {
+                let hidden = if self.sequence_parallel {
+                    gather_from_sequence_parallel_region(hidden, &self.group, 1, true)
+                } else {
+                    copy_to_tensor_parallel_region(hidden, &self.group)
+                };
+                linear(hidden, embedding.weight.val().transpose(), None)
+            }
+            (None, None) => unreachable!("the last chunk has an output layer or embeddings"),
+        }
+    }
+
+    /// Token and position embeddings, embedding norm and dropout; scattered along the
+    /// sequence under sequence parallelism.
+    fn embed(&self, ids: Tensor<B, 2, Int>, dropout_pass: &DropoutPass) -> Tensor<B, 3> {
+        let embedding = match (&self.embedding, self.place.first) {
+            (Some(embedding), true) => embedding,
+            _ => panic!("only the first model chunk takes token ids"),
+        };
+        let [batch, seq] = ids.dims();
+        let mut hidden = embedding.forward(ids);
         if let Some(positions) = &self.positions {
             assert!(
                 seq <= self.max_seq_len,
@@ -311,21 +532,7 @@ impl<B: ParallelBackend> GptModel<B> {
         if self.sequence_parallel {
             hidden = scatter_to_sequence_parallel_region(hidden, &self.group, 1);
         }
-        for (index, layer) in self.layers.iter().enumerate() {
-            hidden = layer.forward(hidden, padding, &dropout_pass, index);
-        }
-        let hidden = self.final_norm.forward(hidden);
-        match &self.output {
-            Some(output) => output.forward(hidden),
-            None => {
-                let hidden = if self.sequence_parallel {
-                    gather_from_sequence_parallel_region(hidden, &self.group, 1, true)
-                } else {
-                    copy_to_tensor_parallel_region(hidden, &self.group)
-                };
-                linear(hidden, self.embedding.weight.val().transpose(), None)
-            }
-        }
+        hidden
     }
 
     /// Mean next-token cross-entropy over the tokens where `loss_mask` is 1: `ids` and
@@ -340,9 +547,22 @@ impl<B: ParallelBackend> GptModel<B> {
         labels: Tensor<B, 2, Int>,
         loss_mask: Tensor<B, 2>,
     ) -> Tensor<B, 1> {
-        let logits = self.forward(ids, None);
-        let losses =
-            vocab_parallel_cross_entropy(logits, labels, &self.vocab_partition(), &self.group, 0.0);
+        self.loss_from_logits(self.forward(ids, None), labels, loss_mask)
+    }
+
+    /// Mean cross-entropy of the last chunk's `logits` (this rank's vocabulary slice)
+    /// against `labels` over the tokens where `loss_mask` is 1.
+    ///
+    /// # Panics
+    ///
+    /// When a collective fails.
+    pub fn loss_from_logits(
+        &self,
+        logits: Tensor<B, 3>,
+        labels: Tensor<B, 2, Int>,
+        loss_mask: Tensor<B, 2>,
+    ) -> Tensor<B, 1> {
+        let losses = vocab_parallel_cross_entropy(logits, labels, &self.vocab, &self.group, 0.0);
         (losses * loss_mask.clone()).sum() / loss_mask.sum().clamp_min(1.0)
     }
 }

@@ -7,9 +7,9 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_megatron::data::GptSample;
 use burn_megatron::parallel::ParallelBackend;
-use burn_megatron::train::{ParallelParams, TrainStep};
+use burn_megatron::train::{ParallelModel, StageOutput, TrainStep};
 
-use super::model::GptModel;
+use super::model::{GptModel, StageInput};
 
 /// Next-token cross-entropy, averaged over the micro-batch's tokens.
 #[derive(Debug, Clone, Copy, Default)]
@@ -44,20 +44,42 @@ impl<B> TrainStep<B, GptModel<B>> for GptStep
 where
     B: AutodiffBackend + ParallelBackend,
 {
-    fn loss(&self, model: &GptModel<B>, samples: &[GptSample], device: &B::Device) -> Tensor<B, 1> {
+    fn forward(
+        &self,
+        model: &GptModel<B>,
+        input: Option<Tensor<B, 3>>,
+        samples: &[GptSample],
+        device: &B::Device,
+    ) -> StageOutput<B> {
         let (tokens, labels) = batch_tensors::<B>(samples, device);
+        let input = match input {
+            Some(hidden) => StageInput::Hidden(hidden),
+            None => StageInput::Tokens(tokens),
+        };
+        let output = model.forward_chunk(input, None);
+        if !model.is_last_chunk() {
+            return StageOutput::Activations(output);
+        }
         let mask = Tensor::ones(labels.dims(), device);
-        model.loss(tokens, labels, mask)
+        StageOutput::Loss(model.loss_from_logits(output, labels, mask))
     }
 }
 
-impl<B: Backend> ParallelParams for GptModel<B> {
+impl<B: Backend> ParallelModel for GptModel<B> {
     fn sequence_parallel_params(&self) -> HashSet<ParamId> {
         GptModel::sequence_parallel_params(self)
     }
 
     fn tensor_parallel_params(&self) -> HashSet<ParamId> {
         GptModel::tensor_parallel_params(self)
+    }
+
+    fn shared_embedding_params(&self) -> HashSet<ParamId> {
+        GptModel::shared_embedding_params(self)
+    }
+
+    fn activation_shape(&self, batch: usize, seq: usize) -> [usize; 3] {
+        GptModel::activation_shape(self, batch, seq)
     }
 
     fn set_training(&self, training: bool) {
