@@ -533,62 +533,70 @@ fn launched_processes_train_like_thread_ranks() {
     ]);
     assert!(ok, "{stderr}");
     let data = format!("{prefix}_text_document");
-    let threads = out.path().join("threads.jsonl");
-    let processes = out.path().join("processes.jsonl");
-    let train = |metrics: &std::path::Path| -> Vec<String> {
-        let mut args: Vec<String> = [
-            "train",
-            "--tp",
-            "2",
-            "--dp",
-            "2",
-            "--steps",
-            "3",
-            "--log-interval",
-            "1",
-            "--data-path",
-            &data,
-            "--metrics",
-            metrics.to_str().unwrap(),
+    // Tensor x data parallelism, then pipeline x data parallelism (activations and
+    // gradients between stages over TCP; the first stage holds only the embeddings).
+    let layouts: [(&str, &[&str]); 2] = [
+        ("tp2-dp2", &["--tp", "2", "--pp", "1", "--dp", "2"]),
+        (
+            "pp2-dp2",
+            &[
+                "--tp",
+                "1",
+                "--pp",
+                "2",
+                "--dp",
+                "2",
+                "--pipeline-layers",
+                "0,1",
+            ],
+        ),
+    ];
+    for (name, layout) in layouts {
+        let threads = out.path().join(format!("{name}-threads.jsonl"));
+        let processes = out.path().join(format!("{name}-processes.jsonl"));
+        let train = |metrics: &std::path::Path| -> Vec<String> {
+            let mut args: Vec<String> = ["train", "--steps", "3", "--log-interval", "1"]
+                .iter()
+                .chain(layout)
+                .chain(&["--data-path", &data, "--metrics", metrics.to_str().unwrap()])
+                .map(|s| s.to_string())
+                .collect();
+            args.extend(TINY.iter().map(|s| s.to_string()));
+            args
+        };
+        let thread_args = train(&threads);
+        let (ok, _, stderr) =
+            burn_megatron(&thread_args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(ok, "{stderr}");
+
+        let port = free_port();
+        let mut launch_args: Vec<String> = [
+            "launch",
+            "--nproc-per-node",
+            "4",
+            "--master-port",
+            &port,
+            "--",
+            env!("CARGO_BIN_EXE_burn-megatron"),
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
-        args.extend(TINY.iter().map(|s| s.to_string()));
-        args
-    };
-    let thread_args = train(&threads);
-    let (ok, _, stderr) =
-        burn_megatron(&thread_args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(ok, "{stderr}");
-
-    let port = free_port();
-    let mut launch_args: Vec<String> = [
-        "launch",
-        "--nproc-per-node",
-        "4",
-        "--master-port",
-        &port,
-        "--",
-        env!("CARGO_BIN_EXE_burn-megatron"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    launch_args.extend(train(&processes));
-    let (ok, stdout, stderr) =
-        burn_megatron(&launch_args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(ok, "{stdout}\n{stderr}");
-    assert!(
-        stdout.contains("[rank 3] done: 3 steps"),
-        "the last rank logs: {stdout}"
-    );
-    let (a, b) = (metric_values(&threads), metric_values(&processes));
-    assert_eq!(a.len(), 3);
-    assert_eq!(
-        a, b,
-        "TcpGroup processes and thread ranks log the same losses and norms"
-    );
+        launch_args.extend(train(&processes));
+        let (ok, stdout, stderr) =
+            burn_megatron(&launch_args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(ok, "{name}: {stdout}\n{stderr}");
+        assert!(
+            stdout.contains("[rank 3] done: 3 steps"),
+            "{name}: the last rank logs: {stdout}"
+        );
+        let (a, b) = (metric_values(&threads), metric_values(&processes));
+        assert_eq!(a.len(), 3);
+        assert_eq!(
+            a, b,
+            "{name}: TcpGroup processes and thread ranks log the same losses and norms"
+        );
+    }
 }
 
 #[test]
