@@ -37,6 +37,47 @@ fn layout_prints_megatron_groups() {
 }
 
 #[test]
+fn layout_prints_stage_layers_and_the_schedule() {
+    let (ok, stdout, stderr) = burn_megatron(&[
+        "layout",
+        "--world-size",
+        "2",
+        "--pp",
+        "2",
+        "--virtual-stages",
+        "2",
+        "--heads",
+        "4",
+        "--hidden",
+        "64",
+        "--layers",
+        "8",
+        "--micro-batches",
+        "4",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("stage 0: layers 0-1 + embeddings; layers 4-5\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("stage 1: layers 2-3; layers 6-7 + final norm, output layer and loss"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "interleaved 1F1B (2 stages, 4 micro-batches, 2 chunks per stage): bubble 0.1250"
+        ),
+        "{stdout}"
+    );
+    // Stage 1 warms up with the first two micro-batches through chunk 0, then alternates.
+    assert!(
+        stdout.contains("stage 1: F0.c0 F1.c0 F0.c1 B0.c1 F1.c1 B1.c1"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn layout_errors_say_what_to_change() {
     let (ok, _, stderr) = burn_megatron(&["layout", "--world-size", "6", "--tp", "4"]);
     assert!(!ok);

@@ -1,6 +1,8 @@
-//! `layout`: the rank map of a job.
+//! `layout`: the rank map of a job, the layers of each pipeline stage, and the order in
+//! which the stages run a step's micro-batches.
 
 use burn_megatron::parallel::{Layout, ModelDims};
+use burn_megatron::pipeline::{Action, LayerSplit, Schedule};
 use clap::Args;
 
 /// Flags of `layout`.
@@ -37,6 +39,14 @@ pub struct LayoutArgs {
     /// Vocabulary size of the model to check.
     #[arg(long, default_value_t = 50257)]
     vocab: usize,
+    /// Layers of each virtual pipeline stage, comma-separated (with --layers) [default:
+    /// an even split].
+    #[arg(long, value_delimiter = ',', requires = "layers")]
+    pipeline_layers: Option<Vec<usize>>,
+    /// Print the pipeline schedule of a step of this many micro-batches per stage: F3 is
+    /// the forward of micro-batch 3, B3 its backward, and `.c1` names the model chunk.
+    #[arg(long)]
+    micro_batches: Option<usize>,
 }
 
 /// Prints the rank map of a layout.
@@ -76,6 +86,55 @@ pub fn run(args: &LayoutArgs) -> burn_megatron::Result<()> {
             groups[2],
             layout.embedding_group(rank),
         );
+    }
+    if let Some(layers) = args.layers {
+        let split = LayerSplit::new(layers, &layout, args.pipeline_layers.as_deref())?;
+        for stage in 0..layout.pipeline() {
+            let chunks: Vec<String> = split
+                .chunks_of(stage)
+                .into_iter()
+                .map(|chunk| {
+                    let mut text = match chunk.layers.len() {
+                        0 => "no layers".to_string(),
+                        1 => format!("layer {}", chunk.layers.start),
+                        _ => format!("layers {}-{}", chunk.layers.start, chunk.layers.end - 1),
+                    };
+                    if chunk.first {
+                        text.push_str(" + embeddings");
+                    }
+                    if chunk.last {
+                        text.push_str(" + final norm, output layer and loss");
+                    }
+                    text
+                })
+                .collect();
+            println!("stage {stage}: {}", chunks.join("; "));
+        }
+    }
+    if let Some(micro_batches) = args.micro_batches {
+        let schedule = Schedule::for_layout(&layout, micro_batches)?;
+        println!(
+            "{schedule}: bubble {:.4} of compute time",
+            schedule.bubble_fraction()
+        );
+        for stage in 0..layout.pipeline() {
+            let actions: Vec<String> = schedule
+                .actions(stage)
+                .into_iter()
+                .map(|action| {
+                    let (pass, chunk, micro) = match action {
+                        Action::Forward { chunk, micro } => ("F", chunk, micro),
+                        Action::Backward { chunk, micro } => ("B", chunk, micro),
+                    };
+                    if schedule.chunks() > 1 {
+                        format!("{pass}{micro}.c{chunk}")
+                    } else {
+                        format!("{pass}{micro}")
+                    }
+                })
+                .collect();
+            println!("stage {stage}: {}", actions.join(" "));
+        }
     }
     Ok(())
 }
