@@ -17,7 +17,7 @@ use burn_megatron::launch::LaunchEnv;
 use burn_megatron::parallel::{
     DEFAULT_TIMEOUT, Layout, LocalCluster, ParallelBackend, ParallelContext,
 };
-use burn_megatron::train::{Decay, LrSchedule, StepRecord, TrainConfig, train};
+use burn_megatron::train::{Decay, LossScaling, LrSchedule, StepRecord, TrainConfig, train};
 use burn_megatron::{Error, Result};
 use burn_megatron_models::gpt::{
     Activation, GptConfig, GptModel, GptStep, NormKind, PositionEmbedding,
@@ -159,6 +159,20 @@ pub struct TrainArgs {
     /// Clip the global gradient norm to this; 0 disables [default: 1.0].
     #[arg(long)]
     clip_grad: Option<f64>,
+    /// Shard the fp32 master weights and Adam moments over the data-parallel ranks
+    /// (Megatron's distributed optimizer).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    use_distributed_optimizer: Option<bool>,
+    /// Elements per gradient bucket of the data-parallel reduction [default: 40000000].
+    #[arg(long)]
+    bucket_size: Option<usize>,
+    /// Turn on dynamic loss scaling, starting at this scale (steps whose gradients
+    /// overflow are skipped and halve the scale).
+    #[arg(long)]
+    initial_loss_scale: Option<f64>,
+    /// Steps without overflow before the loss scale doubles [default: 1000].
+    #[arg(long)]
+    loss_scale_window: Option<usize>,
 
     /// Dataset prefix, or `WEIGHT PREFIX` pairs for a blend [default: the embedded
     /// tinyshakespeare].
@@ -251,6 +265,10 @@ impl TrainArgs {
             adam_beta2,
             adam_eps,
             clip_grad,
+            use_distributed_optimizer,
+            bucket_size,
+            initial_loss_scale,
+            loss_scale_window,
             data_path,
             split,
             data_cache_path,
@@ -334,6 +352,12 @@ impl TrainArgs {
             adam_beta2: self.adam_beta2.unwrap_or(0.95),
             adam_eps: self.adam_eps.unwrap_or(1e-8),
             clip_grad: self.clip_grad.unwrap_or(1.0),
+            distributed_optimizer: self.use_distributed_optimizer.unwrap_or(false),
+            bucket_size: self.bucket_size.unwrap_or(40_000_000),
+            loss_scaling: self.initial_loss_scale.map(|initial| LossScaling {
+                initial,
+                growth_interval: self.loss_scale_window.unwrap_or(1000),
+            }),
             log_interval: self.log_interval.unwrap_or(10),
             eval_interval: self.eval_interval.unwrap_or(100),
             eval_iters: self.eval_iters.unwrap_or(4),

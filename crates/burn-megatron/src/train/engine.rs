@@ -8,15 +8,17 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::module::{AutodiffModule, ParamId};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor, backend::Backend};
 
+use super::optimizer::{
+    AdamWSettings, FlatAdamW, FlatLayout, LossScaler, MainGrads, ParamRole, ReduceGroups,
+};
 use super::pipeline::StageRunner;
 use super::schedule::LrSchedule;
 use crate::data::{GptSample, MicroBatchSampler, SampleSource};
-use crate::parallel::{Layout, ParallelBackend, ParallelContext, ReduceOp};
+use crate::parallel::{Layout, ParallelBackend, ParallelContext, RankCoords, ReduceOp};
 use crate::pipeline::Schedule;
 use crate::{Error, Result};
 
@@ -93,6 +95,13 @@ pub struct TrainConfig {
     pub adam_eps: f64,
     /// Clip the global gradient norm to this (0 disables clipping).
     pub clip_grad: f64,
+    /// Shard the fp32 master weights and Adam moments over the data-parallel ranks
+    /// (reduce-scatter the gradients, update the shard, all-gather the parameters).
+    pub distributed_optimizer: bool,
+    /// Elements per gradient bucket of the data-parallel reduction.
+    pub bucket_size: usize,
+    /// Dynamic loss scaling (for fp16): `None` trains without.
+    pub loss_scaling: Option<LossScaling>,
     /// Log every this many steps.
     pub log_interval: usize,
     /// Evaluate every this many steps (0: only at the end, if there is validation data).
@@ -157,6 +166,15 @@ impl TrainConfig {
     }
 }
 
+/// Dynamic loss-scaling settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScaling {
+    /// The first scale.
+    pub initial: f64,
+    /// Steps without overflow before the scale doubles.
+    pub growth_interval: usize,
+}
+
 /// One logged step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepRecord {
@@ -175,15 +193,25 @@ pub struct StepRecord {
     /// The most micro-batches whose activations this rank held at once during the step
     /// (pipeline schedules bound it; it differs between stages).
     pub peak_in_flight: usize,
+    /// The loss scale the step ran with, under dynamic loss scaling.
+    pub loss_scale: Option<f64>,
+    /// Whether the step was skipped because its gradients overflowed.
+    pub skipped: bool,
 }
 
 impl StepRecord {
     /// The record as one JSON line.
     pub fn to_json(&self) -> String {
-        let eval = self
+        let mut eval = self
             .eval_loss
             .map(|loss| format!(", \"eval_loss\": {loss}, \"eval_ppl\": {}", loss.exp()))
             .unwrap_or_default();
+        if let Some(scale) = self.loss_scale {
+            eval.push_str(&format!(
+                ", \"loss_scale\": {scale}, \"skipped\": {}",
+                self.skipped
+            ));
+        }
         format!(
             "{{\"step\": {}, \"loss\": {}, \"lr\": {}, \"grad_norm\": {}, \"tokens_per_s\": {:.1}{eval}}}",
             self.step, self.loss, self.lr, self.grad_norm, self.tokens_per_s
@@ -245,18 +273,29 @@ where
         coords.dp,
         layout.data(),
     )?;
-    let mut optimizers: Vec<_> = chunks
-        .iter()
-        .map(|_| {
-            AdamWConfig::new()
-                .with_beta_1(config.adam_beta1 as f32)
-                .with_beta_2(config.adam_beta2 as f32)
-                .with_epsilon(config.adam_eps as f32)
-                .with_weight_decay(config.weight_decay as f32)
-                .init::<B, M>()
-        })
-        .collect();
-    let roles: Vec<ParamRoles> = chunks.iter().map(ParamRoles::of).collect();
+    let roles: Vec<_> = chunks.iter().map(ParamRoles::of).collect();
+    let layout_of_params = FlatLayout::new(
+        &chunks,
+        layout.data(),
+        config.bucket_size,
+        |chunk, id, _| roles[chunk].role(id, coords),
+    );
+    let mut optimizer = FlatAdamW::new(
+        layout_of_params,
+        &chunks,
+        AdamWSettings {
+            beta1: config.adam_beta1,
+            beta2: config.adam_beta2,
+            eps: config.adam_eps,
+            weight_decay: config.weight_decay,
+        },
+        config.distributed_optimizer,
+        ctx.data(),
+        device,
+    );
+    let mut scaler = config
+        .loss_scaling
+        .map(|scaling| LossScaler::new(scaling.initial, scaling.growth_interval));
     let runner = StageRunner {
         ctx,
         schedule,
@@ -281,6 +320,7 @@ where
             layout
         );
         print_line(&progress, line);
+        print_line(&progress, optimizer.memory().to_string());
         if layout.pipeline() > 1 {
             // Backward costs twice the forward, as in a transformer.
             let simulated = schedule.simulate(1.0, 2.0)?;
@@ -316,45 +356,42 @@ where
                 range.map(|i| train_data.get(i)).collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut gradients: Vec<GradientsParams> =
-            chunks.iter().map(|_| GradientsParams::new()).collect();
-        let outcome = runner.run(&actions, &chunks, &samples, Some(&mut gradients))?;
-        let mut norm_squared = 0.0;
-        for ((chunk, grads), roles) in chunks.iter().zip(&mut gradients).zip(&roles) {
-            let mut reduce = ReduceGradients::<B> {
-                grads,
-                ctx,
-                roles,
-                norm_squared: 0.0,
-                error: None,
-                _backend: std::marker::PhantomData,
-            };
-            chunk.visit(&mut reduce);
-            if let Some(error) = reduce.error {
-                return Err(error);
-            }
-            norm_squared += reduce.norm_squared;
-        }
-        let grad_norm = global_norm::<B>(ctx, norm_squared, device)?;
-        if config.clip_grad > 0.0 {
-            let coefficient = config.clip_grad / (grad_norm + 1e-6);
-            if coefficient < 1.0 {
-                for (chunk, grads) in chunks.iter().zip(&mut gradients) {
-                    chunk.visit(&mut Scale::<B> {
-                        grads,
-                        factor: coefficient,
-                        _backend: std::marker::PhantomData,
-                    });
-                }
-            }
-        }
+        let scale = scaler.as_ref().map_or(1.0, |scaler| scaler.scale);
+        let mut main_grads = MainGrads::new(chunks.len());
+        let outcome = runner.run(&actions, &chunks, &samples, Some((&mut main_grads, scale)))?;
+        let groups = ReduceGroups {
+            tensor: ctx.tensor(),
+            data: ctx.data(),
+            embedding: ctx.embedding(),
+        };
+        let reduced = optimizer.reduce(main_grads, &groups, scale, device)?;
+        let overflow = match &scaler {
+            Some(_) => any_rank::<B>(ctx, reduced.overflow, device)?,
+            None => false,
+        };
+        let sharded = config.distributed_optimizer;
+        let grad_norm = global_norm::<B>(ctx, reduced.norm_squared, sharded, device)?;
+        let loss_scale = scaler.as_ref().map(|scaler| scaler.scale);
+        let apply = scaler.as_mut().is_none_or(|scaler| scaler.update(overflow));
         let lr = config.schedule.lr(index);
-        chunks = chunks
-            .into_iter()
-            .zip(gradients)
-            .zip(&mut optimizers)
-            .map(|((chunk, grads), optimizer)| optimizer.step(lr, chunk, grads))
-            .collect();
+        if apply {
+            let factor = if config.clip_grad > 0.0 {
+                (config.clip_grad / (grad_norm + 1e-6)).min(1.0)
+            } else {
+                1.0
+            };
+            chunks = optimizer.step(reduced, factor, lr, chunks, ctx.data())?;
+        } else if logging {
+            print_line(
+                &progress,
+                format!(
+                    "step {index}: gradients overflowed at loss scale {}; step skipped, scale \
+                     now {}",
+                    loss_scale.unwrap_or(1.0),
+                    scaler.as_ref().map_or(1.0, |scaler| scaler.scale)
+                ),
+            );
+        }
         let loss = loss_of_step::<B>(ctx, outcome.loss_sum / micro_batches as f64, device)?;
         let seconds = started.elapsed().as_secs_f64();
 
@@ -376,6 +413,8 @@ where
             tokens_per_s: (config.global_batch_size * config.seq_length) as f64 / seconds,
             eval_loss,
             peak_in_flight: outcome.peak_in_flight,
+            loss_scale,
+            skipped: !apply,
         };
         if let Some(bar) = &progress {
             bar.set_position(index as u64);
@@ -422,6 +461,30 @@ impl ParamRoles {
             shared_embedding: chunk.shared_embedding_params(),
         }
     }
+
+    /// The role of parameter `id` on the rank at `coords`: split parameters count in the
+    /// norm on every tensor-parallel rank, replicated ones on the first; a shared
+    /// embedding only on the first pipeline stage.
+    fn role(&self, id: ParamId, coords: RankCoords) -> ParamRole {
+        let shared_embedding = self.shared_embedding.contains(&id);
+        let split = self.tensor_parallel.contains(&id);
+        ParamRole {
+            sequence_parallel: self.sequence_parallel.contains(&id),
+            shared_embedding,
+            counted_in_norm: !(shared_embedding && coords.pp != 0) && (split || coords.tp == 0),
+        }
+    }
+}
+
+/// Whether `flag` is set on any rank of the job.
+fn any_rank<B>(ctx: &ParallelContext, flag: bool, device: &B::Device) -> Result<bool>
+where
+    B: AutodiffBackend,
+    B::InnerBackend: ParallelBackend,
+{
+    let tensor = Tensor::<B::InnerBackend, 1>::from_floats([f32::from(u8::from(flag))], device);
+    let any = ctx.world().all_reduce(tensor, ReduceOp::Max)?;
+    Ok(any.into_scalar().elem::<f64>() > 0.0)
 }
 
 /// The mean loss over `eval_iters` micro-batches of validation data per data-parallel
@@ -480,112 +543,25 @@ where
 }
 
 /// The global gradient norm from this rank's sum of squares (split parameters on every
-/// tensor-parallel rank, replicated ones on the first), summed over the tensor-parallel
-/// group and the pipeline stages.
-fn global_norm<B>(ctx: &ParallelContext, norm_squared: f64, device: &B::Device) -> Result<f64>
+/// tensor-parallel rank, replicated ones on the first), summed over the data-parallel
+/// group when each rank holds a shard, the tensor-parallel group and the pipeline stages.
+fn global_norm<B>(
+    ctx: &ParallelContext,
+    norm_squared: f64,
+    sharded: bool,
+    device: &B::Device,
+) -> Result<f64>
 where
     B: AutodiffBackend,
     B::InnerBackend: ParallelBackend,
 {
-    let tensor = Tensor::<B::InnerBackend, 1>::from_floats([norm_squared as f32], device);
-    let total = ctx.tensor().all_reduce(tensor, ReduceOp::Sum)?;
+    let mut total = Tensor::<B::InnerBackend, 1>::from_floats([norm_squared as f32], device);
+    if sharded {
+        total = ctx.data().all_reduce(total, ReduceOp::Sum)?;
+    }
+    let total = ctx.tensor().all_reduce(total, ReduceOp::Sum)?;
     let total = ctx.pipeline().all_reduce(total, ReduceOp::Sum)?;
     Ok(total.into_scalar().elem::<f64>().sqrt())
-}
-
-/// Adds a micro-batch's gradients to the step's.
-pub(crate) struct Accumulate<'a, B: AutodiffBackend> {
-    pub total: &'a mut GradientsParams,
-    pub new: &'a mut GradientsParams,
-    pub _backend: std::marker::PhantomData<B>,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for Accumulate<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let Some(grad) = self.new.remove::<B::InnerBackend, D>(param.id) else {
-            return;
-        };
-        let sum = match self.total.remove::<B::InnerBackend, D>(param.id) {
-            Some(previous) => previous + grad,
-            None => grad,
-        };
-        self.total.register(param.id, sum);
-    }
-}
-
-/// Sums sequence-parallel gradients over the tensor-parallel group and shared embedding
-/// gradients over the embedding group, averages every gradient over the data-parallel
-/// group, and adds up the squares for the norm.
-struct ReduceGradients<'a, B: AutodiffBackend> {
-    grads: &'a mut GradientsParams,
-    ctx: &'a ParallelContext,
-    roles: &'a ParamRoles,
-    norm_squared: f64,
-    error: Option<Error>,
-    _backend: std::marker::PhantomData<B>,
-}
-
-impl<B> ModuleVisitor<B> for ReduceGradients<'_, B>
-where
-    B: AutodiffBackend,
-    B::InnerBackend: ParallelBackend,
-{
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if self.error.is_some() {
-            return;
-        }
-        let Some(mut grad) = self.grads.remove::<B::InnerBackend, D>(param.id) else {
-            return;
-        };
-        let reduced = (|| {
-            if self.roles.sequence_parallel.contains(&param.id) {
-                grad = self.ctx.tensor().all_reduce(grad, ReduceOp::Sum)?;
-            }
-            if self.roles.shared_embedding.contains(&param.id)
-                && let Some(embedding) = self.ctx.embedding()
-                && embedding.size() > 1
-            {
-                grad = embedding.all_reduce(grad, ReduceOp::Sum)?;
-            }
-            if self.ctx.data().size() > 1 {
-                grad = self.ctx.data().all_reduce(grad, ReduceOp::Mean)?;
-            }
-            Ok::<_, Error>(grad)
-        })();
-        match reduced {
-            Ok(grad) => {
-                let coords = self.ctx.coords();
-                let counted_elsewhere =
-                    self.roles.shared_embedding.contains(&param.id) && coords.pp != 0;
-                let split = self.roles.tensor_parallel.contains(&param.id);
-                if !counted_elsewhere && (split || coords.tp == 0) {
-                    self.norm_squared += grad
-                        .clone()
-                        .powi_scalar(2)
-                        .sum()
-                        .into_scalar()
-                        .elem::<f64>();
-                }
-                self.grads.register(param.id, grad);
-            }
-            Err(error) => self.error = Some(error),
-        }
-    }
-}
-
-/// Multiplies every gradient by `factor` (clipping).
-struct Scale<'a, B: AutodiffBackend> {
-    grads: &'a mut GradientsParams,
-    factor: f64,
-    _backend: std::marker::PhantomData<B>,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) {
-            self.grads.register(param.id, grad * self.factor);
-        }
-    }
 }
 
 fn progress_bar(steps: usize) -> indicatif::ProgressBar {

@@ -2,8 +2,12 @@
 //! the learning-rate schedule.
 
 mod engine;
+mod optimizer;
 mod pipeline;
 mod schedule;
 
-pub use engine::{ParallelModel, StageOutput, StepRecord, TrainConfig, TrainStep, train};
+pub use engine::{
+    LossScaling, ParallelModel, StageOutput, StepRecord, TrainConfig, TrainStep, train,
+};
+pub use optimizer::{AdamWSettings, FlatLayout, LossScaler, OptimizerMemory, ParamRole};
 pub use schedule::{Decay, LrSchedule};

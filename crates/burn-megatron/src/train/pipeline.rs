@@ -14,7 +14,8 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
 
-use super::engine::{Accumulate, ParallelModel, StageOutput, TrainStep};
+use super::engine::{ParallelModel, StageOutput, TrainStep};
+use super::optimizer::MainGrads;
 use crate::data::GptSample;
 use crate::parallel::{ParallelBackend, ParallelContext};
 use crate::pipeline::{Action, Schedule};
@@ -48,15 +49,16 @@ where
     B: AutodiffBackend + ParallelBackend,
     B::InnerBackend: ParallelBackend,
 {
-    /// Runs `actions` over `chunks` on `micro_batches`. With `gradients` (one per chunk)
-    /// it trains: runs the backwards and adds the parameter gradients of the loss
-    /// divided by the number of micro-batches; without, only forwards (evaluation).
+    /// Runs `actions` over `chunks` on `micro_batches`. With `gradients` (main-grad
+    /// buffers and a loss scale) it trains: runs the backwards and adds to the buffers
+    /// the parameter gradients of the loss divided by the number of micro-batches and
+    /// multiplied by the scale; without, only forwards (evaluation).
     pub fn run<M>(
         &self,
         actions: &[Action],
         chunks: &[M],
         micro_batches: &[Vec<GptSample>],
-        mut gradients: Option<&mut [GradientsParams]>,
+        mut gradients: Option<(&mut MainGrads<B::InnerBackend>, f64)>,
     ) -> Result<PassOutcome>
     where
         M: AutodiffModule<B> + ParallelModel,
@@ -118,7 +120,7 @@ where
                     }
                 }
                 Action::Backward { chunk, micro } => {
-                    let Some(gradients) = gradients.as_deref_mut() else {
+                    let Some((gradients, scale)) = gradients.as_mut() else {
                         return Err(Error::InvalidConfig(
                             "a forward-only pass got a backward action".to_string(),
                         ));
@@ -132,7 +134,9 @@ where
                         })?;
                     let model = &chunks[chunk];
                     let root = match (output, self.schedule.next_stage(stage, chunk)) {
-                        (StageOutput::Loss(loss), _) => loss / micro_batches.len() as f64,
+                        (StageOutput::Loss(loss), _) => {
+                            loss * (*scale / micro_batches.len() as f64)
+                        }
                         (StageOutput::Activations(hidden), Some(from)) => {
                             let gradient = self
                                 .ctx
@@ -152,12 +156,7 @@ where
                             .unwrap_or_else(|| input.inner().zeros_like());
                         self.ctx.pipeline_gradients().send(gradient, to)?;
                     }
-                    let mut micro_grads = GradientsParams::from_grads(grads, model);
-                    model.visit(&mut Accumulate::<B> {
-                        total: &mut gradients[chunk],
-                        new: &mut micro_grads,
-                        _backend: std::marker::PhantomData,
-                    });
+                    gradients.add::<B, M>(chunk, model, GradientsParams::from_grads(grads, model));
                 }
             }
         }

@@ -1,0 +1,574 @@
+//! Megatron's optimizer: gradients accumulated into contiguous fp32 buffers ("main
+//! grads"), reduced over the data-parallel group bucket by bucket, and AdamW on fp32
+//! master weights, either whole on every rank or sharded over the data-parallel ranks
+//! (the distributed optimizer: reduce-scatter, update this rank's shard, all-gather).
+//!
+//! Every parameter of a rank's model chunks has a slot in one flat layout (chunks in
+//! order, parameters in module order). The layout is padded to a multiple of the
+//! data-parallel size and cut into buckets whose lengths are multiples of it, so that
+//! each bucket splits into one equal shard per data-parallel rank.
+
+use std::fmt;
+use std::ops::Range;
+
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor};
+
+use crate::Result;
+use crate::parallel::{Group, ParallelBackend, ReduceOp};
+
+/// AdamW settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWSettings {
+    /// Beta 1.
+    pub beta1: f64,
+    /// Beta 2.
+    pub beta2: f64,
+    /// Epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay, applied to matrices (not to biases, norms or other
+    /// vectors, as in Megatron).
+    pub weight_decay: f64,
+}
+
+/// What the optimizer must know about one parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamRole {
+    /// Its gradient is a partial sum over the tensor-parallel group (sequence parallel).
+    pub sequence_parallel: bool,
+    /// It has a copy on another pipeline stage whose gradient must be added (tied
+    /// embeddings over the embedding group).
+    pub shared_embedding: bool,
+    /// It counts in the global gradient norm on this rank (each element of the model
+    /// is counted on exactly one rank of the tensor- and pipeline-parallel groups).
+    pub counted_in_norm: bool,
+}
+
+/// One parameter's place in the flat buffers.
+#[derive(Debug, Clone)]
+struct Slot {
+    id: ParamId,
+    chunk: usize,
+    shape: Vec<usize>,
+    range: Range<usize>,
+    role: ParamRole,
+}
+
+/// Where every parameter of a rank's model chunks lives in the flat buffers, and the
+/// buckets the buffers are reduced in.
+#[derive(Debug, Clone)]
+pub struct FlatLayout {
+    slots: Vec<Slot>,
+    padded: usize,
+    buckets: Vec<Range<usize>>,
+    shards: usize,
+}
+
+impl FlatLayout {
+    /// The layout of `chunks`' parameters for `shards` data-parallel ranks, in buckets of
+    /// about `bucket_size` elements; `role` tells each parameter's role.
+    pub fn new<B: Backend, M: burn::module::Module<B>>(
+        chunks: &[M],
+        shards: usize,
+        bucket_size: usize,
+        mut role: impl FnMut(usize, ParamId, usize) -> ParamRole,
+    ) -> Self {
+        let mut slots = Vec::new();
+        let mut offset = 0;
+        for (chunk, module) in chunks.iter().enumerate() {
+            let mut shapes = Vec::new();
+            module.visit(&mut CollectShapes::<B> {
+                shapes: &mut shapes,
+                _backend: std::marker::PhantomData,
+            });
+            for (id, shape) in shapes {
+                let numel: usize = shape.iter().product();
+                slots.push(Slot {
+                    id,
+                    chunk,
+                    role: role(chunk, id, shape.len()),
+                    shape,
+                    range: offset..offset + numel,
+                });
+                offset += numel;
+            }
+        }
+        let shards = shards.max(1);
+        let padded = offset.div_ceil(shards).max(1) * shards;
+        let bucket = bucket_size.max(1).div_ceil(shards) * shards;
+        let buckets = (0..padded)
+            .step_by(bucket)
+            .map(|start| start..(start + bucket).min(padded))
+            .collect();
+        Self {
+            slots,
+            padded,
+            buckets,
+            shards,
+        }
+    }
+
+    /// Elements of the model chunks' parameters.
+    pub fn numel(&self) -> usize {
+        self.slots.last().map_or(0, |slot| slot.range.end)
+    }
+
+    /// Elements of the padded flat buffer.
+    pub fn padded_len(&self) -> usize {
+        self.padded
+    }
+
+    /// The buckets, as ranges of the padded buffer.
+    pub fn buckets(&self) -> &[Range<usize>] {
+        &self.buckets
+    }
+
+    /// Elements of one data-parallel rank's shard (the sum of its part of each bucket).
+    pub fn shard_len(&self) -> usize {
+        self.padded / self.shards
+    }
+
+    /// The optimizer memory of one rank: fp32 master weights and the two Adam moments
+    /// for its elements (all of them, or its shard with the distributed optimizer), and
+    /// fp32 main grads for every element.
+    pub fn memory(&self, distributed: bool) -> OptimizerMemory {
+        let owned = if distributed {
+            self.shard_len()
+        } else {
+            self.padded
+        };
+        OptimizerMemory {
+            parameters: self.numel(),
+            master_bytes: 4 * owned,
+            moment_bytes: 8 * owned,
+            main_grad_bytes: 4 * self.padded,
+        }
+    }
+
+    /// This rank's part of every bucket, in buffer order.
+    fn shard_ranges(&self, shard: usize) -> impl Iterator<Item = Range<usize>> + '_ {
+        self.buckets.iter().map(move |bucket| {
+            let len = bucket.len() / self.shards;
+            bucket.start + shard * len..bucket.start + (shard + 1) * len
+        })
+    }
+}
+
+/// Bytes the optimizer holds on one rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptimizerMemory {
+    /// Parameters of the rank's model chunks.
+    pub parameters: usize,
+    /// fp32 master weights.
+    pub master_bytes: usize,
+    /// fp32 Adam first and second moments.
+    pub moment_bytes: usize,
+    /// fp32 main-grad buffers.
+    pub main_grad_bytes: usize,
+}
+
+impl fmt::Display for OptimizerMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mib = |bytes: usize| bytes as f64 / (1u64 << 20) as f64;
+        write!(
+            f,
+            "optimizer memory per rank: master weights {:.1} MiB, Adam moments {:.1} MiB, main \
+             grads {:.1} MiB ({:.2} + {:.2} bytes per parameter of the rank's {} parameters)",
+            mib(self.master_bytes),
+            mib(self.moment_bytes),
+            mib(self.main_grad_bytes),
+            (self.master_bytes + self.moment_bytes) as f64 / self.parameters.max(1) as f64,
+            self.main_grad_bytes as f64 / self.parameters.max(1) as f64,
+            self.parameters
+        )
+    }
+}
+
+/// The fp32 main-grad buffers of a step: one flat buffer per model chunk, into which
+/// every micro-batch's parameter gradients are added.
+pub(crate) struct MainGrads<B: Backend> {
+    chunks: Vec<Option<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> MainGrads<B> {
+    /// Empty buffers for `chunks` model chunks.
+    pub fn new(chunks: usize) -> Self {
+        Self {
+            chunks: (0..chunks).map(|_| None).collect(),
+        }
+    }
+
+    /// Adds one micro-batch's gradients of chunk `chunk` (`module`) to its buffer.
+    pub fn add<AB, M>(&mut self, chunk: usize, module: &M, mut grads: GradientsParams)
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        let mut parts = Vec::new();
+        module.visit(&mut FlattenGrads::<AB> {
+            grads: &mut grads,
+            parts: &mut parts,
+        });
+        if parts.is_empty() {
+            return;
+        }
+        let flat = Tensor::cat(parts, 0);
+        let slot = &mut self.chunks[chunk];
+        *slot = Some(match slot.take() {
+            Some(sum) => sum + flat,
+            None => flat,
+        });
+    }
+}
+
+/// AdamW on flat fp32 master weights, whole or sharded over the data-parallel group.
+pub(crate) struct FlatAdamW<B: Backend> {
+    layout: FlatLayout,
+    settings: AdamWSettings,
+    distributed: bool,
+    shard: usize,
+    master: Tensor<B, 1>,
+    exp_avg: Tensor<B, 1>,
+    exp_avg_sq: Tensor<B, 1>,
+    decay: Tensor<B, 1>,
+    counted: Tensor<B, 1>,
+    steps: i32,
+}
+
+/// What reducing a step's gradients gives: this rank's part of them and its
+/// contribution to the squared global norm.
+pub(crate) struct ReducedGrads<B: Backend> {
+    grads: Tensor<B, 1>,
+    /// Sum of squares of the gradient elements this rank counts.
+    pub norm_squared: f64,
+    /// Whether any element is infinite or NaN.
+    pub overflow: bool,
+}
+
+impl<B: ParallelBackend> FlatAdamW<B> {
+    /// The optimizer of `chunks`, its master weights copied from their parameters.
+    pub fn new<AB, M>(
+        layout: FlatLayout,
+        chunks: &[M],
+        settings: AdamWSettings,
+        distributed: bool,
+        data: &Group,
+        device: &B::Device,
+    ) -> Self
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        let mut parts = Vec::new();
+        for chunk in chunks {
+            chunk.visit(&mut FlattenParams::<AB> { parts: &mut parts });
+        }
+        let full = pad(parts, layout.padded, device);
+        let shard = data.rank();
+        let vector = |value: &dyn Fn(&Slot) -> f32| {
+            let mut values = vec![0f32; layout.padded];
+            for slot in &layout.slots {
+                values[slot.range.clone()].fill(value(slot));
+            }
+            Tensor::<B, 1>::from_floats(values.as_slice(), device)
+        };
+        let decay = vector(&|slot| f32::from(u8::from(slot.shape.len() >= 2)));
+        let counted = vector(&|slot| f32::from(u8::from(slot.role.counted_in_norm)));
+        let mut optimizer = Self {
+            master: full,
+            exp_avg: Tensor::zeros([1], device),
+            exp_avg_sq: Tensor::zeros([1], device),
+            decay,
+            counted,
+            layout,
+            settings,
+            distributed,
+            shard,
+            steps: 0,
+        };
+        if distributed {
+            optimizer.master = optimizer.local(optimizer.master.clone());
+            optimizer.decay = optimizer.local(optimizer.decay.clone());
+            optimizer.counted = optimizer.local(optimizer.counted.clone());
+        }
+        let len = optimizer.master.dims()[0];
+        optimizer.exp_avg = Tensor::zeros([len], device);
+        optimizer.exp_avg_sq = Tensor::zeros([len], device);
+        optimizer
+    }
+
+    /// The memory this optimizer holds.
+    pub fn memory(&self) -> OptimizerMemory {
+        self.layout.memory(self.distributed)
+    }
+
+    /// This rank's part of a full flat buffer (its shard of every bucket).
+    fn local(&self, full: Tensor<B, 1>) -> Tensor<B, 1> {
+        let parts: Vec<_> = self
+            .layout
+            .shard_ranges(self.shard)
+            .map(|range| full.clone().slice(range))
+            .collect();
+        Tensor::cat(parts, 0)
+    }
+
+    /// Sums partial gradients over the tensor-parallel group (sequence-parallel
+    /// parameters) and the embedding group (tied embeddings), then averages over the
+    /// data-parallel group bucket by bucket: all-reduce, or reduce-scatter to this rank's
+    /// shard with the distributed optimizer. `scale` divides the gradients first (the
+    /// loss scale).
+    pub fn reduce(
+        &self,
+        main_grads: MainGrads<B>,
+        groups: &ReduceGroups<'_>,
+        scale: f64,
+        device: &B::Device,
+    ) -> Result<ReducedGrads<B>> {
+        let parts = main_grads
+            .chunks
+            .into_iter()
+            .zip(self.chunk_lengths())
+            .map(|(grads, len)| grads.unwrap_or_else(|| Tensor::zeros([len], device)))
+            .collect();
+        let mut flat = pad(parts, self.layout.padded, device);
+        if scale != 1.0 {
+            flat = flat / scale;
+        }
+        for slot in &self.layout.slots {
+            let mut grad = None;
+            if slot.role.sequence_parallel && groups.tensor.size() > 1 {
+                let part = flat.clone().slice(slot.range.clone());
+                grad = Some(groups.tensor.all_reduce(part, ReduceOp::Sum)?);
+            }
+            if slot.role.shared_embedding
+                && let Some(embedding) = groups.embedding
+                && embedding.size() > 1
+            {
+                let part = grad.unwrap_or_else(|| flat.clone().slice(slot.range.clone()));
+                grad = Some(embedding.all_reduce(part, ReduceOp::Sum)?);
+            }
+            if let Some(grad) = grad {
+                flat = flat.slice_assign(slot.range.clone(), grad);
+            }
+        }
+        let data = groups.data;
+        let buckets = self.layout.buckets.iter().map(|bucket| {
+            let part = flat.clone().slice(bucket.clone());
+            match (data.size(), self.distributed) {
+                (1, false) => Ok(part),
+                (1, true) => Ok(part),
+                (_, false) => data.all_reduce(part, ReduceOp::Mean),
+                (_, true) => data.reduce_scatter(part, 0, ReduceOp::Mean),
+            }
+        });
+        let grads = Tensor::cat(buckets.collect::<Result<Vec<_>>>()?, 0);
+        let norm_squared = (grads.clone().powi_scalar(2) * self.counted.clone())
+            .sum()
+            .into_scalar()
+            .elem::<f64>();
+        let overflow = !norm_squared.is_finite()
+            || !grads.clone().sum().into_scalar().elem::<f64>().is_finite();
+        Ok(ReducedGrads {
+            grads,
+            norm_squared,
+            overflow,
+        })
+    }
+
+    /// One AdamW step with learning rate `lr` on gradients multiplied by `factor`
+    /// (clipping), then the new parameters written into `chunks` (gathered from every
+    /// rank's shard with the distributed optimizer).
+    pub fn step<AB, M>(
+        &mut self,
+        reduced: ReducedGrads<B>,
+        factor: f64,
+        lr: f64,
+        chunks: Vec<M>,
+        data: &Group,
+    ) -> Result<Vec<M>>
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        let AdamWSettings {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.settings;
+        self.steps += 1;
+        let grads = if factor == 1.0 {
+            reduced.grads
+        } else {
+            reduced.grads * factor
+        };
+        self.exp_avg = self.exp_avg.clone() * beta1 + grads.clone() * (1.0 - beta1);
+        self.exp_avg_sq = self.exp_avg_sq.clone() * beta2 + grads.powi_scalar(2) * (1.0 - beta2);
+        let first = self.exp_avg.clone() / (1.0 - beta1.powi(self.steps));
+        let second = self.exp_avg_sq.clone() / (1.0 - beta2.powi(self.steps));
+        let update =
+            first / (second.sqrt() + eps) + self.master.clone() * self.decay.clone() * weight_decay;
+        self.master = self.master.clone() - update * lr;
+
+        let full = if self.distributed && data.size() > 1 {
+            let mut offset = 0;
+            let mut buckets = Vec::with_capacity(self.layout.buckets.len());
+            for bucket in &self.layout.buckets {
+                let len = bucket.len() / self.layout.shards;
+                let part = self.master.clone().slice(offset..offset + len);
+                buckets.push(data.all_gather(part, 0)?);
+                offset += len;
+            }
+            Tensor::cat(buckets, 0)
+        } else {
+            self.master.clone()
+        };
+        Ok(chunks
+            .into_iter()
+            .enumerate()
+            .map(|(index, chunk)| {
+                let slots = self.layout.slots.iter().filter(|slot| slot.chunk == index);
+                chunk.map(&mut WriteParams::<AB> {
+                    slots: slots.collect(),
+                    next: 0,
+                    full: &full,
+                })
+            })
+            .collect())
+    }
+
+    /// Elements of each chunk's parameters.
+    fn chunk_lengths(&self) -> Vec<usize> {
+        let chunks = self.layout.slots.last().map_or(0, |slot| slot.chunk + 1);
+        let mut lengths = vec![0; chunks.max(1)];
+        for slot in &self.layout.slots {
+            lengths[slot.chunk] += slot.range.len();
+        }
+        lengths
+    }
+}
+
+/// The groups gradients are reduced over.
+pub(crate) struct ReduceGroups<'a> {
+    pub tensor: &'a Group,
+    pub data: &'a Group,
+    pub embedding: Option<&'a Group>,
+}
+
+/// `parts` concatenated and padded with zeros to `len` elements.
+fn pad<B: Backend>(mut parts: Vec<Tensor<B, 1>>, len: usize, device: &B::Device) -> Tensor<B, 1> {
+    let filled: usize = parts.iter().map(|part| part.dims()[0]).sum();
+    if filled < len {
+        parts.push(Tensor::zeros([len - filled], device));
+    }
+    Tensor::cat(parts, 0)
+}
+
+struct CollectShapes<'a, B: Backend> {
+    shapes: &'a mut Vec<(ParamId, Vec<usize>)>,
+    _backend: std::marker::PhantomData<B>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for CollectShapes<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.shapes.push((param.id, param.val().dims().to_vec()));
+    }
+}
+
+struct FlattenParams<'a, B: AutodiffBackend> {
+    parts: &'a mut Vec<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for FlattenParams<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.parts.push(param.val().inner().flatten(0, D - 1));
+    }
+}
+
+struct FlattenGrads<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    parts: &'a mut Vec<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for FlattenGrads<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let grad = match self.grads.remove::<B::InnerBackend, D>(param.id) {
+            Some(grad) => grad,
+            None => param.val().inner().zeros_like(),
+        };
+        self.parts.push(grad.flatten(0, D - 1));
+    }
+}
+
+struct WriteParams<'a, B: AutodiffBackend> {
+    slots: Vec<&'a Slot>,
+    next: usize,
+    full: &'a Tensor<B::InnerBackend, 1>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for WriteParams<'_, B> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let slot = self.slots[self.next];
+        self.next += 1;
+        assert_eq!(slot.id, id, "parameters are visited in layout order");
+        let shape: [usize; D] = slot.shape.clone().try_into().expect("the slot's rank");
+        let value = self.full.clone().slice(slot.range.clone()).reshape(shape);
+        let mut updated = Tensor::from_inner(value);
+        if tensor.is_require_grad() {
+            updated = updated.require_grad();
+        }
+        Param::from_mapped_value(id, updated, mapper)
+    }
+}
+
+/// Dynamic loss scaling for fp16 (Megatron's): the loss is multiplied by the scale before
+/// the backward and the gradients divided by it after; a step whose gradients overflow
+/// is skipped and the scale multiplied by `backoff`; after `growth_interval` steps
+/// without overflow the scale is multiplied by `growth`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossScaler {
+    /// The current scale.
+    pub scale: f64,
+    /// Steps without overflow before the scale grows.
+    pub growth_interval: usize,
+    /// Factor of growth.
+    pub growth: f64,
+    /// Factor of back-off after an overflow.
+    pub backoff: f64,
+    /// The scale never falls below this.
+    pub min_scale: f64,
+    good_steps: usize,
+}
+
+impl LossScaler {
+    /// A scaler starting at `initial` that doubles after `growth_interval` good steps and
+    /// halves on overflow, never below 1.
+    pub fn new(initial: f64, growth_interval: usize) -> Self {
+        Self {
+            scale: initial,
+            growth_interval: growth_interval.max(1),
+            growth: 2.0,
+            backoff: 0.5,
+            min_scale: 1.0,
+            good_steps: 0,
+        }
+    }
+
+    /// Records a step's outcome; returns whether the step should be applied.
+    pub fn update(&mut self, overflow: bool) -> bool {
+        if overflow {
+            self.scale = (self.scale * self.backoff).max(self.min_scale);
+            self.good_steps = 0;
+            return false;
+        }
+        self.good_steps += 1;
+        if self.good_steps == self.growth_interval {
+            self.scale *= self.growth;
+            self.good_steps = 0;
+        }
+        true
+    }
+}
