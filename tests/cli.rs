@@ -502,11 +502,24 @@ fn pipeline_stages_log_the_losses_of_one_rank() {
     let (single, _) = run("single", &["--tp", "1", "--pp", "1", "--dp", "1"]);
     let (parallel, stdout) = run(
         "parallel",
-        &["--tp", "2", "--pp", "2", "--dp", "2", "--sequence-parallel"],
+        &[
+            "--tp",
+            "2",
+            "--pp",
+            "2",
+            "--dp",
+            "2",
+            "--sequence-parallel",
+            "--use-distributed-optimizer",
+        ],
     );
     assert!(
         stdout.contains("pipeline: 1F1B (2 stages, 4 micro-batches): bubble (pp - 1) / m = 0.2500"),
         "the log reports the bubble: {stdout}"
+    );
+    assert!(
+        stdout.contains("optimizer memory per rank: master weights"),
+        "the log reports the optimizer memory: {stdout}"
     );
     let (interleaved, stdout) = run(
         "interleaved",
