@@ -443,6 +443,13 @@ fn wrong_train_settings_name_the_setting_and_the_fix() {
         "{stderr}"
     );
 
+    let (ok, _, stderr) = burn_megatron(&["train", "--initial-loss-scale", "0"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--initial-loss-scale 0 must be a finite number of at least 1"),
+        "{stderr}"
+    );
+
     let (ok, _, stderr) = burn_megatron(&["train", "--pp", "2", "--pipeline-layers", "1,2"]);
     assert!(!ok);
     assert!(

@@ -146,10 +146,23 @@ impl TrainConfig {
     ///
     /// # Errors
     ///
-    /// `InvalidConfig` when the batch sizes do not fit the layout, or the interleaved
+    /// `InvalidConfig` when the batch sizes do not fit the layout, the interleaved
     /// schedule's micro-batches are not a multiple of the stages (naming a global batch
-    /// size that fits).
+    /// size that fits), or an optimizer setting is out of range.
     pub fn schedule(&self, layout: &Layout) -> Result<Schedule> {
+        if self.bucket_size == 0 {
+            return Err(Error::InvalidConfig(
+                "--bucket-size must be at least 1 element (the default is 40000000)".to_string(),
+            ));
+        }
+        if let Some(scaling) = self.loss_scaling
+            && !(scaling.initial.is_finite() && scaling.initial >= 1.0)
+        {
+            return Err(Error::InvalidConfig(format!(
+                "--initial-loss-scale {} must be a finite number of at least 1, such as 65536",
+                scaling.initial
+            )));
+        }
         let micro_batches = self.micro_batches(layout.data())?;
         Schedule::for_layout(layout, micro_batches).map_err(|error| {
             let stages = layout.pipeline();
