@@ -336,22 +336,17 @@ impl<B: ParallelBackend> FlatAdamW<B> {
         if scale != 1.0 {
             flat = flat / scale;
         }
-        for slot in &self.layout.slots {
-            let mut grad = None;
-            if slot.role.sequence_parallel && groups.tensor.size() > 1 {
-                let part = flat.clone().slice(slot.range.clone());
-                grad = Some(groups.tensor.all_reduce(part, ReduceOp::Sum)?);
-            }
-            if slot.role.shared_embedding
-                && let Some(embedding) = groups.embedding
-                && embedding.size() > 1
-            {
-                let part = grad.unwrap_or_else(|| flat.clone().slice(slot.range.clone()));
-                grad = Some(embedding.all_reduce(part, ReduceOp::Sum)?);
-            }
-            if let Some(grad) = grad {
-                flat = flat.slice_assign(slot.range.clone(), grad);
-            }
+        // One all-reduce for all sequence-parallel slots (norms and row-parallel biases:
+        // many small vectors), then one for the shared embedding.
+        let sequence_parallel = |slot: &Slot| slot.role.sequence_parallel;
+        if groups.tensor.size() > 1 {
+            flat = sum_slots(flat, &self.layout.slots, sequence_parallel, groups.tensor)?;
+        }
+        if let Some(embedding) = groups.embedding
+            && embedding.size() > 1
+        {
+            let shared = |slot: &Slot| slot.role.shared_embedding;
+            flat = sum_slots(flat, &self.layout.slots, shared, embedding)?;
         }
         let data = groups.data;
         let buckets = self.layout.buckets.iter().map(|bucket| {
@@ -455,6 +450,32 @@ pub(crate) struct ReduceGroups<'a> {
     pub tensor: &'a Group,
     pub data: &'a Group,
     pub embedding: Option<&'a Group>,
+}
+
+/// `flat` with the slots that `select` picks summed over `group`, in one all-reduce.
+fn sum_slots<B: ParallelBackend>(
+    mut flat: Tensor<B, 1>,
+    slots: &[Slot],
+    select: impl Fn(&Slot) -> bool,
+    group: &Group,
+) -> Result<Tensor<B, 1>> {
+    let picked: Vec<&Slot> = slots.iter().filter(|slot| select(slot)).collect();
+    if picked.is_empty() {
+        return Ok(flat);
+    }
+    let parts = picked
+        .iter()
+        .map(|slot| flat.clone().slice(slot.range.clone()))
+        .collect();
+    let summed = group.all_reduce(Tensor::cat(parts, 0), ReduceOp::Sum)?;
+    let mut offset = 0;
+    for slot in picked {
+        let len = slot.range.len();
+        let part = summed.clone().slice(offset..offset + len);
+        flat = flat.slice_assign(slot.range.clone(), part);
+        offset += len;
+    }
+    Ok(flat)
 }
 
 /// `parts` concatenated and padded with zeros to `len` elements.
