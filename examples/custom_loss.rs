@@ -50,11 +50,7 @@ impl<B: AutodiffBackend + ParallelBackend> TrainStep<B, GptModel<B>> for KeyToke
         device: &B::Device,
     ) -> StageOutput<B> {
         let (tokens, labels) = batch_tensors::<B>(samples, device);
-        let input = match input {
-            Some(hidden) => StageInput::Hidden(hidden),
-            None => StageInput::Tokens(tokens),
-        };
-        let output = model.forward_chunk(input, None);
+        let output = model.forward_chunk(StageInput::of_step(input, tokens), None);
         if !model.is_last_chunk() {
             return StageOutput::Activations(output);
         }

@@ -76,6 +76,17 @@ pub enum StageInput<B: Backend> {
     Hidden(Tensor<B, 3>),
 }
 
+impl<B: Backend> StageInput<B> {
+    /// The input of a chunk in a pipeline step: the activations received from the previous
+    /// stage when there are some (every chunk but the first), the token ids otherwise.
+    pub fn of_step(received: Option<Tensor<B, 3>>, tokens: Tensor<B, 2, Int>) -> Self {
+        match received {
+            Some(hidden) => StageInput::Hidden(hidden),
+            None => StageInput::Tokens(tokens),
+        }
+    }
+}
+
 /// Dropout rates and the count of forward passes that seeds each pass's masks. Ranks of
 /// a tensor-parallel group run the same passes in the same order, so they draw the same
 /// masks. Shared by clones of the model.
