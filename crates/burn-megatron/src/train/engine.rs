@@ -379,7 +379,7 @@ where
         };
         let reduced = optimizer.reduce(main_grads, &groups, scale, device)?;
         let overflow = match &scaler {
-            Some(_) => any_rank::<B>(ctx, reduced.overflow, device)?,
+            Some(_) => any_rank::<B>(ctx, !reduced.norm_squared.is_finite(), device)?,
             None => false,
         };
         let sharded = config.distributed_optimizer;

@@ -147,12 +147,18 @@ impl FlatLayout {
         }
     }
 
-    /// This rank's part of every bucket, in buffer order.
-    fn shard_ranges(&self, shard: usize) -> impl Iterator<Item = Range<usize>> + '_ {
-        self.buckets.iter().map(move |bucket| {
-            let len = bucket.len() / self.shards;
-            bucket.start + shard * len..bucket.start + (shard + 1) * len
-        })
+    /// Rank `shard`'s part of a full flat buffer: its shard of every bucket, in order.
+    fn local<B: Backend>(&self, full: Tensor<B, 1>, shard: usize) -> Tensor<B, 1> {
+        let parts = self
+            .buckets
+            .iter()
+            .map(|bucket| {
+                let len = bucket.len() / self.shards;
+                full.clone()
+                    .slice(bucket.start + shard * len..bucket.start + (shard + 1) * len)
+            })
+            .collect();
+        Tensor::cat(parts, 0)
     }
 }
 
@@ -228,7 +234,6 @@ pub(crate) struct FlatAdamW<B: Backend> {
     layout: FlatLayout,
     settings: AdamWSettings,
     distributed: bool,
-    shard: usize,
     master: Tensor<B, 1>,
     exp_avg: Tensor<B, 1>,
     exp_avg_sq: Tensor<B, 1>,
@@ -241,10 +246,11 @@ pub(crate) struct FlatAdamW<B: Backend> {
 /// contribution to the squared global norm.
 pub(crate) struct ReducedGrads<B: Backend> {
     grads: Tensor<B, 1>,
-    /// Sum of squares of the gradient elements this rank counts.
+    /// Sum of squares of the gradient elements this rank counts. Every element of the
+    /// model is counted on exactly one rank (and an infinite or NaN one poisons the sum
+    /// even where it is masked out), so the gradients overflowed somewhere exactly when
+    /// this is not finite on some rank.
     pub norm_squared: f64,
-    /// Whether any element is infinite or NaN.
-    pub overflow: bool,
 }
 
 impl<B: ParallelBackend> FlatAdamW<B> {
@@ -265,53 +271,37 @@ impl<B: ParallelBackend> FlatAdamW<B> {
         for chunk in chunks {
             chunk.visit(&mut FlattenParams::<AB> { parts: &mut parts });
         }
-        let full = pad(parts, layout.padded, device);
         let shard = data.rank();
+        let local = |full: Tensor<B, 1>| match distributed {
+            true => layout.local(full, shard),
+            false => full,
+        };
         let vector = |value: &dyn Fn(&Slot) -> f32| {
             let mut values = vec![0f32; layout.padded];
             for slot in &layout.slots {
                 values[slot.range.clone()].fill(value(slot));
             }
-            Tensor::<B, 1>::from_floats(values.as_slice(), device)
+            local(Tensor::<B, 1>::from_floats(values.as_slice(), device))
         };
+        let master = local(pad(parts, layout.padded, device));
         let decay = vector(&|slot| f32::from(u8::from(slot.shape.len() >= 2)));
         let counted = vector(&|slot| f32::from(u8::from(slot.role.counted_in_norm)));
-        let mut optimizer = Self {
-            master: full,
-            exp_avg: Tensor::zeros([1], device),
-            exp_avg_sq: Tensor::zeros([1], device),
+        Self {
+            exp_avg: master.zeros_like(),
+            exp_avg_sq: master.zeros_like(),
+            master,
             decay,
             counted,
             layout,
             settings,
             distributed,
-            shard,
             steps: 0,
-        };
-        if distributed {
-            optimizer.master = optimizer.local(optimizer.master.clone());
-            optimizer.decay = optimizer.local(optimizer.decay.clone());
-            optimizer.counted = optimizer.local(optimizer.counted.clone());
         }
-        let len = optimizer.master.dims()[0];
-        optimizer.exp_avg = Tensor::zeros([len], device);
-        optimizer.exp_avg_sq = Tensor::zeros([len], device);
-        optimizer
     }
 
     /// The memory this optimizer holds.
     pub fn memory(&self) -> OptimizerMemory {
         self.layout.memory(self.distributed)
-    }
-
-    /// This rank's part of a full flat buffer (its shard of every bucket).
-    fn local(&self, full: Tensor<B, 1>) -> Tensor<B, 1> {
-        let parts: Vec<_> = self
-            .layout
-            .shard_ranges(self.shard)
-            .map(|range| full.clone().slice(range))
-            .collect();
-        Tensor::cat(parts, 0)
     }
 
     /// Sums partial gradients over the tensor-parallel group (sequence-parallel
@@ -352,8 +342,7 @@ impl<B: ParallelBackend> FlatAdamW<B> {
         let buckets = self.layout.buckets.iter().map(|bucket| {
             let part = flat.clone().slice(bucket.clone());
             match (data.size(), self.distributed) {
-                (1, false) => Ok(part),
-                (1, true) => Ok(part),
+                (1, _) => Ok(part),
                 (_, false) => data.all_reduce(part, ReduceOp::Mean),
                 (_, true) => data.reduce_scatter(part, 0, ReduceOp::Mean),
             }
@@ -363,12 +352,9 @@ impl<B: ParallelBackend> FlatAdamW<B> {
             .sum()
             .into_scalar()
             .elem::<f64>();
-        let overflow = !norm_squared.is_finite()
-            || !grads.clone().sum().into_scalar().elem::<f64>().is_finite();
         Ok(ReducedGrads {
             grads,
             norm_squared,
-            overflow,
         })
     }
 
