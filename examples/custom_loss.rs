@@ -116,6 +116,8 @@ fn main() -> Result<(), Error> {
         distributed_optimizer: false,
         bucket_size: 40_000_000,
         loss_scaling: None,
+        checkpoint: Default::default(),
+        exit_interval: 0,
         log_interval: 5,
         eval_interval: 0,
         eval_iters: 1,

@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::backend::Autodiff;
+use burn_megatron::checkpoint::{Checkpoint, incomplete_saves};
 use burn_megatron::data::{
     DType, GptDatasetConfig, IndexedDatasetBuilder, SampleSource, build_gpt_splits, dataset_paths,
     parse_data_path,
@@ -17,10 +18,12 @@ use burn_megatron::launch::LaunchEnv;
 use burn_megatron::parallel::{
     DEFAULT_TIMEOUT, Layout, LocalCluster, ParallelBackend, ParallelContext,
 };
-use burn_megatron::train::{Decay, LossScaling, LrSchedule, StepRecord, TrainConfig, train};
+use burn_megatron::train::{
+    CheckpointConfig, Decay, LossScaling, LrSchedule, StepRecord, TrainConfig, train,
+};
 use burn_megatron::{Error, Result};
 use burn_megatron_models::gpt::{
-    Activation, GptConfig, GptModel, GptStep, NormKind, PositionEmbedding,
+    Activation, GptConfig, GptModel, GptStep, NormKind, PositionEmbedding, hf_config_of,
 };
 use clap::Args;
 use serde::Deserialize;
@@ -198,6 +201,24 @@ pub struct TrainArgs {
     #[arg(long)]
     metrics: Option<PathBuf>,
 
+    /// Save checkpoints under this directory (every --save-interval steps, when exiting
+    /// and at the end); each rank writes its own shards.
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// Save every this many steps; 0 saves only when exiting and at the end [default: 0].
+    #[arg(long)]
+    save_interval: Option<usize>,
+    /// Continue from the newest complete checkpoint under this directory (or from this
+    /// checkpoint directory), in any parallel layout: model, optimizer state, learning
+    /// rate schedule, loss scale and data position. The model's sizes come from the
+    /// checkpoint.
+    #[arg(long)]
+    load: Option<PathBuf>,
+    /// Stop after a step that is a multiple of this, saving first with --save; the
+    /// schedule and data order stay those of --steps [default: 0, never].
+    #[arg(long)]
+    exit_interval: Option<usize>,
+
     #[command(flatten)]
     #[serde(skip)]
     tokenizer: TokenizerArgs,
@@ -276,6 +297,10 @@ impl TrainArgs {
             eval_interval,
             eval_iters,
             metrics,
+            save,
+            save_interval,
+            load,
+            exit_interval,
         ))
     }
 
@@ -326,6 +351,34 @@ impl TrainArgs {
         Ok(model)
     }
 
+    /// The model of the checkpoint to continue from: its sizes and variants, with the
+    /// layout's settings (pipeline split, sequence parallelism, vocabulary padding) and
+    /// the seed taken from the flags.
+    fn model_of_checkpoint(&self, checkpoint: &Checkpoint, vocab_size: usize) -> Result<GptConfig> {
+        let mut model = GptConfig::of_checkpoint(checkpoint)?;
+        if model.vocab_size != vocab_size {
+            return Err(Error::InvalidConfig(format!(
+                "--load {}: the checkpoint's vocabulary has {} tokens, the tokenizer {vocab_size}; \
+                 pass the tokenizer the checkpoint was trained with",
+                checkpoint.dir().display(),
+                model.vocab_size
+            )));
+        }
+        let seq_length = self.seq_length.unwrap_or(64);
+        if seq_length > model.max_seq_len {
+            return Err(Error::InvalidConfig(format!(
+                "--seq-length {seq_length} is longer than the checkpoint's model allows ({})",
+                model.max_seq_len
+            )));
+        }
+        model.pipeline_layers = self.pipeline_layers.clone();
+        model.sequence_parallel = self.sequence_parallel.unwrap_or(false);
+        if let Some(multiple) = self.make_vocab_size_divisible_by {
+            model.make_vocab_size_divisible_by = multiple;
+        }
+        Ok(model)
+    }
+
     fn train_config(&self) -> Result<TrainConfig> {
         let steps = self.steps.unwrap_or(400);
         let max_lr = self.lr.unwrap_or(3e-3);
@@ -358,6 +411,13 @@ impl TrainArgs {
                 initial,
                 growth_interval: self.loss_scale_window.unwrap_or(1000),
             }),
+            checkpoint: CheckpointConfig {
+                save: self.save.clone(),
+                save_interval: self.save_interval.unwrap_or(0),
+                load: self.load.clone(),
+                model: serde_json::Value::Null,
+            },
+            exit_interval: self.exit_interval.unwrap_or(0),
             log_interval: self.log_interval.unwrap_or(10),
             eval_interval: self.eval_interval.unwrap_or(100),
             eval_iters: self.eval_iters.unwrap_or(4),
@@ -418,9 +478,26 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
     );
     let layout =
         Layout::new(tp, pp, dp)?.with_virtual_pipeline(args.virtual_stages.unwrap_or(1))?;
-    let model = args.model(tokenizer.vocab_size())?;
+    let checkpoint = args.load.as_ref().map(Checkpoint::open).transpose()?;
+    let model = match &checkpoint {
+        Some(checkpoint) => args.model_of_checkpoint(checkpoint, tokenizer.vocab_size())?,
+        None => args.model(tokenizer.vocab_size())?,
+    };
     model.check(&layout)?;
-    let config = args.train_config()?;
+    let mut config = args.train_config()?;
+    // A model converted from Hugging Face keeps its original config.json.
+    let hf_config = checkpoint.as_ref().and_then(hf_config_of);
+    config.checkpoint.model = model.checkpoint_json(hf_config);
+    if let Some(loaded) = &checkpoint
+        && loaded.info().iteration >= config.steps
+    {
+        return Err(Error::InvalidConfig(format!(
+            "--load {}: the checkpoint is at step {}, --steps {} leaves nothing to train; raise --steps",
+            loaded.dir().display(),
+            loaded.info().iteration,
+            config.steps
+        )));
+    }
     if model.sequence_parallel && config.seq_length % tp != 0 {
         return Err(Error::InvalidConfig(format!(
             "--sequence-parallel splits the sequence over tp {tp}: --seq-length {} must be a multiple of it",
@@ -476,6 +553,14 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
         .as_ref()
         .is_none_or(|env| env.rank == layout.logging_rank());
     if logging {
+        if let Some(root) = &args.load {
+            for skipped in incomplete_saves(root) {
+                println!(
+                    "ignoring {}: a save that did not complete",
+                    skipped.display()
+                );
+            }
+        }
         println!(
             "model: {} layers, hidden {}, {} heads, {} parameters; data: {}",
             model.layers,

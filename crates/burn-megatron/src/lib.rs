@@ -10,12 +10,15 @@
 //!   them: column- and row-parallel linear layers, the vocabulary-parallel embedding and
 //!   cross-entropy.
 //!
+//! - [`checkpoint`]: distributed checkpoints that load into any layout.
+//!
 //! Everything is generic over the Burn backend; a backend takes part through
 //! [`ParallelBackend`](parallel::ParallelBackend), implemented for `NdArray`, the CubeCL
 //! CUDA backends (feature `cuda`) and `Autodiff` over any of them.
 
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 pub mod data;
 mod error;
 pub mod launch;

@@ -12,11 +12,13 @@ use burn::module::{AutodiffModule, ParamId};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor, backend::Backend};
 
+use super::checkpointing::{CheckpointParam, RunState, restore, save};
 use super::optimizer::{
     AdamWSettings, FlatAdamW, FlatLayout, LossScaler, MainGrads, ParamRole, ReduceGroups,
 };
 use super::pipeline::StageRunner;
 use super::schedule::LrSchedule;
+use crate::checkpoint::Checkpoint;
 use crate::data::{GptSample, MicroBatchSampler, SampleSource};
 use crate::parallel::{Layout, ParallelBackend, ParallelContext, RankCoords, ReduceOp};
 use crate::pipeline::Schedule;
@@ -70,6 +72,31 @@ pub trait ParallelModel {
     fn activation_shape(&self, batch: usize, seq: usize) -> [usize; 3];
     /// Switches stochastic layers (dropout) on for training, off for evaluation.
     fn set_training(&self, _training: bool) {}
+    /// Every parameter under its canonical name, with its full shape and split: what
+    /// checkpoints save and reshape.
+    fn checkpoint_params(&self) -> Vec<CheckpointParam>;
+    /// The chunk's random state (for example the dropout passes drawn so far), which a
+    /// checkpoint keeps.
+    fn random_state(&self) -> u64 {
+        0
+    }
+    /// Continues from a checkpoint's random state.
+    fn set_random_state(&self, _state: u64) {}
+}
+
+/// Checkpointing settings of a training run.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointConfig {
+    /// Save checkpoints under this directory (at the intervals, when exiting, and at
+    /// the end).
+    pub save: Option<PathBuf>,
+    /// Save every this many steps (0: only when exiting and at the end).
+    pub save_interval: usize,
+    /// Continue from the checkpoint in this directory (its `latest`), in any layout.
+    pub load: Option<PathBuf>,
+    /// The model's configuration, stored with each checkpoint so that tools can rebuild
+    /// the model.
+    pub model: serde_json::Value,
 }
 
 /// Settings of a training run.
@@ -102,6 +129,12 @@ pub struct TrainConfig {
     pub bucket_size: usize,
     /// Dynamic loss scaling (for fp16): `None` trains without.
     pub loss_scaling: Option<LossScaling>,
+    /// Saving and loading checkpoints.
+    pub checkpoint: CheckpointConfig,
+    /// Stop after a step that is a multiple of this (saving a checkpoint first when
+    /// saving is on); 0 never stops early. Unlike fewer `steps`, the learning-rate
+    /// schedule and the data order stay those of the whole run.
+    pub exit_interval: usize,
     /// Log every this many steps.
     pub log_interval: usize,
     /// Evaluate every this many steps (0: only at the end, if there is validation data).
@@ -279,13 +312,6 @@ where
     }
     let coords = ctx.coords();
     let logging = ctx.rank() == layout.logging_rank();
-    let mut sampler = MicroBatchSampler::new(
-        train_data.len(),
-        0,
-        config.micro_batch_size,
-        coords.dp,
-        layout.data(),
-    )?;
     let roles: Vec<_> = chunks.iter().map(ParamRoles::of).collect();
     let layout_of_params = FlatLayout::new(
         &chunks,
@@ -309,6 +335,52 @@ where
     let mut scaler = config
         .loss_scaling
         .map(|scaling| LossScaler::new(scaling.initial, scaling.growth_interval));
+    let mut start = RunState {
+        iteration: 0,
+        consumed_samples: 0,
+        loss_scaler: None,
+        random_state: 0,
+    };
+    if let Some(path) = &config.checkpoint.load {
+        let checkpoint = Checkpoint::open(path)?;
+        chunks = restore(ctx, &checkpoint, chunks, &mut optimizer, device)?;
+        let info = checkpoint.info();
+        start = RunState {
+            iteration: info.iteration,
+            consumed_samples: info.consumed_samples,
+            loss_scaler: info.loss_scaler,
+            random_state: info.random_state,
+        };
+        if let (Some(scaler), Some(state)) = (&mut scaler, info.loss_scaler) {
+            scaler.restore(state);
+        }
+        for chunk in &chunks {
+            chunk.set_random_state(info.random_state);
+        }
+        if logging {
+            println!(
+                "loaded {} (iteration {}, {} samples consumed, written at tp {} x pp {} x dp {}{})",
+                checkpoint.dir().display(),
+                info.iteration,
+                info.consumed_samples,
+                info.layout.tp,
+                info.layout.pp,
+                info.layout.dp,
+                if checkpoint.has_optimizer_state() {
+                    ", with optimizer state"
+                } else {
+                    ", parameters only: fresh optimizer state"
+                }
+            );
+        }
+    }
+    let mut sampler = MicroBatchSampler::new(
+        train_data.len(),
+        start.consumed_samples,
+        config.micro_batch_size,
+        coords.dp,
+        layout.data(),
+    )?;
     let runner = StageRunner {
         ctx,
         schedule,
@@ -317,7 +389,16 @@ where
     };
     let actions = schedule.actions(coords.pp);
     let mut metrics = match (&config.metrics, logging) {
-        (Some(path), true) => Some(std::fs::File::create(path).map_err(|e| Error::io(path, e))?),
+        // A resumed run continues the file of the run it resumes.
+        (Some(path), true) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(config.checkpoint.load.is_some())
+                .truncate(config.checkpoint.load.is_none())
+                .open(path)
+                .map_err(|e| Error::io(path, e))?,
+        ),
         _ => None,
     };
     let progress = (config.progress && logging).then(|| progress_bar(config.steps));
@@ -356,7 +437,7 @@ where
     }
 
     let mut records = Vec::with_capacity(config.steps);
-    for index in 1..=config.steps {
+    for index in start.iteration + 1..=config.steps {
         for chunk in &chunks {
             chunk.set_training(true);
         }
@@ -452,6 +533,43 @@ where
             }
         }
         records.push(record);
+        let exit = config.exit_interval > 0 && index % config.exit_interval == 0;
+        let interval = config.checkpoint.save_interval;
+        if let Some(root) = &config.checkpoint.save
+            && ((interval > 0 && index % interval == 0) || exit || index == config.steps)
+        {
+            let state = RunState {
+                iteration: index,
+                consumed_samples: start.consumed_samples
+                    + (index - start.iteration) * config.global_batch_size,
+                loss_scaler: scaler.as_ref().map(LossScaler::state),
+                random_state: chunks.first().map_or(0, ParallelModel::random_state),
+            };
+            let distributed = config.distributed_optimizer;
+            let dir = save::<B, M, B::InnerBackend>(
+                ctx,
+                root,
+                &chunks,
+                Some((&optimizer, distributed)),
+                &state,
+                &config.checkpoint.model,
+            )?;
+            if logging {
+                print_line(&progress, format!("saved {}", dir.display()));
+            }
+        }
+        if exit {
+            if logging {
+                print_line(
+                    &progress,
+                    format!(
+                        "exiting after step {index} (--exit-interval {})",
+                        config.exit_interval
+                    ),
+                );
+            }
+            break;
+        }
     }
     if let Some(bar) = progress {
         bar.finish_and_clear();

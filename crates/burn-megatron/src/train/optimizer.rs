@@ -17,6 +17,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 
 use crate::Result;
+use crate::checkpoint::{ScalerState, StateKind};
 use crate::parallel::{Group, ParallelBackend, ReduceOp};
 
 /// AdamW settings.
@@ -145,6 +146,22 @@ impl FlatLayout {
             moment_bytes: 8 * owned,
             main_grad_bytes: 4 * self.padded,
         }
+    }
+
+    /// Where rank `shard`'s buffer lies in the full flat buffer: for each bucket, the
+    /// full range of its shard and where that starts in the rank's buffer.
+    fn local_ranges(&self, shard: usize) -> Vec<(Range<usize>, usize)> {
+        let mut local_start = 0;
+        self.buckets
+            .iter()
+            .map(|bucket| {
+                let len = bucket.len() / self.shards;
+                let start = bucket.start + shard * len;
+                let range = (start..start + len, local_start);
+                local_start += len;
+                range
+            })
+            .collect()
     }
 
     /// Rank `shard`'s part of a full flat buffer: its shard of every bucket, in order.
@@ -304,6 +321,97 @@ impl<B: ParallelBackend> FlatAdamW<B> {
         self.layout.memory(self.distributed)
     }
 
+    /// Elements of the full flat buffers (padded).
+    pub fn padded_len(&self) -> usize {
+        self.layout.padded
+    }
+
+    /// Steps taken (Adam's bias correction).
+    pub fn steps(&self) -> u64 {
+        self.steps as u64
+    }
+
+    /// Every parameter's id, shape and range in the full flat buffer.
+    pub fn slots(&self) -> impl Iterator<Item = (ParamId, &[usize], Range<usize>)> {
+        self.layout
+            .slots
+            .iter()
+            .map(|slot| (slot.id, slot.shape.as_slice(), slot.range.clone()))
+    }
+
+    /// The elements of the optimizer state this rank holds (data-parallel rank
+    /// `shard`), per parameter: `(id, kind, first element within the flattened
+    /// parameter, values)`.
+    pub fn state_pieces(&self, shard: usize) -> Vec<(ParamId, StateKind, usize, Vec<f32>)> {
+        let ranges = match self.distributed {
+            true => self.layout.local_ranges(shard),
+            false => vec![(0..self.layout.padded, 0)],
+        };
+        let host = |tensor: &Tensor<B, 1>| -> Vec<f32> {
+            tensor
+                .clone()
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .expect("f32 optimizer state")
+        };
+        let states = [
+            (StateKind::Master, host(&self.master)),
+            (StateKind::ExpAvg, host(&self.exp_avg)),
+            (StateKind::ExpAvgSq, host(&self.exp_avg_sq)),
+        ];
+        let mut pieces = Vec::new();
+        for slot in &self.layout.slots {
+            for (full, local_start) in &ranges {
+                let start = slot.range.start.max(full.start);
+                let end = slot.range.end.min(full.end);
+                if start >= end {
+                    continue;
+                }
+                let at = local_start + (start - full.start);
+                for (kind, values) in &states {
+                    pieces.push((
+                        slot.id,
+                        *kind,
+                        start - slot.range.start,
+                        values[at..at + (end - start)].to_vec(),
+                    ));
+                }
+            }
+        }
+        pieces
+    }
+
+    /// Replaces the state with full flat buffers (`[master, exp_avg, exp_avg_sq]`, each
+    /// of the padded length) after `steps` steps, and writes the master weights into
+    /// `chunks`' parameters.
+    pub fn restore<AB, M>(
+        &mut self,
+        full: [Vec<f32>; 3],
+        steps: u64,
+        chunks: Vec<M>,
+        shard: usize,
+        device: &B::Device,
+    ) -> Vec<M>
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        let [master, exp_avg, exp_avg_sq] = full.map(|values| {
+            debug_assert_eq!(values.len(), self.layout.padded);
+            Tensor::<B, 1>::from_floats(values.as_slice(), device)
+        });
+        let local = |full: &Tensor<B, 1>| match self.distributed {
+            true => self.layout.local(full.clone(), shard),
+            false => full.clone(),
+        };
+        self.master = local(&master);
+        self.exp_avg = local(&exp_avg);
+        self.exp_avg_sq = local(&exp_avg_sq);
+        self.steps = steps as i32;
+        self.write_params(chunks, &master)
+    }
+
     /// Sums partial gradients over the tensor-parallel group (sequence-parallel
     /// parameters) and the embedding group (tied embeddings), then averages over the
     /// data-parallel group bucket by bucket: all-reduce, or reduce-scatter to this rank's
@@ -406,7 +514,16 @@ impl<B: ParallelBackend> FlatAdamW<B> {
         } else {
             self.master.clone()
         };
-        Ok(chunks
+        Ok(self.write_params(chunks, &full))
+    }
+
+    /// `chunks` with their parameters taken from the full flat buffer `full`.
+    fn write_params<AB, M>(&self, chunks: Vec<M>, full: &Tensor<B, 1>) -> Vec<M>
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        chunks
             .into_iter()
             .enumerate()
             .map(|(index, chunk)| {
@@ -414,10 +531,10 @@ impl<B: ParallelBackend> FlatAdamW<B> {
                 chunk.map(&mut WriteParams::<AB> {
                     slots: slots.collect(),
                     next: 0,
-                    full: &full,
+                    full,
                 })
             })
-            .collect())
+            .collect()
     }
 
     /// Elements of each chunk's parameters.
@@ -562,6 +679,20 @@ impl LossScaler {
             min_scale: 1.0,
             good_steps: 0,
         }
+    }
+
+    /// The state a checkpoint keeps.
+    pub fn state(&self) -> ScalerState {
+        ScalerState {
+            scale: self.scale,
+            good_steps: self.good_steps,
+        }
+    }
+
+    /// Continues from a checkpoint's state.
+    pub fn restore(&mut self, state: ScalerState) {
+        self.scale = state.scale;
+        self.good_steps = state.good_steps;
     }
 
     /// Records a step's outcome; returns whether the step should be applied.

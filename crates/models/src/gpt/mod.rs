@@ -6,11 +6,13 @@ mod export;
 pub mod hf;
 mod layers;
 mod model;
+mod native;
 mod step;
 mod weights;
 
 pub use config::{Activation, GptConfig, NormKind, PositionEmbedding};
 pub use layers::{DropoutPass, Mlp, Norm, SelfAttention, TransformerLayer, alibi_slopes};
 pub use model::{GptModel, StageInput};
+pub use native::{checkpoint_tensor, hf_config_of};
 pub use step::{GptStep, batch_tensors};
 pub use weights::{FullTensors, Weights};

@@ -324,6 +324,16 @@ impl<B: Backend> GptModel<B> {
         }
     }
 
+    /// Forward passes that drew dropout masks so far (the model's random state).
+    pub fn dropout_passes(&self) -> u64 {
+        self.dropout.passes.load(Ordering::Relaxed)
+    }
+
+    /// Continues the dropout masks after `passes` passes (when resuming training).
+    pub fn set_dropout_passes(&self, passes: u64) {
+        self.dropout.passes.store(passes, Ordering::Relaxed);
+    }
+
     /// Turns dropout on (training) or off (evaluation, inference; the default).
     pub fn set_training(&self, training: bool) {
         self.dropout.training.store(training, Ordering::Relaxed);

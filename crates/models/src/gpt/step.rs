@@ -7,7 +7,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_megatron::data::GptSample;
 use burn_megatron::parallel::ParallelBackend;
-use burn_megatron::train::{ParallelModel, StageOutput, TrainStep};
+use burn_megatron::train::{CheckpointParam, ParallelModel, StageOutput, TrainStep};
 
 use super::model::{GptModel, StageInput};
 
@@ -80,5 +80,17 @@ impl<B: Backend> ParallelModel for GptModel<B> {
 
     fn set_training(&self, training: bool) {
         GptModel::set_training(self, training);
+    }
+
+    fn checkpoint_params(&self) -> Vec<CheckpointParam> {
+        GptModel::checkpoint_params(self)
+    }
+
+    fn random_state(&self) -> u64 {
+        self.dropout_passes()
+    }
+
+    fn set_random_state(&self, state: u64) {
+        self.set_dropout_passes(state);
     }
 }

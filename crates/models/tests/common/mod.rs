@@ -84,6 +84,8 @@ pub fn train_config(steps: usize) -> TrainConfig {
         distributed_optimizer: false,
         bucket_size: 40_000_000,
         loss_scaling: None,
+        checkpoint: Default::default(),
+        exit_interval: 0,
         log_interval: 1,
         eval_interval: 0,
         eval_iters: 1,
@@ -129,7 +131,7 @@ impl Run {
 
 /// Trains `model` for `config.steps` steps on `layout`'s thread ranks.
 pub fn run(model: &GptConfig, layout: Layout, config: &TrainConfig) -> Run {
-    let data = samples(64);
+    let data = samples(96);
     let outcomes = LocalCluster::new(layout)
         .with_timeout(std::time::Duration::from_secs(120))
         .run(|ctx| {
