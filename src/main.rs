@@ -38,6 +38,10 @@ enum Command {
     /// Run a Hugging Face GPT checkpoint (gpt2, llama, bloom, gpt_bigcode) on token ids
     /// and write its logits, split over tensor-parallel thread ranks.
     Forward(commands::forward::ForwardArgs),
+    /// Convert checkpoints: Hugging Face GPT models (gpt2, llama, bloom, gpt_bigcode) to
+    /// burn-megatron's distributed format for a tp x pp layout, and back to sharded
+    /// Hugging Face safetensors.
+    Convert(commands::convert::ConvertArgs),
     /// Summarize an indexed dataset, decode a few documents, and run the GPT sampler.
     Inspect(commands::inspect::InspectArgs),
 }
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         Command::Preprocess(args) => commands::preprocess::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Forward(args) => commands::forward::run(args),
+        Command::Convert(args) => commands::convert::run(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -260,52 +260,332 @@ fn forward_reproduces_hf_logits_at_every_tensor_parallel_size() {
         "gptbigcode-a",
     ] {
         let inputs = forward_inputs("gpt2-a", out.path());
-        let reference = std::fs::read(format!(
-            "{}/tests/fixtures/{}/reference.safetensors",
-            env!("CARGO_MANIFEST_DIR"),
-            model.trim_end_matches("-sharded")
-        ))
-        .unwrap();
-        let reference = safetensors::SafeTensors::deserialize(&reference).unwrap();
-        let expected: Vec<f32> = reference
-            .tensor("logits")
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
         for tp in [1, 2, 4] {
+            let hf = format!("{}/tests/fixtures/{model}", env!("CARGO_MANIFEST_DIR"));
             let output = out.path().join(format!("{model}-tp{tp}.safetensors"));
-            let (ok, _, stderr) = burn_megatron(&[
-                "forward",
-                "--hf",
-                &format!("{}/tests/fixtures/{model}", env!("CARGO_MANIFEST_DIR")),
-                "--inputs",
-                inputs.to_str().unwrap(),
-                "--output",
-                output.to_str().unwrap(),
-                "--tp",
-                &tp.to_string(),
-            ]);
-            assert!(ok, "{model} tp={tp}: {stderr}");
-            let ours = std::fs::read(&output).unwrap();
-            let ours = safetensors::SafeTensors::deserialize(&ours).unwrap();
-            let logits = ours.tensor("logits").unwrap();
-            assert_eq!(logits.shape(), &[2, 16, 512], "{model} tp={tp}");
-            let worst = logits
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .zip(&expected)
-                .map(|(a, e)| (a - e).abs())
-                .fold(0f32, f32::max);
-            assert!(
-                worst / scale < 1e-4,
-                "{model} tp={tp}: relative error {}",
-                worst / scale
+            assert_reference_logits(
+                model.trim_end_matches("-sharded"),
+                &hf,
+                tp,
+                &inputs,
+                &output,
             );
         }
+    }
+}
+
+/// Runs `forward` on the Hugging Face checkpoint in `hf` at tensor-parallel size `tp` and
+/// checks the logits against fixture `model`'s reference.
+fn assert_reference_logits(
+    model: &str,
+    hf: &str,
+    tp: usize,
+    inputs: &std::path::Path,
+    output: &std::path::Path,
+) {
+    let reference = std::fs::read(format!(
+        "{}/tests/fixtures/{model}/reference.safetensors",
+        env!("CARGO_MANIFEST_DIR"),
+    ))
+    .unwrap();
+    let reference = safetensors::SafeTensors::deserialize(&reference).unwrap();
+    let expected: Vec<f32> = reference
+        .tensor("logits")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let (ok, _, stderr) = burn_megatron(&[
+        "forward",
+        "--hf",
+        hf,
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--tp",
+        &tp.to_string(),
+    ]);
+    assert!(ok, "{model} tp={tp}: {stderr}");
+    let ours = std::fs::read(output).unwrap();
+    let ours = safetensors::SafeTensors::deserialize(&ours).unwrap();
+    let logits = ours.tensor("logits").unwrap();
+    assert_eq!(logits.shape(), &[2, 16, 512], "{model} tp={tp}");
+    let worst = logits
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .zip(&expected)
+        .map(|(a, e)| (a - e).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst / scale < 1e-4,
+        "{model} tp={tp}: relative error {}",
+        worst / scale
+    );
+}
+
+/// Every tensor of the Hugging Face safetensors files in `dir`: dtype, shape and bytes.
+fn hf_tensor_bytes(
+    dir: &std::path::Path,
+) -> std::collections::BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
+    let mut tensors = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !(name.starts_with("model") && name.ends_with(".safetensors")) {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (key, view) in file.tensors() {
+            let value = (
+                format!("{:?}", view.dtype()),
+                view.shape().to_vec(),
+                view.data().to_vec(),
+            );
+            assert!(tensors.insert(key.clone(), value).is_none(), "{key} twice");
+        }
+    }
+    tensors
+}
+
+/// Each GPT fixture converts to a native checkpoint split for tp 2 x pp 2 and back to
+/// Hugging Face safetensors sharded at 100KB: every tensor equals the original bit for
+/// bit, and the result gives the reference logits in `forward`.
+#[test]
+fn hf_checkpoints_round_trip_through_the_native_format() {
+    let out = tempfile::tempdir().unwrap();
+    for model in ["gpt2-a", "llama-a", "bloom-a", "gptbigcode-a"] {
+        let original = format!("{}/tests/fixtures/{model}", env!("CARGO_MANIFEST_DIR"));
+        let native = out.path().join(format!("{model}-native"));
+        let hf = out.path().join(format!("{model}-hf"));
+        let (ok, stdout, stderr) = burn_megatron(&[
+            "convert",
+            "--load",
+            &original,
+            "--save",
+            native.to_str().unwrap(),
+            "--to",
+            "native",
+            "--tp",
+            "2",
+            "--pp",
+            "2",
+            "--print-checkpoint-structure",
+        ]);
+        assert!(ok, "{model}: {stderr}");
+        assert!(
+            stdout.contains(
+                "param layers.1.attention.query.weight\t[64, 64]\tF32\tsplit along dimension 1"
+            ),
+            "{model}: {stdout}"
+        );
+        // Stage 1 of 2 wrote the second layer from its own ranks.
+        let checkpoint =
+            std::fs::read_to_string(native.join("iter_0000000/rank-00002.json")).unwrap();
+        assert!(checkpoint.contains("layers.1."), "{model}: {checkpoint}");
+        assert!(!checkpoint.contains("layers.0."), "{model}: {checkpoint}");
+
+        let (ok, stdout, stderr) = burn_megatron(&[
+            "convert",
+            "--load",
+            native.to_str().unwrap(),
+            "--save",
+            hf.to_str().unwrap(),
+            "--to",
+            "hf",
+            "--max-shard-size",
+            "100KB",
+            "--print-checkpoint-structure",
+        ]);
+        assert!(ok, "{model}: {stderr}");
+        assert!(stdout.contains("F32"), "{stdout}");
+        let index = std::fs::read_to_string(hf.join("model.safetensors.index.json")).unwrap();
+        assert!(index.contains("\"weight_map\""), "{index}");
+        let (before, after) = (
+            hf_tensor_bytes(std::path::Path::new(&original)),
+            hf_tensor_bytes(&hf),
+        );
+        assert_eq!(
+            before.keys().collect::<Vec<_>>(),
+            after.keys().collect::<Vec<_>>(),
+            "{model}: the same tensor names"
+        );
+        for (name, tensor) in &before {
+            assert!(
+                after[name] == *tensor,
+                "{model}: {name} differs after the round trip"
+            );
+        }
+        let inputs = forward_inputs(model, out.path());
+        let logits = out.path().join(format!("{model}-round-trip.safetensors"));
+        assert_reference_logits(model, hf.to_str().unwrap(), 2, &inputs, &logits);
+    }
+}
+
+/// A model trained from scratch exports to Hugging Face (its config.json written from the
+/// model), which `forward` reads; wrong requests are refused with the fix.
+#[test]
+fn trained_checkpoints_export_to_hf_and_mistakes_are_named() {
+    let out = tempfile::tempdir().unwrap();
+    let save = out.path().join("run");
+    let mut args = vec![
+        "train",
+        "--tp",
+        "2",
+        "--dp",
+        "1",
+        "--steps",
+        "2",
+        "--save",
+        save.to_str().unwrap(),
+        "--position-embedding",
+        "rope",
+        "--normalization",
+        "RMSNorm",
+        "--activation",
+        "swiglu",
+        "--disable-bias",
+        "--untie-embeddings",
+    ];
+    args.extend(TINY);
+    let (ok, stdout, stderr) = burn_megatron(&args);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("saved"), "{stdout}");
+    let hf = out.path().join("hf");
+    let (ok, stdout, stderr) = burn_megatron(&[
+        "convert",
+        "--load",
+        save.to_str().unwrap(),
+        "--save",
+        hf.to_str().unwrap(),
+        "--to",
+        "hf",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("Llama"), "{stdout}");
+    let config = std::fs::read_to_string(hf.join("config.json")).unwrap();
+    assert!(config.contains("\"model_type\": \"llama\""), "{config}");
+    assert!(hf.join("model.safetensors").is_file());
+    let inputs = out.path().join("ids.safetensors");
+    let ids: Vec<u8> = (0..16i64).flat_map(|t| (t * 311).to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 16], &ids).unwrap();
+    safetensors::serialize_to_file([("input_ids", view)], None, &inputs).unwrap();
+    let (ok, stdout, stderr) = burn_megatron(&[
+        "forward",
+        "--hf",
+        hf.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--output",
+        out.path().join("logits.safetensors").to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("[1, 16, 50257]"), "{stdout}");
+
+    let (ok, _, stderr) = burn_megatron(&[
+        "convert",
+        "--load",
+        save.to_str().unwrap(),
+        "--save",
+        hf.to_str().unwrap(),
+        "--to",
+        "hf",
+    ]);
+    assert!(!ok && stderr.contains("is not empty"), "{stderr}");
+    let (ok, _, stderr) = burn_megatron(&[
+        "convert",
+        "--load",
+        save.to_str().unwrap(),
+        "--save",
+        out.path().join("x").to_str().unwrap(),
+        "--to",
+        "hf",
+        "--max-shard-size",
+        "lots",
+    ]);
+    assert!(!ok && stderr.contains("--max-shard-size lots"), "{stderr}");
+    let (ok, _, stderr) = burn_megatron(&[
+        "convert",
+        "--load",
+        out.path().to_str().unwrap(),
+        "--save",
+        out.path().join("y").to_str().unwrap(),
+        "--to",
+        "native",
+    ]);
+    assert!(!ok && stderr.contains("no complete checkpoint"), "{stderr}");
+}
+
+/// A save cut off before its commit (the process aborts) leaves the previous checkpoint
+/// as the one that loads; resuming from it logs the uninterrupted run's losses.
+#[test]
+fn a_save_cut_off_mid_write_is_ignored_on_resume() {
+    let out = tempfile::tempdir().unwrap();
+    let save = out.path().join("run");
+    let train = |extra: &[&str], metrics: &std::path::Path, crash: Option<&str>| {
+        let mut args = vec![
+            "train",
+            "--tp",
+            "2",
+            "--dp",
+            "1",
+            "--steps",
+            "4",
+            "--log-interval",
+            "1",
+        ];
+        args.extend(TINY);
+        args.extend(["--metrics", metrics.to_str().unwrap()]);
+        args.extend(extra);
+        let mut command = Command::new(env!("CARGO_BIN_EXE_burn-megatron"));
+        command.args(&args);
+        if let Some(iteration) = crash {
+            command.env("BURN_MEGATRON_CRASH_BEFORE_COMMIT", iteration);
+        }
+        let output = command.output().unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let whole = out.path().join("whole.jsonl");
+    let (ok, _, stderr) = train(&[], &whole, None);
+    assert!(ok, "{stderr}");
+    let saving = ["--save", save.to_str().unwrap(), "--save-interval", "1"];
+    let cut = out.path().join("cut.jsonl");
+    let (ok, _, stderr) = train(&saving, &cut, Some("3"));
+    assert!(!ok, "the save of step 3 aborts the run: {stderr}");
+    assert!(
+        save.join("iter_0000003.tmp").is_dir(),
+        "the cut-off save's files are there"
+    );
+    assert_eq!(
+        std::fs::read_to_string(save.join("latest")).unwrap().trim(),
+        "iter_0000002"
+    );
+
+    let (ok, stdout, stderr) = train(&["--load", save.to_str().unwrap()], &cut, None);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("ignoring") && stdout.contains("iter_0000003.tmp"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("iteration 2"), "{stdout}");
+    let (resumed, uninterrupted) = (metric_values(&cut), metric_values(&whole));
+    // Steps 1-3 of the cut run (step 3 trained before its save aborted), then 3-4 again.
+    assert_eq!(resumed.len(), 5, "{resumed:?}");
+    for (a, b) in resumed[3..].iter().zip(&uninterrupted[2..]) {
+        let (a, b): (f64, f64) = (a.0.parse().unwrap(), b.0.parse().unwrap());
+        assert!(
+            ((a - b) / b).abs() < 1e-5,
+            "resumed loss {a}, uninterrupted {b}"
+        );
     }
 }
 

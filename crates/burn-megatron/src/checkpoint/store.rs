@@ -390,6 +390,14 @@ impl Checkpoint {
             .collect()
     }
 
+    /// The dimension tensor `kind` `name` is split along over tensor-parallel ranks
+    /// (`None`: replicated or absent).
+    pub fn split_of(&self, kind: StateKind, name: &str) -> Option<usize> {
+        self.tensors
+            .get(&(kind, name.to_string()))
+            .and_then(|pieces| pieces[0].piece.placement.split_dim)
+    }
+
     /// The full tensor of `kind` and `name` (f32, row-major) and its shape, merged from
     /// every rank's pieces; `None` when the checkpoint does not hold it.
     ///

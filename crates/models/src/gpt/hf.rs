@@ -63,20 +63,15 @@ impl HfCheckpoint {
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let config: Value = serde_json::from_str(&text)
             .map_err(|e| invalid(&config_path, format!("not JSON: {e}")))?;
-        let family = match config["model_type"].as_str() {
-            Some("gpt2") => Family::Gpt2,
-            Some("llama") => Family::Llama,
-            Some("bloom") => Family::Bloom,
-            Some("gpt_bigcode") => Family::GptBigCode,
-            other => {
-                return Err(invalid(
-                    &config_path,
-                    format!(
-                        "model_type {other:?} is not a GPT family burn-megatron reads (gpt2, \
-                         llama, bloom, gpt_bigcode)"
-                    ),
-                ));
-            }
+        let model_type = config["model_type"].as_str();
+        let Some(family) = model_type.and_then(Family::from_model_type) else {
+            return Err(invalid(
+                &config_path,
+                format!(
+                    "model_type {model_type:?} is not a GPT family burn-megatron reads (gpt2, \
+                     llama, bloom, gpt_bigcode)"
+                ),
+            ));
         };
         let index_path = directory.join("model.safetensors.index.json");
         let shard_names: Vec<String> = if index_path.exists() {
@@ -121,6 +116,16 @@ impl HfCheckpoint {
     /// The model family.
     pub fn family(&self) -> Family {
         self.family
+    }
+
+    /// The checkpoint's `config.json`.
+    pub fn config_json(&self) -> &Value {
+        &self.config
+    }
+
+    /// The checkpoint's directory.
+    pub fn directory(&self) -> &Path {
+        &self.directory
     }
 
     /// Tensor `name` as f32 data, whatever its stored float type.
@@ -273,13 +278,16 @@ impl HfCheckpoint {
             }
             (Family::Llama, ["final_norm", what]) => self.tensor(&format!("model.norm.{what}")),
             (_, ["final_norm", what]) => self.tensor(&format!("transformer.ln_f.{what}")),
-            (Family::Llama, ["output", "weight"]) => {
-                match self.locations.contains_key("lm_head.weight") {
-                    true => transposed("lm_head.weight"),
-                    false => transposed("model.embed_tokens.weight"),
-                }
+            // An untied head is `lm_head`; a tied one is the embedding table.
+            (family, ["output", "weight"]) => {
+                let table = match family {
+                    _ if self.locations.contains_key("lm_head.weight") => "lm_head.weight",
+                    Family::Llama => "model.embed_tokens.weight",
+                    Family::Bloom => "transformer.word_embeddings.weight",
+                    _ => "transformer.wte.weight",
+                };
+                transposed(table)
             }
-            (_, ["output", "weight"]) => transposed("transformer.wte.weight"),
             (family, ["layers", layer, rest @ ..]) => {
                 let (gpt, llama, bloom) = (
                     format!("transformer.h.{layer}"),

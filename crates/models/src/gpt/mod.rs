@@ -4,6 +4,7 @@
 mod config;
 mod export;
 pub mod hf;
+mod hf_export;
 mod layers;
 mod model;
 mod native;
@@ -11,6 +12,7 @@ mod step;
 mod weights;
 
 pub use config::{Activation, GptConfig, NormKind, PositionEmbedding};
+pub use hf_export::{hf_config_json, hf_tensors, write_hf};
 pub use layers::{DropoutPass, Mlp, Norm, SelfAttention, TransformerLayer, alibi_slopes};
 pub use model::{GptModel, StageInput};
 pub use native::{checkpoint_tensor, hf_config_of};
