@@ -127,14 +127,15 @@ fn logits(model: &GptConfig, tp: usize, weights: &FullTensor<'_>) -> Vec<f32> {
     outputs[0].clone()
 }
 
-/// A checkpoint of tp 2 x pp 2 x dp 2 (distributed optimizer) loads at tp 1 x pp 1 x dp 1
-/// and at tp 4 x dp 2: the model gives the original weights' logits, and the next two
-/// training steps (the second depends on the reshaped Adam moments) log the losses the
-/// original layout logs.
+/// A checkpoint of tp 2 x pp 2 x dp 2 (distributed optimizer) loads at tp 1 x pp 1 x dp 1,
+/// at tp 4 x dp 2 and at pp 2 x 2 virtual stages: the model gives the original weights'
+/// logits, and the next two training steps (the second depends on the reshaped Adam
+/// moments) log the losses the original layout logs.
 #[test]
 fn a_checkpoint_loads_into_other_layouts() {
     let dir = tempfile::tempdir().unwrap();
-    let model = small();
+    let mut model = small();
+    model.layers = 4;
     let original = Layout::new(2, 2, 2).unwrap();
     let mut config = train_config(4);
     config.distributed_optimizer = true;
@@ -159,15 +160,25 @@ fn a_checkpoint_loads_into_other_layouts() {
         );
     }
 
-    for (tp, dp, distributed) in [(1, 1, false), (4, 2, true)] {
-        let layout = Layout::new(tp, 1, dp).unwrap();
+    let layouts = [
+        (Layout::new(1, 1, 1).unwrap(), false),
+        (Layout::new(4, 1, 2).unwrap(), true),
+        (
+            Layout::new(1, 2, 1)
+                .unwrap()
+                .with_virtual_pipeline(2)
+                .unwrap(),
+            false,
+        ),
+    ];
+    for (layout, distributed) in layouts {
         let resumed = run(&model, layout, &loading(&config, dir.path(), distributed));
         let losses = resumed.losses();
         assert_eq!(losses.len(), 2);
         for (step, (a, b)) in losses.iter().zip(&whole.losses()[2..]).enumerate() {
             assert!(
                 relative(*a, *b) < 1e-5,
-                "tp {tp} dp {dp} step {}: loss {a}, original layout {b}",
+                "{layout} step {}: loss {a}, original layout {b}",
                 step + 3
             );
         }
