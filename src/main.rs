@@ -38,6 +38,10 @@ enum Command {
     /// Run a Hugging Face GPT checkpoint (gpt2, llama, bloom, gpt_bigcode) on token ids
     /// and write its logits, split over tensor-parallel thread ranks.
     Forward(commands::forward::ForwardArgs),
+    /// Benchmarks: `bench collectives` measures the bus bandwidth of the collectives over
+    /// the ranks of a launched job (NCCL on CUDA), checking every result.
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
     /// Convert checkpoints: Hugging Face GPT models (gpt2, llama, bloom, gpt_bigcode) to
     /// burn-megatron's distributed format for a tp x pp layout, and back to sharded
     /// Hugging Face safetensors.
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Forward(args) => commands::forward::run(args),
         Command::Convert(args) => commands::convert::run(args),
+        Command::Bench(command) => commands::bench::run(command),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -964,3 +964,38 @@ fn launch_stops_every_rank_when_one_fails() {
         started.elapsed()
     );
 }
+
+/// `bench collectives` over two launched CPU processes checks every collective against
+/// the host's values and prints its table.
+#[test]
+fn bench_collectives_checks_every_result() {
+    let out = tempfile::tempdir().unwrap();
+    let rows = out.path().join("rows.jsonl");
+    let binary = env!("CARGO_BIN_EXE_burn-megatron");
+    let port = free_port();
+    let (ok, stdout, stderr) = burn_megatron(&[
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        &port,
+        "--",
+        binary,
+        "bench",
+        "collectives",
+        "--min-size",
+        "4KiB",
+        "--max-size",
+        "64KiB",
+        "--iters",
+        "2",
+        "--output",
+        rows.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("reduce_scatter"), "{stdout}");
+    let rows = std::fs::read_to_string(&rows).unwrap();
+    // 4 KiB, 16 KiB and 64 KiB, three operations each, all checked.
+    assert_eq!(rows.lines().count(), 9, "{rows}");
+    assert!(rows.lines().all(|row| row.contains("\"checked\": true")), "{rows}");
+}

@@ -1,5 +1,6 @@
 //! The subcommands of `burn-megatron`.
 
+pub mod bench;
 pub mod convert;
 pub mod forward;
 pub mod inspect;

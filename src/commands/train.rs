@@ -603,7 +603,7 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
         // One rank of a multi-process job (started by `launch`, torchrun, srun or mpirun).
         Some(env) => {
             let (ctx, world) = env.connect(layout, DEFAULT_TIMEOUT)?;
-            let outcome = run_rank(ctx);
+            let outcome = device_groups(ctx, &device, gpu).and_then(run_rank);
             match &outcome {
                 Ok(_) => world.finish(),
                 Err(error) => world.abort(&error.to_string()),
@@ -633,7 +633,20 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
 /// The CUDA backend: CubeCL without the fusion layer, whose client does not accept
 /// tensors handed between the threads of thread ranks (measured on an H200: `CallError`).
 #[cfg(feature = "cuda")]
-type CudaBackend = burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, f32, i32, u8>;
+pub(crate) type CudaBackend =
+    burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, f32, i32, u8>;
+
+/// The groups a launched rank computes with: NCCL on CUDA, the TCP ones on the CPU.
+fn device_groups(ctx: ParallelContext, device: &str, gpu: usize) -> Result<ParallelContext> {
+    match device {
+        #[cfg(feature = "cuda")]
+        "cuda" => ctx.with_nccl(gpu),
+        _ => {
+            let _ = gpu;
+            Ok(ctx)
+        }
+    }
+}
 
 /// Trains one rank on backend `B` (with autodiff).
 fn train_rank<B: ParallelBackend>(

@@ -94,6 +94,8 @@ where
 {
 }
 
+/// CUDA tensors: on NCCL when the group has a communicator (processes of a launched
+/// job), else through the group's transport.
 #[cfg(feature = "cuda")]
 impl<F, I, BT> ParallelBackend
     for burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, F, I, BT>
@@ -102,6 +104,71 @@ where
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
 {
+    fn all_reduce<const D: usize>(
+        group: &Group,
+        tensor: Tensor<Self, D>,
+        op: ReduceOp,
+    ) -> Result<Tensor<Self, D>> {
+        match group.nccl() {
+            Some(comm) if group.size() > 1 => super::nccl::all_reduce(comm, group, tensor, op),
+            _ => collectives::all_reduce(group, tensor, op),
+        }
+    }
+
+    fn all_gather<const D: usize>(
+        group: &Group,
+        tensor: Tensor<Self, D>,
+        dim: usize,
+    ) -> Result<Tensor<Self, D>> {
+        match group.nccl() {
+            Some(comm) if group.size() > 1 => super::nccl::all_gather(comm, group, tensor, dim),
+            _ => collectives::all_gather(group, tensor, dim),
+        }
+    }
+
+    fn reduce_scatter<const D: usize>(
+        group: &Group,
+        tensor: Tensor<Self, D>,
+        dim: usize,
+        op: ReduceOp,
+    ) -> Result<Tensor<Self, D>> {
+        match group.nccl() {
+            Some(comm) if group.size() > 1 => {
+                super::nccl::reduce_scatter(comm, group, tensor, dim, op)
+            }
+            _ => collectives::reduce_scatter(group, tensor, dim, op),
+        }
+    }
+
+    fn broadcast<const D: usize>(
+        group: &Group,
+        tensor: Tensor<Self, D>,
+        root: usize,
+    ) -> Result<Tensor<Self, D>> {
+        match group.nccl() {
+            Some(comm) if group.size() > 1 => super::nccl::broadcast(comm, group, tensor, root),
+            _ => collectives::broadcast(group, tensor, root),
+        }
+    }
+
+    fn send<const D: usize>(group: &Group, tensor: Tensor<Self, D>, dst: usize) -> Result<()> {
+        match group.nccl() {
+            Some(comm) => super::nccl::send(comm, group, tensor, dst),
+            None => collectives::send(group, tensor, dst),
+        }
+    }
+
+    fn recv<const D: usize>(
+        group: &Group,
+        shape: Shape,
+        src: usize,
+        device: &Self::Device,
+    ) -> Result<Tensor<Self, D>> {
+        match group.nccl() {
+            Some(comm) => super::nccl::recv(comm, group, shape, src, device),
+            None => collectives::recv(group, shape, src, device),
+        }
+    }
 }
 
 #[cfg(feature = "cuda")]

@@ -100,4 +100,27 @@ impl ParallelContext {
     pub fn world(&self) -> &Group {
         &self.world
     }
+
+    /// This context with every group replaced by `map(group)`, in a fixed order (tensor,
+    /// data, pipeline, pipeline gradients, embedding, world) that is the same on every
+    /// rank, so that groups whose setup is itself collective are set up in step.
+    ///
+    /// # Errors
+    ///
+    /// The first error of `map`.
+    pub fn map_groups(
+        &self,
+        mut map: impl FnMut(&Group) -> crate::Result<Group>,
+    ) -> crate::Result<Self> {
+        Ok(Self {
+            layout: self.layout,
+            rank: self.rank,
+            tensor: map(&self.tensor)?,
+            data: map(&self.data)?,
+            pipeline: map(&self.pipeline)?,
+            pipeline_gradients: map(&self.pipeline_gradients)?,
+            embedding: self.embedding.as_ref().map(&mut map).transpose()?,
+            world: map(&self.world)?,
+        })
+    }
 }

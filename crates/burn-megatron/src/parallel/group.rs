@@ -91,6 +91,13 @@ pub trait ProcessGroup: Send + Sync + fmt::Debug {
     /// Marks the whole job as failed so that every rank waiting in a collective returns an
     /// error at once instead of waiting for its timeout.
     fn abort(&self, reason: String);
+
+    /// The NCCL communicator of a group of CUDA ranks, whose tensor collectives then run
+    /// on the device.
+    #[cfg(feature = "cuda")]
+    fn nccl(&self) -> Option<&super::NcclComm> {
+        None
+    }
 }
 
 /// A shared handle to a [`ProcessGroup`], with the tensor collectives.
@@ -133,6 +140,12 @@ impl Group {
     /// The transport.
     pub fn process_group(&self) -> &dyn ProcessGroup {
         self.0.as_ref()
+    }
+
+    /// The group's NCCL communicator, if it runs on NCCL.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn nccl(&self) -> Option<&super::NcclComm> {
+        self.0.nccl()
     }
 
     /// Sums, averages or takes the maximum of `tensor` over the group; every rank gets the
