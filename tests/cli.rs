@@ -697,6 +697,18 @@ fn wrong_train_settings_name_the_setting_and_the_fix() {
         "{stderr}"
     );
 
+    let (ok, _, stderr) = burn_megatron(&["train", "--precision", "bf16"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--precision bf16 needs --device cuda"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = burn_megatron(&["train", "--precision", "fp8"]);
+    assert!(
+        !ok && stderr.contains("--precision fp8: use fp32, bf16 or fp16"),
+        "{stderr}"
+    );
+
     let missing = out.path().join("nowhere").display().to_string();
     let (ok, _, stderr) = burn_megatron(&["train", "--data-path", &missing]);
     assert!(!ok);
@@ -997,5 +1009,8 @@ fn bench_collectives_checks_every_result() {
     let rows = std::fs::read_to_string(&rows).unwrap();
     // 4 KiB, 16 KiB and 64 KiB, three operations each, all checked.
     assert_eq!(rows.lines().count(), 9, "{rows}");
-    assert!(rows.lines().all(|row| row.contains("\"checked\": true")), "{rows}");
+    assert!(
+        rows.lines().all(|row| row.contains("\"checked\": true")),
+        "{rows}"
+    );
 }

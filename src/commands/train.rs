@@ -166,6 +166,12 @@ pub struct TrainArgs {
     /// (Megatron's distributed optimizer).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     use_distributed_optimizer: Option<bool>,
+    /// Parameters and activations in fp32, bf16 or fp16 (Megatron's mixed precision:
+    /// fp32 main grads, master weights and Adam moments; norms, softmax and the loss in
+    /// fp32; fp16 turns on dynamic loss scaling). bf16 and fp16 need --device cuda
+    /// [default: fp32].
+    #[arg(long)]
+    precision: Option<String>,
     /// Elements per gradient bucket of the data-parallel reduction [default: 40000000].
     #[arg(long)]
     bucket_size: Option<usize>,
@@ -287,6 +293,7 @@ impl TrainArgs {
             adam_eps,
             clip_grad,
             use_distributed_optimizer,
+            precision,
             bucket_size,
             initial_loss_scale,
             loss_scale_window,
@@ -407,10 +414,14 @@ impl TrainArgs {
             clip_grad: self.clip_grad.unwrap_or(1.0),
             distributed_optimizer: self.use_distributed_optimizer.unwrap_or(false),
             bucket_size: self.bucket_size.unwrap_or(40_000_000),
-            loss_scaling: self.initial_loss_scale.map(|initial| LossScaling {
-                initial,
-                growth_interval: self.loss_scale_window.unwrap_or(1000),
-            }),
+            // fp16 needs loss scaling (Megatron's default window, a 2^16 start).
+            loss_scaling: self
+                .initial_loss_scale
+                .or((self.precision.as_deref() == Some("fp16")).then_some(65536.0))
+                .map(|initial| LossScaling {
+                    initial,
+                    growth_interval: self.loss_scale_window.unwrap_or(1000),
+                }),
             checkpoint: CheckpointConfig {
                 save: self.save.clone(),
                 save_interval: self.save_interval.unwrap_or(0),
@@ -576,11 +587,38 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
     }
     let started = std::time::Instant::now();
     let gpu = launched.as_ref().map_or(0, |env| env.local_rank);
+    let precision = args.precision.clone().unwrap_or_else(|| "fp32".to_string());
+    match (device.as_str(), precision.as_str()) {
+        (_, "fp32") | ("cuda", "bf16" | "fp16") => {}
+        ("cpu", "bf16" | "fp16") => {
+            return Err(Error::InvalidConfig(format!(
+                "--precision {precision} needs --device cuda: the CPU backend (NdArray) computes \
+                 in fp32 only"
+            )));
+        }
+        (_, other) => return Err(invalid("precision", other, "fp32, bf16 or fp16")),
+    }
     let run_rank = |ctx: ParallelContext| -> Result<Vec<StepRecord>> {
         let data = (train_data.as_ref(), valid_data.as_deref());
-        match device.as_str() {
+        match (device.as_str(), precision.as_str()) {
             #[cfg(feature = "cuda")]
-            "cuda" => train_rank::<CudaBackend>(
+            ("cuda", "bf16") => train_rank::<CudaBackendOf<half::bf16>>(
+                &ctx,
+                &burn_cuda::CudaDevice::new(gpu),
+                &model,
+                data,
+                &config,
+            ),
+            #[cfg(feature = "cuda")]
+            ("cuda", "fp16") => train_rank::<CudaBackendOf<half::f16>>(
+                &ctx,
+                &burn_cuda::CudaDevice::new(gpu),
+                &model,
+                data,
+                &config,
+            ),
+            #[cfg(feature = "cuda")]
+            ("cuda", _) => train_rank::<CudaBackend>(
                 &ctx,
                 &burn_cuda::CudaDevice::new(gpu),
                 &model,
@@ -632,9 +670,13 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
 
 /// The CUDA backend: CubeCL without the fusion layer, whose client does not accept
 /// tensors handed between the threads of thread ranks (measured on an H200: `CallError`).
+/// The CUDA backend computing in `F` by default (bf16 or fp16 for mixed precision).
 #[cfg(feature = "cuda")]
-pub(crate) type CudaBackend =
-    burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, f32, i32, u8>;
+type CudaBackendOf<F> =
+    burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, F, i32, u8>;
+
+#[cfg(feature = "cuda")]
+pub(crate) type CudaBackend = CudaBackendOf<f32>;
 
 /// The groups a launched rank computes with: NCCL on CUDA, the TCP ones on the CPU.
 fn device_groups(ctx: ParallelContext, device: &str, gpu: usize) -> Result<ParallelContext> {

@@ -10,13 +10,14 @@ use std::time::Instant;
 
 use burn::module::{AutodiffModule, ParamId};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Tensor, backend::Backend};
+use burn::tensor::{Tensor, backend::Backend};
 
 use super::checkpointing::{CheckpointParam, RunState, restore, save};
 use super::optimizer::{
     AdamWSettings, FlatAdamW, FlatLayout, LossScaler, MainGrads, ParamRole, ReduceGroups,
 };
 use super::pipeline::StageRunner;
+use super::scalar_value;
 use super::schedule::LrSchedule;
 use crate::checkpoint::Checkpoint;
 use crate::data::{GptSample, MicroBatchSampler, SampleSource};
@@ -613,9 +614,9 @@ where
     B: AutodiffBackend,
     B::InnerBackend: ParallelBackend,
 {
-    let tensor = Tensor::<B::InnerBackend, 1>::from_floats([f32::from(u8::from(flag))], device);
+    let tensor = scalar::<B::InnerBackend>(f32::from(u8::from(flag)), device);
     let any = ctx.world().all_reduce(tensor, ReduceOp::Max)?;
-    Ok(any.into_scalar().elem::<f64>() > 0.0)
+    Ok(scalar_value(any) > 0.0)
 }
 
 /// The mean loss over `eval_iters` micro-batches of validation data per data-parallel
@@ -665,12 +666,12 @@ where
     B: AutodiffBackend,
     B::InnerBackend: ParallelBackend,
 {
-    let tensor = Tensor::<B::InnerBackend, 1>::from_floats([value as f32], device);
+    let tensor = scalar::<B::InnerBackend>(value as f32, device);
     let mean = ctx.data().all_reduce(tensor, ReduceOp::Mean)?;
     let last_stage = ctx.coords().pp + 1 == ctx.layout().pipeline();
     let mean = if last_stage { mean } else { mean.zeros_like() };
     let loss = ctx.pipeline().all_reduce(mean, ReduceOp::Sum)?;
-    Ok(loss.into_scalar().elem::<f64>())
+    Ok(scalar_value(loss))
 }
 
 /// The global gradient norm from this rank's sum of squares (split parameters on every
@@ -686,13 +687,22 @@ where
     B: AutodiffBackend,
     B::InnerBackend: ParallelBackend,
 {
-    let mut total = Tensor::<B::InnerBackend, 1>::from_floats([norm_squared as f32], device);
+    let mut total = scalar::<B::InnerBackend>(norm_squared as f32, device);
     if sharded {
         total = ctx.data().all_reduce(total, ReduceOp::Sum)?;
     }
     let total = ctx.tensor().all_reduce(total, ReduceOp::Sum)?;
     let total = ctx.pipeline().all_reduce(total, ReduceOp::Sum)?;
-    Ok(total.into_scalar().elem::<f64>().sqrt())
+    Ok(scalar_value(total).sqrt())
+}
+
+/// A one-element fp32 tensor (whatever the backend's default float type, so that
+/// reported losses and norms keep fp32 precision under bf16 training).
+fn scalar<B: Backend>(value: f32, device: &B::Device) -> Tensor<B, 1> {
+    Tensor::from_data(
+        burn::tensor::TensorData::new(vec![value], [1]),
+        (device, burn::tensor::DType::F32),
+    )
 }
 
 fn progress_bar(steps: usize) -> indicatif::ProgressBar {

@@ -14,3 +14,12 @@ pub use engine::{
 };
 pub use optimizer::{AdamWSettings, FlatLayout, LossScaler, OptimizerMemory, ParamRole};
 pub use schedule::{Decay, LrSchedule};
+
+/// The value of a one-element tensor at its own precision: not through the backend's
+/// default element type, which is bf16 or fp16 under mixed precision.
+pub(crate) fn scalar_value<B: burn::tensor::backend::Backend, const D: usize>(
+    tensor: burn::tensor::Tensor<B, D>,
+) -> f64 {
+    let data = tensor.into_data().convert::<f64>();
+    data.as_slice::<f64>().map_or(f64::NAN, |values| values[0])
+}

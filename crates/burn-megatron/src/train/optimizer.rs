@@ -14,7 +14,7 @@ use std::ops::Range;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::Result;
 use crate::checkpoint::{ScalerState, StateKind};
@@ -298,7 +298,7 @@ impl<B: ParallelBackend> FlatAdamW<B> {
             for slot in &layout.slots {
                 values[slot.range.clone()].fill(value(slot));
             }
-            local(Tensor::<B, 1>::from_floats(values.as_slice(), device))
+            local(fp32(values, device))
         };
         let master = local(pad(parts, layout.padded, device));
         let decay = vector(&|slot| f32::from(u8::from(slot.shape.len() >= 2)));
@@ -399,7 +399,7 @@ impl<B: ParallelBackend> FlatAdamW<B> {
     {
         let [master, exp_avg, exp_avg_sq] = full.map(|values| {
             debug_assert_eq!(values.len(), self.layout.padded);
-            Tensor::<B, 1>::from_floats(values.as_slice(), device)
+            fp32(values, device)
         });
         let local = |full: &Tensor<B, 1>| match self.distributed {
             true => self.layout.local(full.clone(), shard),
@@ -428,7 +428,7 @@ impl<B: ParallelBackend> FlatAdamW<B> {
             .chunks
             .into_iter()
             .zip(self.chunk_lengths())
-            .map(|(grads, len)| grads.unwrap_or_else(|| Tensor::zeros([len], device)))
+            .map(|(grads, len)| grads.unwrap_or_else(|| Tensor::zeros([len], (device, DType::F32))))
             .collect();
         let mut flat = pad(parts, self.layout.padded, device);
         if scale != 1.0 {
@@ -456,10 +456,8 @@ impl<B: ParallelBackend> FlatAdamW<B> {
             }
         });
         let grads = Tensor::cat(buckets.collect::<Result<Vec<_>>>()?, 0);
-        let norm_squared = (grads.clone().powi_scalar(2) * self.counted.clone())
-            .sum()
-            .into_scalar()
-            .elem::<f64>();
+        let norm_squared =
+            super::scalar_value((grads.clone().powi_scalar(2) * self.counted.clone()).sum());
         Ok(ReducedGrads {
             grads,
             norm_squared,
@@ -581,11 +579,17 @@ fn sum_slots<B: ParallelBackend>(
     Ok(flat)
 }
 
-/// `parts` concatenated and padded with zeros to `len` elements.
+/// An fp32 vector on `device`, whatever the backend's default float type.
+fn fp32<B: Backend>(values: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
+    let len = values.len();
+    Tensor::from_data(TensorData::new(values, [len]), (device, DType::F32))
+}
+
+/// `parts` concatenated and padded with zeros to `len` elements (fp32).
 fn pad<B: Backend>(mut parts: Vec<Tensor<B, 1>>, len: usize, device: &B::Device) -> Tensor<B, 1> {
     let filled: usize = parts.iter().map(|part| part.dims()[0]).sum();
     if filled < len {
-        parts.push(Tensor::zeros([len - filled], device));
+        parts.push(Tensor::zeros([len - filled], (device, DType::F32)));
     }
     Tensor::cat(parts, 0)
 }
@@ -607,7 +611,8 @@ struct FlattenParams<'a, B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for FlattenParams<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.parts.push(param.val().inner().flatten(0, D - 1));
+        self.parts
+            .push(param.val().inner().flatten(0, D - 1).cast(DType::F32));
     }
 }
 
@@ -622,7 +627,8 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for FlattenGrads<'_, B> {
             Some(grad) => grad,
             None => param.val().inner().zeros_like(),
         };
-        self.parts.push(grad.flatten(0, D - 1));
+        // Main grads are fp32 whatever the parameters' type.
+        self.parts.push(grad.flatten(0, D - 1).cast(DType::F32));
     }
 }
 
@@ -639,7 +645,13 @@ impl<B: AutodiffBackend> ModuleMapper<B> for WriteParams<'_, B> {
         self.next += 1;
         assert_eq!(slot.id, id, "parameters are visited in layout order");
         let shape: [usize; D] = slot.shape.clone().try_into().expect("the slot's rank");
-        let value = self.full.clone().slice(slot.range.clone()).reshape(shape);
+        // The fp32 master value, in the parameter's own type.
+        let value = self
+            .full
+            .clone()
+            .slice(slot.range.clone())
+            .reshape(shape)
+            .cast(tensor.dtype());
         let mut updated = Tensor::from_inner(value);
         if tensor.is_require_grad() {
             updated = updated.require_grad();

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Tensor};
 
 use super::engine::{ParallelModel, StageOutput, TrainStep};
 use super::optimizer::MainGrads;
@@ -97,7 +97,7 @@ where
                             self.ctx.pipeline().send(hidden.clone().inner(), to)?;
                         }
                         (StageOutput::Loss(loss), None) => {
-                            outcome.loss_sum += loss.clone().into_scalar().elem::<f64>();
+                            outcome.loss_sum += super::scalar_value(loss.clone());
                         }
                         (_, next) => {
                             return Err(Error::InvalidConfig(format!(

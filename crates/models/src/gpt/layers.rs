@@ -2,7 +2,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, gelu_approximate, silu, softmax};
-use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend, module::linear};
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData, backend::Backend, module::linear};
 use burn_megatron::Result;
 use burn_megatron::parallel::{Group, ParallelBackend};
 use burn_megatron::tensor_parallel::mappings::{
@@ -80,6 +80,9 @@ impl<B: Backend> Norm<B> {
 
     /// Normalizes `x` over its last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        // Statistics in fp32 whatever the activations' type (bf16, fp16).
+        let dtype = x.dtype();
+        let x = with_dtype(x, DType::F32);
         let normalized = match &self.bias {
             Some(_) => {
                 let (variance, mean) = x.clone().var_mean_bias(D - 1);
@@ -90,7 +93,7 @@ impl<B: Backend> Norm<B> {
                 x / (mean_square + self.epsilon).sqrt()
             }
         };
-        let scaled = normalized * self.weight.val().unsqueeze();
+        let scaled = with_dtype(normalized, dtype) * self.weight.val().unsqueeze();
         match &self.bias {
             Some(bias) => scaled + bias.val().unsqueeze(),
             None => scaled,
@@ -300,7 +303,9 @@ impl<B: ParallelBackend> SelfAttention<B> {
         };
 
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut scores = query.matmul(key.swap_dims(2, 3)) * scale;
+        // Scores and softmax in fp32 whatever the activations' type.
+        let dtype = value.dtype();
+        let mut scores = with_dtype(query.matmul(key.swap_dims(2, 3)) * scale, DType::F32);
         if let Some(slopes) = &self.alibi_slopes {
             let positions: Vec<f32> = slopes
                 .iter()
@@ -308,7 +313,7 @@ impl<B: ParallelBackend> SelfAttention<B> {
                 .collect();
             let bias = Tensor::<B, 4>::from_data(
                 TensorData::new(positions, [1, self.heads, 1, seq]),
-                &device,
+                (&device, DType::F32),
             );
             scores = scores + bias;
         }
@@ -320,7 +325,7 @@ impl<B: ParallelBackend> SelfAttention<B> {
             let keys = padding.clone().unsqueeze_dim::<3>(1).unsqueeze_dim::<4>(1);
             masked = masked.bool_or(keys.expand([batch, self.heads, seq, seq]));
         }
-        let mut probabilities = softmax(scores.mask_fill(masked, f32::MIN), 3);
+        let mut probabilities = with_dtype(softmax(scores.mask_fill(masked, f32::MIN), 3), dtype);
         if dropout_pass.attention > 0.0 {
             let first_head = self.group.rank() * self.heads;
             let all_heads = self.heads * self.group.size();
@@ -338,6 +343,18 @@ impl<B: ParallelBackend> SelfAttention<B> {
             self.heads * self.head_dim,
         ]);
         self.output.forward(context)
+    }
+}
+
+/// `tensor` in `dtype` (unchanged when it already is).
+pub(crate) fn with_dtype<B: Backend, const D: usize>(
+    tensor: Tensor<B, D>,
+    dtype: DType,
+) -> Tensor<B, D> {
+    if tensor.dtype() == dtype {
+        tensor
+    } else {
+        tensor.cast(dtype)
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use burn::module::{Module, Param, ParamId};
-use burn::tensor::{Bool, Int, Tensor, backend::Backend, module::linear};
+use burn::tensor::{Bool, DType, Int, Tensor, backend::Backend, module::linear};
 use burn_megatron::parallel::{Group, ParallelBackend, ParallelContext};
 use burn_megatron::pipeline::{LayerSplit, ModelChunk};
 use burn_megatron::tensor_parallel::mappings::{
@@ -20,7 +20,7 @@ use burn_megatron::tensor_parallel::{
 use burn_megatron::{Error, Result};
 
 use super::config::{GptConfig, PositionEmbedding};
-use super::layers::{DropoutPass, Norm, TransformerLayer};
+use super::layers::{DropoutPass, Norm, TransformerLayer, with_dtype};
 use super::weights::Weights;
 
 /// A GPT, or the model chunk of one pipeline stage, whose layers are split across the
@@ -583,6 +583,9 @@ impl<B: ParallelBackend> GptModel<B> {
         labels: Tensor<B, 2, Int>,
         loss_mask: Tensor<B, 2>,
     ) -> Tensor<B, 1> {
+        // Cross-entropy in fp32 whatever the activations' type.
+        let logits = with_dtype(logits, DType::F32);
+        let loss_mask = with_dtype(loss_mask, DType::F32);
         let losses = vocab_parallel_cross_entropy(logits, labels, &self.vocab, &self.group, 0.0);
         (losses * loss_mask.clone()).sum() / loss_mask.sum().clamp_min(1.0)
     }
