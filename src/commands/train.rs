@@ -674,14 +674,20 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
 /// The median throughput of the steps after the first two (which compile kernels and
 /// warm caches): tokens per second, and model FLOP/s per rank counting Megatron's
 /// `6 x parameters + 12 x layers x hidden x sequence` FLOPs per token.
-fn throughput(records: &[StepRecord], model: &GptConfig, seq: usize, ranks: usize) -> Option<String> {
+fn throughput(
+    records: &[StepRecord],
+    model: &GptConfig,
+    seq: usize,
+    ranks: usize,
+) -> Option<String> {
     let mut rates: Vec<f64> = records.iter().skip(2).map(|r| r.tokens_per_s).collect();
     if rates.is_empty() {
         return None;
     }
     rates.sort_by(f64::total_cmp);
     let median = rates[rates.len() / 2];
-    let per_token = 6.0 * model.num_params() as f64 + 12.0 * (model.layers * model.hidden * seq) as f64;
+    let per_token =
+        6.0 * model.num_params() as f64 + 12.0 * (model.layers * model.hidden * seq) as f64;
     Some(format!(
         "throughput (median after the first 2 of {} steps): {median:.0} tokens/s, {:.2} model \
          TFLOP/s per rank ({ranks} ranks)",
