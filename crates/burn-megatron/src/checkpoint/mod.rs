@@ -26,4 +26,5 @@ pub use manifest::{
 pub use reshard::{merge_shards, split_shard};
 pub use store::{
     Checkpoint, LATEST, RankWriter, commit, incomplete_saves, iteration_dir, prepare_staging,
+    staging_dir,
 };

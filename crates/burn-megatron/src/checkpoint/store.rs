@@ -21,7 +21,8 @@ pub fn iteration_dir(root: &Path, iteration: usize) -> PathBuf {
     root.join(format!("iter_{iteration:07}"))
 }
 
-fn staging_dir(root: &Path, iteration: usize) -> PathBuf {
+/// Where the checkpoint of `iteration` is written before it is complete.
+pub fn staging_dir(root: &Path, iteration: usize) -> PathBuf {
     root.join(format!("iter_{iteration:07}.tmp"))
 }
 

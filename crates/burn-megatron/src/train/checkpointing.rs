@@ -12,7 +12,7 @@ use super::engine::ParallelModel;
 use super::optimizer::FlatAdamW;
 use crate::checkpoint::{
     Checkpoint, CheckpointInfo, LayoutInfo, Placement, RankWriter, ScalerState, StateKind, commit,
-    prepare_staging, split_shard,
+    prepare_staging, split_shard, staging_dir,
 };
 use crate::parallel::{ParallelBackend, ParallelContext};
 use crate::{Error, Result};
@@ -109,7 +109,7 @@ where
         prepare_staging(root, state.iteration)?;
     }
     world.barrier()?;
-    let staging = root.join(format!("iter_{:07}.tmp", state.iteration));
+    let staging = staging_dir(root, state.iteration);
     let coords = ctx.coords();
     let mut writer = RankWriter::new(ctx.rank(), [coords.tp, coords.pp, coords.dp]);
     let params: HashMap<ParamId, CheckpointParam> = chunks
