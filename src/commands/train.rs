@@ -600,41 +600,27 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
     }
     let run_rank = |ctx: ParallelContext| -> Result<Vec<StepRecord>> {
         let data = (train_data.as_ref(), valid_data.as_deref());
+        #[cfg(feature = "cuda")]
+        let cuda = burn_cuda::CudaDevice::new(gpu);
+        let _ = gpu;
         match (device.as_str(), precision.as_str()) {
             #[cfg(feature = "cuda")]
-            ("cuda", "bf16") => train_rank::<CudaBackendOf<half::bf16>>(
-                &ctx,
-                &burn_cuda::CudaDevice::new(gpu),
-                &model,
-                data,
-                &config,
-            ),
-            #[cfg(feature = "cuda")]
-            ("cuda", "fp16") => train_rank::<CudaBackendOf<half::f16>>(
-                &ctx,
-                &burn_cuda::CudaDevice::new(gpu),
-                &model,
-                data,
-                &config,
-            ),
-            #[cfg(feature = "cuda")]
-            ("cuda", _) => train_rank::<CudaBackend>(
-                &ctx,
-                &burn_cuda::CudaDevice::new(gpu),
-                &model,
-                data,
-                &config,
-            ),
-            _ => {
-                let _ = gpu;
-                train_rank::<burn_ndarray::NdArray<f32>>(
-                    &ctx,
-                    &Default::default(),
-                    &model,
-                    data,
-                    &config,
-                )
+            ("cuda", "bf16") => {
+                train_rank::<CudaBackendOf<half::bf16>>(&ctx, &cuda, &model, data, &config)
             }
+            #[cfg(feature = "cuda")]
+            ("cuda", "fp16") => {
+                train_rank::<CudaBackendOf<half::f16>>(&ctx, &cuda, &model, data, &config)
+            }
+            #[cfg(feature = "cuda")]
+            ("cuda", _) => train_rank::<CudaBackend>(&ctx, &cuda, &model, data, &config),
+            _ => train_rank::<burn_ndarray::NdArray<f32>>(
+                &ctx,
+                &Default::default(),
+                &model,
+                data,
+                &config,
+            ),
         }
     };
     let records = match &launched {
