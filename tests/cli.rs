@@ -1014,3 +1014,49 @@ fn bench_collectives_checks_every_result() {
         "{rows}"
     );
 }
+
+#[test]
+fn selective_recompute_trains_like_storing_everything() {
+    let out = tempfile::tempdir().unwrap();
+    let run = |granularity: &str| {
+        let metrics = out.path().join(format!("{granularity}.jsonl"));
+        let mut args = vec!["train", "--tp", "2", "--dp", "1", "--steps", "3"];
+        args.extend([
+            "--log-interval",
+            "1",
+            "--recompute-granularity",
+            granularity,
+        ]);
+        args.extend(TINY);
+        args.extend(["--metrics", metrics.to_str().unwrap()]);
+        let (ok, _, stderr) = burn_megatron(&args);
+        assert!(ok, "{granularity}: {stderr}");
+        metric_values(&metrics)
+    };
+    let (selective, stored) = (run("selective"), run("none"));
+    assert_eq!(selective.len(), 3, "{selective:?}");
+    for ((loss, norm), (want_loss, want_norm)) in selective.iter().zip(&stored) {
+        for (got, want) in [(loss, want_loss), (norm, want_norm)] {
+            let (got, want): (f64, f64) = (got.parse().unwrap(), want.parse().unwrap());
+            assert!(
+                ((got - want) / want).abs() < 1e-5,
+                "selective recompute {got}, storing everything {want}"
+            );
+        }
+    }
+    let (ok, _, stderr) = burn_megatron(&["train", "--recompute-granularity", "full"]);
+    assert!(!ok && stderr.contains("use selective"), "{stderr}");
+}
+
+#[test]
+fn bench_ops_checks_the_reference_paths_on_cpu() {
+    let (ok, stdout, stderr) = burn_megatron(&["bench", "ops", "--device", "cpu"]);
+    assert!(ok, "{stderr}");
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("gemm") || l.starts_with("attention"))
+        .collect();
+    // 5 GEMM paths and 8 attention outputs/gradients, every one within its limit.
+    assert_eq!(rows.len(), 13, "{stdout}");
+    assert!(rows.iter().all(|row| row.ends_with(" ok")), "{stdout}");
+}

@@ -19,6 +19,9 @@ pub enum BenchCommand {
     /// Collective bandwidth over all ranks of a launched job (run under `launch`,
     /// torchrun, srun or mpirun).
     Collectives(CollectivesArgs),
+    /// The fast ops (cuBLASLt GEMMs, core attention with selective recompute) checked
+    /// against their plain-Burn references, and GEMM TFLOP/s next to Burn's matmul.
+    Ops(super::bench_ops::OpsArgs),
 }
 
 /// Flags of `bench collectives`.
@@ -46,6 +49,7 @@ pub struct CollectivesArgs {
 pub fn run(command: &BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Collectives(args) => collectives(args),
+        BenchCommand::Ops(args) => super::bench_ops::run(args),
     }
 }
 

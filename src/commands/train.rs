@@ -172,6 +172,18 @@ pub struct TrainArgs {
     /// [default: fp32].
     #[arg(long)]
     precision: Option<String>,
+    /// What core attention keeps for its backward: `selective` (Megatron's selective
+    /// recompute: only Q, K, V are kept and the attention probabilities are recomputed)
+    /// or `none` (every intermediate is stored) [default: selective].
+    #[arg(long)]
+    recompute_granularity: Option<String>,
+    /// Run every fast op (cuBLASLt GEMMs) through its plain-Burn reference instead, for
+    /// comparisons; the environment variable BURN_MEGATRON_REFERENCE_OPS=1 does the same.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    reference_ops: Option<bool>,
+    /// Let fp32 GEMMs on CUDA use TF32 tensor cores (faster, 10-bit mantissa products).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    tf32: Option<bool>,
     /// Elements per gradient bucket of the data-parallel reduction [default: 40000000].
     #[arg(long)]
     bucket_size: Option<usize>,
@@ -294,6 +306,9 @@ impl TrainArgs {
             clip_grad,
             use_distributed_optimizer,
             precision,
+            recompute_granularity,
+            reference_ops,
+            tf32,
             bucket_size,
             initial_loss_scale,
             loss_scale_window,
@@ -351,11 +366,26 @@ impl TrainArgs {
         model.tied_embeddings = !self.untie_embeddings.unwrap_or(false);
         model.bias = !self.disable_bias.unwrap_or(false);
         model.sequence_parallel = self.sequence_parallel.unwrap_or(false);
+        model.recompute_attention = self.recompute_attention()?;
         model.make_vocab_size_divisible_by = self.make_vocab_size_divisible_by.unwrap_or(128);
         model.init_std = self.init_method_std.unwrap_or(0.02);
         model.seed = self.seed.unwrap_or(1234);
         model.pipeline_layers = self.pipeline_layers.clone();
         Ok(model)
+    }
+
+    /// Whether core attention recomputes its probabilities (`--recompute-granularity`).
+    fn recompute_attention(&self) -> Result<bool> {
+        match self.recompute_granularity.as_deref().unwrap_or("selective") {
+            "selective" => Ok(true),
+            "none" => Ok(false),
+            "full" => Err(Error::InvalidConfig(
+                "--recompute-granularity full (recomputing whole layers) is not built yet: \
+                 use selective (the default) or none"
+                    .to_string(),
+            )),
+            other => Err(invalid("recompute-granularity", other, "selective or none")),
+        }
     }
 
     /// The model of the checkpoint to continue from: its sizes and variants, with the
@@ -380,6 +410,7 @@ impl TrainArgs {
         }
         model.pipeline_layers = self.pipeline_layers.clone();
         model.sequence_parallel = self.sequence_parallel.unwrap_or(false);
+        model.recompute_attention = self.recompute_attention()?;
         if let Some(multiple) = self.make_vocab_size_divisible_by {
             model.make_vocab_size_divisible_by = multiple;
         }
@@ -584,6 +615,15 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+    }
+    burn_megatron::ops::use_reference_ops(args.reference_ops.unwrap_or(false));
+    if args.tf32.unwrap_or(false) {
+        #[cfg(feature = "cuda")]
+        burn_megatron::ops::allow_tf32(true);
+        #[cfg(not(feature = "cuda"))]
+        return Err(Error::InvalidConfig(
+            "--tf32 needs a build with the cuda feature (cargo build --features cuda)".to_string(),
+        ));
     }
     let started = std::time::Instant::now();
     let gpu = launched.as_ref().map_or(0, |env| env.local_rank);

@@ -22,6 +22,7 @@ pub mod checkpoint;
 pub mod data;
 mod error;
 pub mod launch;
+pub mod ops;
 pub mod parallel;
 pub mod pipeline;
 pub mod tensor_parallel;

@@ -7,7 +7,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
-use burn::tensor::{Shape, Tensor, TensorPrimitive, backend::Backend};
+use burn::tensor::{Shape, Tensor, TensorPrimitive};
 
 use super::{Group, ReduceOp, collectives};
 use crate::Result;
@@ -20,7 +20,7 @@ use crate::tensor_parallel::RegionOp;
 /// run on the inner tensors and return untracked tensors (they are not differentiable),
 /// and [`region`](ParallelBackend::region) records a backward that applies the region
 /// operation's conjugate ([`RegionOp::backward`]).
-pub trait ParallelBackend: Backend {
+pub trait ParallelBackend: crate::ops::MegatronOps {
     /// See [`Group::all_reduce`].
     fn all_reduce<const D: usize>(
         group: &Group,

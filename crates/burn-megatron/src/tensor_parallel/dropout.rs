@@ -53,7 +53,10 @@ pub fn dropout<B: Backend, const D: usize>(
             index[dim] = 0;
         }
     }
-    let mask = Tensor::<B, D>::from_data(TensorData::new(mask, local), &tensor.device());
+    let mask = Tensor::<B, D>::from_data(
+        TensorData::new(mask, local),
+        (&tensor.device(), tensor.dtype()),
+    );
     tensor * mask
 }
 

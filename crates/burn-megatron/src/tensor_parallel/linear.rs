@@ -6,7 +6,7 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{Tensor, TensorData, backend::Backend, module::linear};
+use burn::tensor::{Tensor, TensorData, backend::Backend};
 
 use super::init::ParamInit;
 use super::mappings::{
@@ -14,6 +14,7 @@ use super::mappings::{
     gather_from_tensor_parallel_region, reduce_from_tensor_parallel_region,
     reduce_scatter_to_sequence_parallel_region, scatter_to_tensor_parallel_region,
 };
+use crate::ops::linear;
 use crate::parallel::{Group, ParallelBackend};
 use crate::{Error, Result};
 

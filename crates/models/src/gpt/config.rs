@@ -92,6 +92,10 @@ pub struct GptConfig {
     /// stage 1 chunk 0, ...). `None` splits them evenly.
     #[config(default = "None")]
     pub pipeline_layers: Option<Vec<usize>>,
+    /// Selective activation recomputation: core attention keeps only Q, K and V and
+    /// recomputes the `[batch, heads, seq, seq]` probabilities in its backward.
+    #[config(default = true)]
+    pub recompute_attention: bool,
     /// Split the residual stream along the sequence across tensor-parallel ranks.
     #[config(default = false)]
     pub sequence_parallel: bool,

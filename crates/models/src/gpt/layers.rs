@@ -1,9 +1,10 @@
 //! The blocks of a GPT: norms, self-attention, the feed-forward block, a layer.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{gelu, gelu_approximate, silu, softmax};
-use burn::tensor::{Bool, DType, Int, Tensor, TensorData, backend::Backend, module::linear};
+use burn::tensor::activation::{gelu, gelu_approximate, silu};
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData, backend::Backend};
 use burn_megatron::Result;
+use burn_megatron::ops::{AttentionDropout, CoreAttention, Recompute, linear, with_dtype};
 use burn_megatron::parallel::{Group, ParallelBackend};
 use burn_megatron::tensor_parallel::mappings::{
     copy_to_tensor_parallel_region, gather_from_sequence_parallel_region,
@@ -128,6 +129,7 @@ pub struct SelfAttention<B: Backend> {
     sequence_parallel: bool,
     rotary_base: Option<f64>,
     alibi_slopes: Option<Vec<f32>>,
+    recompute_attention: bool,
 }
 
 impl<B: Backend> SelfAttention<B> {
@@ -226,6 +228,7 @@ impl<B: Backend> SelfAttention<B> {
             sequence_parallel: config.sequence_parallel,
             rotary_base,
             alibi_slopes,
+            recompute_attention: config.recompute_attention,
         })
     }
 }
@@ -302,59 +305,27 @@ impl<B: ParallelBackend> SelfAttention<B> {
             (key.select(1, index.clone()), value.select(1, index))
         };
 
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        // Scores and softmax in fp32 whatever the activations' type.
-        let dtype = value.dtype();
-        let mut scores = with_dtype(query.matmul(key.swap_dims(2, 3)) * scale, DType::F32);
-        if let Some(slopes) = &self.alibi_slopes {
-            let positions: Vec<f32> = slopes
-                .iter()
-                .flat_map(|slope| (0..seq).map(move |j| slope * j as f32))
-                .collect();
-            let bias = Tensor::<B, 4>::from_data(
-                TensorData::new(positions, [1, self.heads, 1, seq]),
-                (&device, DType::F32),
-            );
-            scores = scores + bias;
-        }
-        // True above the diagonal: a query never sees later keys.
-        let mut masked = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &device)
-            .unsqueeze::<4>()
-            .expand([batch, self.heads, seq, seq]);
-        if let Some(padding) = padding {
-            let keys = padding.clone().unsqueeze_dim::<3>(1).unsqueeze_dim::<4>(1);
-            masked = masked.bool_or(keys.expand([batch, self.heads, seq, seq]));
-        }
-        let mut probabilities = with_dtype(softmax(scores.mask_fill(masked, f32::MIN), 3), dtype);
-        if dropout_pass.attention > 0.0 {
-            let first_head = self.group.rank() * self.heads;
-            let all_heads = self.heads * self.group.size();
-            probabilities = dropout(
-                probabilities,
-                dropout_pass.attention,
-                dropout_pass.site(3 * layer as u64 + 1),
-                [batch, all_heads, seq, seq],
-                [0, first_head, 0, 0],
-            );
-        }
-        let context = probabilities.matmul(value).swap_dims(1, 2).reshape([
-            batch,
-            seq,
-            self.heads * self.head_dim,
-        ]);
+        let all_heads = self.heads * self.group.size();
+        let spec = CoreAttention {
+            alibi_slopes: self.alibi_slopes.clone(),
+            dropout: (dropout_pass.attention > 0.0).then(|| AttentionDropout {
+                p: dropout_pass.attention,
+                seed: dropout_pass.site(3 * layer as u64 + 1),
+                full: [batch, all_heads, seq, seq],
+                offsets: [0, self.group.rank() * self.heads, 0, 0],
+            }),
+            recompute: if self.recompute_attention {
+                Recompute::Selective
+            } else {
+                Recompute::Off
+            },
+            ..CoreAttention::causal(self.head_dim)
+        };
+        let context = B::core_attention(query, key, value, padding.cloned(), &spec);
+        let context = context
+            .swap_dims(1, 2)
+            .reshape([batch, seq, self.heads * self.head_dim]);
         self.output.forward(context)
-    }
-}
-
-/// `tensor` in `dtype` (unchanged when it already is).
-pub(crate) fn with_dtype<B: Backend, const D: usize>(
-    tensor: Tensor<B, D>,
-    dtype: DType,
-) -> Tensor<B, D> {
-    if tensor.dtype() == dtype {
-        tensor
-    } else {
-        tensor.cast(dtype)
     }
 }
 

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use burn::module::{Module, Param, ParamId};
-use burn::tensor::{Bool, DType, Int, Tensor, backend::Backend, module::linear};
+use burn::tensor::{Bool, DType, Int, Tensor, backend::Backend};
+use burn_megatron::ops::{linear, with_dtype};
 use burn_megatron::parallel::{Group, ParallelBackend, ParallelContext};
 use burn_megatron::pipeline::{LayerSplit, ModelChunk};
 use burn_megatron::tensor_parallel::mappings::{
@@ -20,7 +21,7 @@ use burn_megatron::tensor_parallel::{
 use burn_megatron::{Error, Result};
 
 use super::config::{GptConfig, PositionEmbedding};
-use super::layers::{DropoutPass, Norm, TransformerLayer, with_dtype};
+use super::layers::{DropoutPass, Norm, TransformerLayer};
 use super::weights::Weights;
 
 /// A GPT, or the model chunk of one pipeline stage, whose layers are split across the

@@ -1,0 +1,50 @@
+"""HF transformers GPT-2 training throughput in PyTorch eager, the reference for
+`burn-megatron train` on the same GPU: `python3 benches/torch_gpt2.py --layers 36
+--hidden 1280 --heads 20 --precision bf16` (GPT-2 774M). bf16 runs under autocast with
+fp32 parameters and AdamW, as a PyTorch user would train; dropout off."""
+import argparse
+import time
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    args = parser.parse_args()
+    config = GPT2Config(n_positions=args.seq, n_embd=args.hidden, n_layer=args.layers,
+                        n_head=args.heads, vocab_size=50257, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).cuda()
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    tokens = torch.randint(0, 50257, (args.batch, args.seq), device="cuda")
+    rates = []
+    for step in range(args.steps):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = model(tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        rates.append(args.batch * args.seq / (time.perf_counter() - started))
+    rate = sorted(rates[2:])[len(rates[2:]) // 2]
+    flops = 6 * params + 12 * args.layers * args.hidden * args.seq
+    print(f"torch eager GPT-2 {params / 1e6:.0f}M {args.precision} {args.batch}x{args.seq}: "
+          f"median {rate:.0f} tokens/s, {rate * flops / 1e12:.0f} model TFLOP/s, "
+          f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, loss {loss.item():.3f}")
+
+
+if __name__ == "__main__":
+    main()

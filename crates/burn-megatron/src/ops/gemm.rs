@@ -1,0 +1,135 @@
+//! Matrix products for the linear layers: Burn's matmul as the reference, and an autodiff
+//! op whose forward and both gradients go through [`MegatronOps::gemm`], so that on CUDA
+//! all three products of a linear layer run on cuBLASLt.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary};
+use burn::tensor::{Tensor, TensorPrimitive, backend::Backend};
+
+use super::MegatronOps;
+
+/// `op(a) · op(b)` with Burn's matmul.
+pub fn reference_gemm<B: Backend>(
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    transpose_a: bool,
+    transpose_b: bool,
+) -> Tensor<B, 2> {
+    let a = if transpose_a { a.transpose() } else { a };
+    let b = if transpose_b { b.transpose() } else { b };
+    a.matmul(b)
+}
+
+/// `x · weight + bias` over the last dimension of `x` (`weight`: `[d_input, d_output]`, as
+/// Burn's `Linear` stores it). Where the backend has a fast GEMM the product and its
+/// gradients run on it; elsewhere this is Burn's `linear`, unchanged.
+pub fn linear<B: MegatronOps, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    if !B::has_fast_gemm() {
+        return burn::tensor::module::linear(x, weight, bias);
+    }
+    let mut shape = x.dims();
+    let d_input = shape[D - 1];
+    let rows = x.shape().num_elements() / d_input.max(1);
+    shape[D - 1] = weight.dims()[1];
+    let output = B::gemm(x.reshape([rows, d_input]), weight, false, false);
+    let output = match bias {
+        Some(bias) => output + bias.unsqueeze(),
+        None => output,
+    };
+    output.reshape(shape)
+}
+
+/// `a · b` on an autodiff backend as one op whose backward is two more
+/// [`MegatronOps::gemm`] calls: `d a = d c · bᵀ`, `d b = aᵀ · d c`.
+pub fn matmul_with_gemm_backward<B: MegatronOps, C: CheckpointStrategy>(
+    a: Tensor<Autodiff<B, C>, 2>,
+    b: Tensor<Autodiff<B, C>, 2>,
+) -> Tensor<Autodiff<B, C>, 2> {
+    let [a, b] = [a, b].map(|t| t.into_primitive().tensor());
+    let nodes = [a.node.clone(), b.node.clone()];
+    let [a, b] =
+        [a, b].map(|t| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(t.primitive)));
+    let output = B::gemm(a.clone(), b.clone(), false, false)
+        .into_primitive()
+        .tensor();
+    let output = match GemmBackward.prepare::<C>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((a, b), output),
+        OpsKind::UnTracked(prep) => prep.finish(output),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(output))
+}
+
+#[derive(Debug)]
+struct GemmBackward;
+
+impl<B: MegatronOps> Backward<B, 2> for GemmBackward {
+    type State = (Tensor<B, 2>, Tensor<B, 2>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (a, b) = ops.state;
+        let float =
+            |t: B::FloatTensorPrimitive| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(t));
+        binary::<B, _, _>(
+            ops.parents,
+            ops.node,
+            grads,
+            |grad| {
+                B::gemm(float(grad), b, false, true)
+                    .into_primitive()
+                    .tensor()
+            },
+            |grad| {
+                B::gemm(a, float(grad), true, false)
+                    .into_primitive()
+                    .tensor()
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Distribution, TensorData};
+
+    type Inner = burn_ndarray::NdArray<f32>;
+    type B = Autodiff<Inner>;
+
+    #[test]
+    fn gemm_backward_matches_burn_matmul() {
+        let device = Default::default();
+        Inner::seed(&device, 5);
+        let a = Tensor::<Inner, 2>::random([6, 4], Distribution::Normal(0.0, 1.0), &device);
+        let b = Tensor::<Inner, 2>::random([4, 3], Distribution::Normal(0.0, 1.0), &device);
+        let weights = Tensor::<Inner, 2>::random([6, 3], Distribution::Normal(0.0, 1.0), &device);
+        let run = |ours: bool| -> [TensorData; 3] {
+            let (a, b) = (
+                Tensor::<B, 2>::from_inner(a.clone()).require_grad(),
+                Tensor::<B, 2>::from_inner(b.clone()).require_grad(),
+            );
+            let c = if ours {
+                matmul_with_gemm_backward(a.clone(), b.clone())
+            } else {
+                a.clone().matmul(b.clone())
+            };
+            let grads = (c.clone() * Tensor::from_inner(weights.clone()))
+                .sum()
+                .backward();
+            [
+                c.into_data(),
+                a.grad(&grads).unwrap().into_data(),
+                b.grad(&grads).unwrap().into_data(),
+            ]
+        };
+        for (ours, burns) in run(true).iter().zip(run(false).iter()) {
+            ours.assert_approx_eq::<f32>(burns, burn::tensor::Tolerance::absolute(1e-6));
+        }
+    }
+}

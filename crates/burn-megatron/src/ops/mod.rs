@@ -1,0 +1,136 @@
+//! The operations that carry a transformer's FLOPs and activation memory, as a backend
+//! extension with fast paths and plain-Burn references.
+//!
+//! - [`MegatronOps::gemm`]: a 2-D matrix product with optional transposes. On CUDA it
+//!   runs on cuBLASLt (bf16/fp16 with fp32 accumulation, fp32 with or without TF32);
+//!   elsewhere, and whenever [`use_reference_ops`] is set, it is Burn's matmul, which is
+//!   also the oracle in GPU tests. [`linear`] builds the parallel layers' products on it,
+//!   with a backward whose input and weight gradients are GEMMs of the same kind.
+//! - [`MegatronOps::core_attention`]: scaled, masked softmax attention as one op
+//!   ([`CoreAttention`]); with selective recompute its backward recomputes the
+//!   `[batch, heads, seq, seq]` scores from Q and K instead of storing them.
+//!
+//! Supporting a backend is one line (`impl MegatronOps for MyBackend {}`): every method
+//! has the plain-Burn reference as its default.
+
+mod attention;
+#[cfg(feature = "cuda")]
+mod cublaslt;
+mod gemm;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::tensor::{Bool, DType, Tensor, backend::Backend};
+
+pub use attention::{AttentionDropout, CoreAttention, Recompute, reference_attention};
+#[cfg(feature = "cuda")]
+pub use cublaslt::allow_tf32;
+pub use gemm::{linear, matmul_with_gemm_backward, reference_gemm};
+
+static REFERENCE_OPS: AtomicBool = AtomicBool::new(false);
+
+/// Forces the plain-Burn reference of every fast op (for comparisons and debugging); the
+/// environment variable `BURN_MEGATRON_REFERENCE_OPS=1` sets it at start-up too.
+pub fn use_reference_ops(reference: bool) {
+    REFERENCE_OPS.store(reference, Ordering::Relaxed);
+}
+
+/// Whether the fast paths are off ([`use_reference_ops`] or `BURN_MEGATRON_REFERENCE_OPS=1`).
+pub fn reference_ops() -> bool {
+    REFERENCE_OPS.load(Ordering::Relaxed)
+        || std::env::var("BURN_MEGATRON_REFERENCE_OPS").is_ok_and(|v| v == "1")
+}
+
+/// `tensor` in `dtype` (unchanged when it already is).
+pub fn with_dtype<B: Backend, const D: usize>(tensor: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if tensor.dtype() == dtype {
+        tensor
+    } else {
+        tensor.cast(dtype)
+    }
+}
+
+/// A backend with the transformer's heavy operations; see the [module](self) docs.
+pub trait MegatronOps: Backend {
+    /// Whether [`gemm`](Self::gemm) is faster than Burn's matmul here, so that autodiff
+    /// should route products through it (false: the plain Burn graph is kept, and results
+    /// stay those of Burn's own ops).
+    fn has_fast_gemm() -> bool {
+        false
+    }
+
+    /// `op(a) · op(b)` for 2-D `a` and `b`, where `op(x)` is `x` transposed when its flag
+    /// is set.
+    fn gemm(
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> Tensor<Self, 2> {
+        reference_gemm(a, b, transpose_a, transpose_b)
+    }
+
+    /// Attention of `query` over `key`/`value` (`[batch, heads, seq, head_dim]`, the key
+    /// and value already expanded to the query's heads); `padding` (`[batch, seq]`, true
+    /// for padding) masks keys. Returns the context, `[batch, heads, seq, head_dim]`.
+    fn core_attention(
+        query: Tensor<Self, 4>,
+        key: Tensor<Self, 4>,
+        value: Tensor<Self, 4>,
+        padding: Option<Tensor<Self, 2, Bool>>,
+        spec: &CoreAttention,
+    ) -> Tensor<Self, 4> {
+        reference_attention(query, key, value, padding, spec)
+    }
+}
+
+impl<E, I, Q> MegatronOps for burn_ndarray::NdArray<E, I, Q>
+where
+    E: burn_ndarray::FloatNdArrayElement,
+    I: burn_ndarray::IntNdArrayElement,
+    Q: burn_ndarray::QuantElement,
+    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<E>>,
+    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<I>>,
+{
+}
+
+#[cfg(feature = "cuda")]
+impl<B: burn_fusion::FusionBackend + MegatronOps> MegatronOps for burn_fusion::Fusion<B> {}
+
+impl<B: MegatronOps, C: CheckpointStrategy> MegatronOps for Autodiff<B, C> {
+    fn has_fast_gemm() -> bool {
+        B::has_fast_gemm()
+    }
+
+    fn gemm(
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> Tensor<Self, 2> {
+        if B::has_fast_gemm() {
+            let a = if transpose_a { a.transpose() } else { a };
+            let b = if transpose_b { b.transpose() } else { b };
+            matmul_with_gemm_backward(a, b)
+        } else {
+            reference_gemm(a, b, transpose_a, transpose_b)
+        }
+    }
+
+    fn core_attention(
+        query: Tensor<Self, 4>,
+        key: Tensor<Self, 4>,
+        value: Tensor<Self, 4>,
+        padding: Option<Tensor<Self, 2, Bool>>,
+        spec: &CoreAttention,
+    ) -> Tensor<Self, 4> {
+        match spec.recompute {
+            Recompute::Off => reference_attention(query, key, value, padding, spec),
+            Recompute::Selective => {
+                attention::recomputed_attention(query, key, value, padding, spec)
+            }
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! `bench ops`: the fast ops (cuBLASLt GEMMs, core attention with selective recompute)
+//! checked against their plain-Burn references on fresh random inputs, and GEMM
+//! throughput next to Burn's own matmul.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::tensor::{Bool, DType, Distribution, Tensor, TensorData, backend::Backend};
+use burn_megatron::ops::{CoreAttention, MegatronOps, Recompute, use_reference_ops};
+use burn_megatron::{Error, Result};
+use clap::Args;
+
+/// Flags of `bench ops`.
+#[derive(Args, Debug)]
+pub struct OpsArgs {
+    /// Where to run: cuda (cuBLASLt against Burn's matmul; needs a build with
+    /// --features cuda) or cpu (the reference paths only: a smoke test).
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Square GEMM sizes to time, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [4096, 8192])]
+    sizes: Vec<usize>,
+    /// Timed repetitions per GEMM (after 3 untimed ones).
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// What to run, comma separated: speed (GEMM TFLOP/s, ours and Burn's matmul in
+    /// bf16), gemm (every GEMM path against an f64 product on the host), attention
+    /// (selective recompute against storing everything).
+    #[arg(long, value_delimiter = ',', default_values_t = ["speed".to_string(), "gemm".to_string(), "attention".to_string()])]
+    parts: Vec<String>,
+    /// Also write the rows as JSON lines here.
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+/// One correctness check: the fast op's largest error relative to the reference's
+/// largest magnitude.
+struct Check {
+    what: String,
+    dtype: &'static str,
+    error: f64,
+    limit: f64,
+}
+
+impl Check {
+    /// The check of `error()`, recorded as failed (with the message) when it panics.
+    fn guarded(what: String, dtype: &'static str, limit: f64, error: impl FnOnce() -> f64) -> Self {
+        let check = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(error)) {
+            Ok(error) => Self {
+                what,
+                dtype,
+                error,
+                limit,
+            },
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                Self {
+                    what: format!("{what} ({message})"),
+                    dtype,
+                    error: f64::INFINITY,
+                    limit,
+                }
+            }
+        };
+        check.print();
+        check
+    }
+
+    /// Prints the check's row of the table (as it completes: a long run shows progress).
+    fn print(&self) {
+        println!(
+            "{:<52} {:>6} {:>11.2e} {:>9.0e}  {}",
+            self.what,
+            self.dtype,
+            self.error,
+            self.limit,
+            if self.error <= self.limit {
+                "ok"
+            } else {
+                "FAILED"
+            }
+        );
+    }
+}
+
+/// One timed GEMM size.
+struct Speed {
+    size: usize,
+    dtype: &'static str,
+    ours: f64,
+    burn: f64,
+}
+
+/// Runs `bench ops`.
+pub fn run(args: &OpsArgs) -> Result<()> {
+    let (checks, speeds) = match args.device.as_str() {
+        #[cfg(feature = "cuda")]
+        "cuda" => measure::<super::train::CudaBackend>(args, &Default::default(), false),
+        "cpu" => measure::<burn_ndarray::NdArray<f32>>(args, &Default::default(), true),
+        other => {
+            return Err(Error::InvalidConfig(format!(
+                "--device {other}: use cpu{}",
+                if cfg!(feature = "cuda") {
+                    " or cuda"
+                } else {
+                    " (cuda needs a build with --features cuda)"
+                }
+            )));
+        }
+    };
+    let mut json = String::new();
+    for check in &checks {
+        json.push_str(&format!(
+            "{{\"kind\": \"check\", \"op\": \"{}\", \"dtype\": \"{}\", \"error\": {:e}, \"limit\": {:e}, \"ok\": {}}}\n",
+            check.what, check.dtype, check.error, check.limit, check.error <= check.limit
+        ));
+    }
+    for speed in &speeds {
+        json.push_str(&format!(
+            "{{\"kind\": \"gemm\", \"size\": {}, \"dtype\": \"{}\", \"ours_tflops\": {:.1}, \"burn_tflops\": {:.1}}}\n",
+            speed.size, speed.dtype, speed.ours, speed.burn
+        ));
+    }
+    if let Some(path) = &args.output {
+        std::fs::write(path, json).map_err(|e| Error::io(path, e))?;
+    }
+    let failed = checks.iter().filter(|c| c.error > c.limit).count();
+    if failed > 0 {
+        return Err(Error::InvalidData(format!(
+            "{failed} of {} checks exceeded their limit",
+            checks.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A float type checked: name, dtype, TF32 allowed, error limit.
+type DtypeCase = (&'static str, DType, bool, f64);
+
+/// The float types checked, with their error limits (fp32 with TF32 off and on).
+const DTYPES: [DtypeCase; 4] = [
+    ("f32", DType::F32, false, 1e-3),
+    ("tf32", DType::F32, true, 1e-3),
+    ("bf16", DType::BF16, false, 1e-2),
+    ("f16", DType::F16, false, 1e-2),
+];
+
+/// The checks and timings; `cpu`: f32 and small shapes only, no timing.
+/// The parts asked for; `cpu`: f32 and small shapes only, no timing.
+fn measure<B: MegatronOps>(
+    args: &OpsArgs,
+    device: &B::Device,
+    cpu: bool,
+) -> (Vec<Check>, Vec<Speed>) {
+    let part = |name: &str| args.parts.iter().any(|p| p == name);
+    let dtypes: Vec<_> = DTYPES
+        .into_iter()
+        .filter(|(name, ..)| !cpu || *name == "f32")
+        .collect();
+    let speeds = if part("speed") && !cpu {
+        gemm_speeds::<B>(&args.sizes, args.iters, device)
+    } else {
+        Vec::new()
+    };
+    println!(
+        "{:<52} {:>6} {:>11} {:>9}  check",
+        "op", "dtype", "rel. error", "limit"
+    );
+    let mut checks = Vec::new();
+    if part("gemm") {
+        checks.extend(gemm_checks::<B>(&dtypes, cpu, device));
+    }
+    if part("attention") {
+        checks.extend(attention_checks::<B>(&dtypes, cpu, device));
+    }
+    (checks, speeds)
+}
+
+fn random<B: Backend, const D: usize>(
+    shape: [usize; D],
+    dtype: DType,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    Tensor::<B, D>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(dtype)
+}
+
+/// A tensor's values on the host.
+fn host<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f64> {
+    tensor
+        .cast(DType::F32)
+        .into_data()
+        .convert::<f64>()
+        .into_vec()
+        .expect("f64 values")
+}
+
+/// `max |got - want| / max |want|` (infinite when the sizes differ or a value is NaN).
+fn relative_error(got: &[f64], want: &[f64]) -> f64 {
+    let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+    let worst = got
+        .iter()
+        .zip(want)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    if got.len() != want.len() || worst.is_nan() {
+        return f64::INFINITY;
+    }
+    worst / scale.max(f64::MIN_POSITIVE)
+}
+
+/// `op(a) · op(b)` in f64 on the host (`a` stored `[k, m]` when transposed, else
+/// `[m, k]`; `b` likewise), rows spread over the cores: the oracle of the GEMM checks.
+fn host_gemm(a: &[f64], b: &[f64], [m, k, n]: [usize; 3], ta: bool, tb: bool) -> Vec<f64> {
+    let at = |i: usize, p: usize| if ta { a[p * m + i] } else { a[i * k + p] };
+    let bt = |p: usize, j: usize| if tb { b[j * k + p] } else { b[p * n + j] };
+    let mut out = vec![0f64; m * n];
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let rows_per = m.div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (chunk, rows) in out.chunks_mut(rows_per * n).enumerate() {
+            scope.spawn(move || {
+                for (r, row) in rows.chunks_mut(n).enumerate() {
+                    let i = chunk * rows_per + r;
+                    for p in 0..k {
+                        let x = at(i, p);
+                        for (j, value) in row.iter_mut().enumerate() {
+                            *value += x * bt(p, j);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    out
+}
+
+fn set_tf32(allow: bool) {
+    #[cfg(feature = "cuda")]
+    burn_megatron::ops::allow_tf32(allow);
+    let _ = allow;
+}
+
+/// Every transpose combination (forward, input- and weight-gradient products) and a
+/// transposed view, at square, tall, skinny and odd shapes, against the f64 product of
+/// the same (rounded) inputs on the host.
+fn gemm_checks<B: MegatronOps>(
+    dtypes: &[DtypeCase],
+    small: bool,
+    device: &B::Device,
+) -> Vec<Check> {
+    let shapes = [
+        ("square", [1024, 1024, 1024]),
+        ("tall", [8192, 1280, 320]),
+        ("skinny", [64, 4096, 1024]),
+        ("odd", [1000, 333, 777]),
+    ];
+    let shapes = if small {
+        &[("odd", [100, 33, 77])][..]
+    } else {
+        &shapes[..]
+    };
+    let mut checks = Vec::new();
+    for &(dtype_name, dtype, tf32, limit) in dtypes {
+        set_tf32(tf32);
+        for &(shape_name, [m, k, n]) in shapes {
+            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                let a = random::<B, 2>(if ta { [k, m] } else { [m, k] }, dtype, device);
+                let b = random::<B, 2>(if tb { [n, k] } else { [k, n] }, dtype, device);
+                let want = host_gemm(&host(a.clone()), &host(b.clone()), [m, k, n], ta, tb);
+                checks.push(Check::guarded(
+                    format!(
+                        "gemm {shape_name} {m}x{k}x{n} {}{}",
+                        if ta { "T" } else { "N" },
+                        if tb { "T" } else { "N" }
+                    ),
+                    dtype_name,
+                    limit,
+                    || relative_error(&host(B::gemm(a, b, ta, tb)), &want),
+                ));
+            }
+            // A transposed view (column-major strides) read in place.
+            let a = random::<B, 2>([k, m], dtype, device).transpose();
+            let b = random::<B, 2>([k, n], dtype, device);
+            let want = host_gemm(&host(a.clone()), &host(b.clone()), [m, k, n], false, false);
+            checks.push(Check::guarded(
+                format!("gemm {shape_name} {m}x{k}x{n} view"),
+                dtype_name,
+                limit,
+                || relative_error(&host(B::gemm(a, b, false, false)), &want),
+            ));
+        }
+    }
+    set_tf32(false);
+    checks
+}
+
+/// Core attention with selective recompute against storing everything, forward and the
+/// three input gradients, causal and causal + padding, on the same backend and dtype.
+fn attention_checks<B: MegatronOps>(
+    dtypes: &[DtypeCase],
+    small: bool,
+    device: &B::Device,
+) -> Vec<Check> {
+    type A<B> = Autodiff<B>;
+    let shapes = if small {
+        &[[3, 2, 30, 8]][..]
+    } else {
+        &[[2, 4, 256, 64], [3, 2, 100, 32]][..]
+    };
+    let mut checks = Vec::new();
+    for &(dtype_name, dtype, _, limit) in dtypes.iter().filter(|d| !d.2) {
+        for &shape in shapes {
+            let [batch, _, seq, head_dim] = shape;
+            let padding: Vec<bool> = (0..batch * seq)
+                .map(|i| i % seq + 7 * (i / seq) >= seq)
+                .collect();
+            for padded in [false, true] {
+                let inputs = [0, 1, 2].map(|_| random::<B, 4>(shape, dtype, device));
+                let weights = random::<B, 4>(shape, dtype, device);
+                let mask = padded.then(|| {
+                    Tensor::<A<B>, 2, Bool>::from_data(
+                        TensorData::new(padding.clone(), [batch, seq]),
+                        device,
+                    )
+                });
+                let run = |recompute: Recompute| {
+                    let [q, k, v] = inputs
+                        .clone()
+                        .map(|t| Tensor::<A<B>, 4>::from_inner(t).require_grad());
+                    let spec = CoreAttention {
+                        recompute,
+                        ..CoreAttention::causal(head_dim)
+                    };
+                    let out = A::<B>::core_attention(
+                        q.clone(),
+                        k.clone(),
+                        v.clone(),
+                        mask.clone(),
+                        &spec,
+                    );
+                    let grads = (out.clone() * Tensor::from_inner(weights.clone()))
+                        .sum()
+                        .backward();
+                    let grad = |t: &Tensor<A<B>, 4>| t.grad(&grads).expect("gradient");
+                    [out.inner(), grad(&q), grad(&k), grad(&v)]
+                };
+                let (ours, reference) = (run(Recompute::Selective), run(Recompute::Off));
+                for (name, (got, want)) in ["output", "d query", "d key", "d value"]
+                    .iter()
+                    .zip(ours.into_iter().zip(reference))
+                {
+                    let check = Check {
+                        what: format!(
+                            "attention {shape:?} {}: {name}",
+                            if padded { "causal+padding" } else { "causal" }
+                        ),
+                        dtype: dtype_name,
+                        error: relative_error(&host(got), &host(want)),
+                        limit,
+                    };
+                    check.print();
+                    checks.push(check);
+                }
+            }
+        }
+    }
+    checks
+}
+
+/// TFLOP/s of `size`-cubed products: ours (each call waits for its result) and, in
+/// bf16, Burn's matmul (queued, one wait at the end).
+fn gemm_speeds<B: MegatronOps>(sizes: &[usize], iters: usize, device: &B::Device) -> Vec<Speed> {
+    println!(
+        "\n{:<8} {:>6} {:>22} {:>22}",
+        "gemm", "dtype", "ours (TFLOP/s)", "Burn matmul (TFLOP/s)"
+    );
+    let mut speeds = Vec::new();
+    for &size in sizes {
+        for (dtype_name, dtype, tf32, _) in DTYPES {
+            set_tf32(tf32);
+            let a = random::<B, 2>([size, size], dtype, device);
+            let b = random::<B, 2>([size, size], dtype, device);
+            let time = |reference: bool| {
+                use_reference_ops(reference);
+                let mut last = None;
+                for _ in 0..3 {
+                    last = Some(B::gemm(a.clone(), b.clone(), false, false));
+                }
+                B::sync(device).expect("sync");
+                let started = Instant::now();
+                for _ in 0..iters {
+                    last = Some(B::gemm(a.clone(), b.clone(), false, false));
+                }
+                B::sync(device).expect("sync");
+                drop(last);
+                let seconds = started.elapsed().as_secs_f64() / iters as f64;
+                2.0 * (size as f64).powi(3) / seconds / 1e12
+            };
+            // Burn's matmul compiles and tunes kernels per type: time it in bf16 only.
+            let burn = if dtype == DType::BF16 {
+                time(true)
+            } else {
+                f64::NAN
+            };
+            let ours = time(false);
+            use_reference_ops(false);
+            println!(
+                "{:<8} {:>6} {:>22.1} {:>22.1}",
+                format!("{size}^3"),
+                dtype_name,
+                ours,
+                burn
+            );
+            speeds.push(Speed {
+                size,
+                dtype: dtype_name,
+                ours,
+                burn,
+            });
+        }
+    }
+    set_tf32(false);
+    speeds
+}
