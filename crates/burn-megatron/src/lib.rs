@@ -19,6 +19,8 @@
 #![warn(missing_docs)]
 
 pub mod checkpoint;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod data;
 mod error;
 pub mod launch;

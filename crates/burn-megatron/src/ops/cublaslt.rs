@@ -1,7 +1,7 @@
 //! cuBLASLt GEMMs on the device buffers of burn-cuda tensors.
 //!
-//! cubecl 0.10 exposes no stream handle, so a GEMM follows the protocol of the NCCL
-//! interop: wait for Burn's work, run on our own stream, wait for it. Descriptors,
+//! A GEMM follows the protocol of [`crate::cuda`]: wait for Burn's work, run on our own
+//! stream, wait for it. Descriptors,
 //! layouts and the chosen algorithm are cached per shape; the heuristic runs once per
 //! shape. Strided operands are read in place: a row stride becomes the leading dimension,
 //! a transposed view flips the transpose flag; anything else is made contiguous first.
@@ -19,6 +19,7 @@ use cudarc::cublaslt::{result as lt, sys};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
 use super::{MegatronOps, reference_gemm, reference_ops};
+use crate::cuda::{address, wait_for_burn};
 
 static TF32: AtomicBool = AtomicBool::new(false);
 
@@ -348,15 +349,6 @@ fn library_version() -> String {
     format!("cuBLASLt {version} (CUDA runtime {cudart}) from {path}")
 }
 
-/// The device address of a tensor's data, valid while the tensor lives.
-fn address(tensor: &CubeTensor<CudaRuntime>) -> Result<*mut c_void, String> {
-    let resource = tensor
-        .client
-        .get_resource(tensor.handle.clone())
-        .map_err(|e| format!("CUDA buffer: {e:?}"))?;
-    Ok(resource.resource().ptr as *mut c_void)
-}
-
 /// `output = op(a) · op(b)` once Burn's queued work is done; returns when it is.
 fn run(
     a: &Operand,
@@ -365,8 +357,7 @@ fn run(
     [m, n, k]: [usize; 3],
 ) -> Result<(), String> {
     let ldd = output.meta.strides()[0].max(n);
-    burn_cubecl::cubecl::future::block_on(output.client.sync())
-        .map_err(|e| format!("CUDA: {e:?}"))?;
+    wait_for_burn(output)?;
     let [pa, pb, pd] = [address(&a.tensor)?, address(&b.tensor)?, address(output)?];
     // The largest power of two (up to 256) dividing each address.
     let alignment = |address: *mut c_void| 1u32 << (address as usize).trailing_zeros().min(8);

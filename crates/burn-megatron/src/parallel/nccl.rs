@@ -1,10 +1,9 @@
 //! NCCL process groups for CUDA ranks (one process per GPU): the collectives of
 //! [`Group`] run by NCCL on the device buffers of burn-cuda tensors, through cudarc.
 //!
-//! This module is the one place that touches raw CUDA buffers and streams. cubecl 0.10
-//! exposes no stream handle, so every operation follows the same protocol: make the
-//! input one dense buffer, allocate the output, wait for Burn's stream, run NCCL on the
-//! group's own stream, and wait for that stream (polling, so that a peer that never
+//! Every operation follows the protocol of [`crate::cuda`]: make the input one dense
+//! buffer, allocate the output, wait for Burn's stream, run NCCL on the group's own
+//! stream, and wait for that stream (polling, so that a peer that never
 //! arrives ends in an error naming the group, the rank and the operation instead of a
 //! hang). Sends are the exception: they are queued without waiting (a pipeline stage
 //! sends activations downstream while its neighbour sends gradients upstream), and their
@@ -231,11 +230,7 @@ fn wrap<F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
 
 /// The device address of a dense buffer, valid while `buffer` lives.
 fn address(buffer: &CubeTensor<CudaRuntime>) -> Result<*mut std::ffi::c_void> {
-    let resource = buffer
-        .client
-        .get_resource(buffer.handle.clone())
-        .map_err(|e| Error::InvalidData(format!("CUDA buffer: {e:?}")))?;
-    Ok(resource.resource().ptr as *mut std::ffi::c_void)
+    crate::cuda::address(buffer).map_err(Error::InvalidData)
 }
 
 impl NcclComm {
@@ -254,8 +249,7 @@ impl NcclComm {
         let mut pending = self.pending.lock().expect("pending sends");
         pending.retain(|(event, _)| !event.is_complete());
         if let Some(first) = buffers.first() {
-            burn_cubecl::cubecl::future::block_on(first.client.sync())
-                .map_err(|e| fail(format!("CUDA: {e:?}")))?;
+            crate::cuda::wait_for_burn(first).map_err(fail)?;
         }
         self.stream
             .context()
