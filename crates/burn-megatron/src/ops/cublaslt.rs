@@ -141,7 +141,7 @@ impl Operand {
 /// What one shape needs: the matmul descriptor, the layouts of A, B and D, the algorithm.
 struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
-    layouts: [sys::cublasLtMatrixLayout_t; 3],
+    layouts: Vec<sys::cublasLtMatrixLayout_t>,
     algo: sys::cublasLtMatmulAlgo_t,
 }
 
@@ -150,7 +150,7 @@ impl Drop for Plan {
         // Safety: created by `Plan::new`, destroyed once.
         unsafe {
             let _ = lt::destroy_matmul_desc(self.desc);
-            for layout in self.layouts {
+            for &layout in &self.layouts {
                 let _ = lt::destroy_matrix_layout(layout);
             }
         }
@@ -250,6 +250,12 @@ impl Plan {
         };
         let fail = |e: lt::CublasError| format!("cuBLASLt: {e:?}");
         let desc = lt::create_matmul_desc(compute, sys::cudaDataType::CUDA_R_32F).map_err(fail)?;
+        // Owned from here: on an error, dropping it destroys what was created.
+        let mut plan = Self {
+            desc,
+            layouts: Vec::with_capacity(3),
+            algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] },
+        };
         // cuBLASLt's operation codes: 0 = N, 1 = T.
         let (op_b, op_a) = (i32::from(tb), i32::from(ta));
         set_desc(
@@ -270,11 +276,10 @@ impl Plan {
         let layout = |rows: usize, cols: usize, ld: usize| {
             lt::create_matrix_layout(data, rows as u64, cols as u64, ld as i64).map_err(fail)
         };
-        let layouts = [
-            layout(a_rows, a_cols, ldb)?,
-            layout(b_rows, b_cols, lda)?,
-            layout(n, m, ldd)?,
-        ];
+        for (rows, cols, ld) in [(a_rows, a_cols, ldb), (b_rows, b_cols, lda), (n, m, ldd)] {
+            plan.layouts.push(layout(rows, cols, ld)?);
+        }
+        let layouts = &plan.layouts;
         let pref = lt::create_matmul_pref().map_err(fail)?;
         let chosen = (|| {
             use sys::cublasLtMatmulPreferenceAttributes_t as Pref;
@@ -323,12 +328,6 @@ impl Plan {
                 library_version()
             )
         });
-        // Owned from here: dropping it (on an error) destroys the descriptors.
-        let mut plan = Self {
-            desc,
-            layouts,
-            algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] },
-        };
         plan.algo = chosen?.algo;
         Ok(plan)
     }
