@@ -58,16 +58,16 @@ where
             "gemm: inner dimensions differ ({m}x{k} times {k_b}x{n})"
         );
         let device = a.tensor.device.clone();
+        if m * n * k == 0 {
+            // An empty inner dimension sums nothing.
+            return Tensor::zeros([m, n], (&device, dtype));
+        }
         let output = Tensor::<Self, 2>::empty([m, n], (&device, dtype))
             .into_primitive()
             .tensor();
-        if m * n * k > 0 {
-            run(&a, &b, &output, [m, n, k]).unwrap_or_else(|error| {
-                panic!("cuBLASLt GEMM {m}x{k} times {k}x{n} ({dtype:?}): {error}")
-            });
-        } else if m * n > 0 {
-            return Tensor::zeros([m, n], (&device, dtype));
-        }
+        run(&a, &b, &output, [m, n, k]).unwrap_or_else(|error| {
+            panic!("cuBLASLt GEMM {m}x{k} times {k}x{n} ({dtype:?}): {error}")
+        });
         Tensor::from_primitive(TensorPrimitive::Float(output))
     }
 }

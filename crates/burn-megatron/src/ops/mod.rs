@@ -18,6 +18,7 @@ mod attention;
 mod cublaslt;
 mod gemm;
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::backend::Autodiff;
@@ -38,9 +39,12 @@ pub fn use_reference_ops(reference: bool) {
 }
 
 /// Whether the fast paths are off ([`use_reference_ops`] or `BURN_MEGATRON_REFERENCE_OPS=1`).
+/// Called for every product: the environment is read once, the flag is an atomic load.
 pub fn reference_ops() -> bool {
+    static FROM_ENVIRONMENT: OnceLock<bool> = OnceLock::new();
     REFERENCE_OPS.load(Ordering::Relaxed)
-        || std::env::var("BURN_MEGATRON_REFERENCE_OPS").is_ok_and(|v| v == "1")
+        || *FROM_ENVIRONMENT
+            .get_or_init(|| std::env::var("BURN_MEGATRON_REFERENCE_OPS").is_ok_and(|v| v == "1"))
 }
 
 /// `tensor` in `dtype` (unchanged when it already is).
