@@ -22,6 +22,9 @@ pub enum BenchCommand {
     /// The fast ops (cuBLASLt GEMMs, core attention with selective recompute) checked
     /// against their plain-Burn references, and GEMM TFLOP/s next to Burn's matmul.
     Ops(super::bench_ops::OpsArgs),
+    /// The fused kernels (norms, bias-GeLU, bias-dropout-add) checked against their
+    /// plain-Burn references, and their bandwidth next to the unfused Burn ops.
+    Kernels(super::bench_kernels::KernelsArgs),
 }
 
 /// Flags of `bench collectives`.
@@ -50,6 +53,7 @@ pub fn run(command: &BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Collectives(args) => collectives(args),
         BenchCommand::Ops(args) => super::bench_ops::run(args),
+        BenchCommand::Kernels(args) => super::bench_kernels::run(args),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The subcommands of `burn-megatron`.
 
 pub mod bench;
+pub mod bench_kernels;
 pub mod bench_ops;
 pub mod convert;
 pub mod forward;

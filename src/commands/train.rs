@@ -181,6 +181,10 @@ pub struct TrainArgs {
     /// comparisons; the environment variable BURN_MEGATRON_REFERENCE_OPS=1 does the same.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     reference_ops: Option<bool>,
+    /// Run the fused kernels (norms, bias-GeLU, bias-dropout-add) through their plain-Burn
+    /// references, keeping the other fast ops: measures what the kernels bring.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    reference_kernels: Option<bool>,
     /// Let fp32 GEMMs on CUDA use TF32 tensor cores (faster, 10-bit mantissa products).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     tf32: Option<bool>,
@@ -308,6 +312,7 @@ impl TrainArgs {
             precision,
             recompute_granularity,
             reference_ops,
+            reference_kernels,
             tf32,
             bucket_size,
             initial_loss_scale,
@@ -617,6 +622,7 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
         );
     }
     burn_megatron::ops::use_reference_ops(args.reference_ops.unwrap_or(false));
+    burn_megatron_kernels::use_reference_kernels(args.reference_kernels.unwrap_or(false));
     if args.tf32.unwrap_or(false) {
         #[cfg(feature = "cuda")]
         burn_megatron::ops::allow_tf32(true);

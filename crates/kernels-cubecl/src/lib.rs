@@ -1,11 +1,223 @@
 //! # burn-megatron-kernels
 //!
-//! Fused CubeCL kernels with backward (scaled masked softmax, LayerNorm/RMSNorm, bias-GeLU,
-//! bias-dropout-add, vocab-parallel cross-entropy), each with a reference path in plain
-//! Burn ops. (The cuBLASLt GEMMs and core attention live in `burn_megatron::ops`.)
+//! The memory-bound operations between a transformer's GEMMs, each fused into one kernel
+//! with its backward, as a Burn backend extension ([`FusedKernels`]):
 //!
-//! The kernels arrive with their own issues; the reference paths they must match live in
-//! [`burn_megatron`] today (for example
-//! `burn_megatron::tensor_parallel::vocab_parallel_cross_entropy`).
+//! - [`FusedKernels::norm`]: LayerNorm (with a bias) or RMSNorm (without) over the last
+//!   dimension, statistics in fp32 whatever the input type;
+//! - [`FusedKernels::bias_gelu`]: bias add and GeLU (exact or tanh);
+//! - [`FusedKernels::bias_dropout_add`]: bias add, dropout with a mask computed from a
+//!   seed and the element's position in the unsplit tensor (so tensor- and
+//!   sequence-parallel ranks drop what the single-rank run drops, and the backward
+//!   regenerates the mask instead of storing it), and the residual add.
+//!
+//! Every operation has a reference in plain Burn ops, the default of each method, which
+//! runs on every backend. CubeCL backends (CUDA, and wgpu for the tests on a CPU through
+//! Mesa's software Vulkan) run the kernels in `cube`; on autodiff their backward is one
+//! kernel too. [`use_reference_ops`] (or `BURN_MEGATRON_REFERENCE_OPS=1`) forces the
+//! references everywhere, [`use_reference_kernels`] only those of the kernels.
+//!
+//! Supporting a backend is one line (`impl FusedKernels for MyBackend {}`).
 
 #![warn(missing_docs)]
+
+mod autodiff;
+pub mod check;
+#[cfg(feature = "cubecl")]
+mod cube;
+pub mod dropout;
+mod reference;
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::tensor::{DType, Tensor, backend::Backend};
+
+pub use reference::{
+    reference_bias_dropout_add, reference_bias_gelu, reference_bias_gelu_backward, reference_norm,
+    reference_norm_backward, reference_norm_forward,
+};
+
+static REFERENCE_OPS: AtomicBool = AtomicBool::new(false);
+static REFERENCE_KERNELS: AtomicBool = AtomicBool::new(false);
+
+/// Forces the plain-Burn reference of every fast op and kernel (for comparisons and
+/// debugging); the environment variable `BURN_MEGATRON_REFERENCE_OPS=1` sets it at
+/// start-up too.
+pub fn use_reference_ops(reference: bool) {
+    REFERENCE_OPS.store(reference, Ordering::Relaxed);
+}
+
+/// Whether the fast paths are off ([`use_reference_ops`] or `BURN_MEGATRON_REFERENCE_OPS=1`).
+/// Called on hot paths: the environment is read once, the flag is an atomic load.
+pub fn reference_ops() -> bool {
+    static FROM_ENVIRONMENT: OnceLock<bool> = OnceLock::new();
+    REFERENCE_OPS.load(Ordering::Relaxed)
+        || *FROM_ENVIRONMENT
+            .get_or_init(|| std::env::var("BURN_MEGATRON_REFERENCE_OPS").is_ok_and(|v| v == "1"))
+}
+
+/// Forces the plain-Burn references of the fused kernels only (the GEMMs stay fast), to
+/// measure what the kernels bring.
+pub fn use_reference_kernels(reference: bool) {
+    REFERENCE_KERNELS.store(reference, Ordering::Relaxed);
+}
+
+/// Whether the fused kernels are off: [`use_reference_kernels`] or [`reference_ops`].
+pub fn reference_kernels() -> bool {
+    REFERENCE_KERNELS.load(Ordering::Relaxed) || reference_ops()
+}
+
+/// `tensor` in `dtype` (unchanged when it already is).
+pub fn with_dtype<B: Backend, const D: usize>(tensor: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if tensor.dtype() == dtype {
+        tensor
+    } else {
+        tensor.cast(dtype)
+    }
+}
+
+/// Which GeLU: the exact one (`x Φ(x)`) or the tanh approximation (GPT-2's `gelu_new`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gelu {
+    /// `x Φ(x)` with the error function.
+    Exact,
+    /// `x/2 (1 + tanh(√(2/π) (x + 0.044715 x³)))`.
+    Tanh,
+}
+
+/// Dropout on a `[batch, seq, hidden]` tensor that is the part at `offsets` of a `full`
+/// tensor (a sequence chunk under sequence parallelism): see [`dropout::dropout`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    /// Probability of dropping an element, in `[0, 1)`.
+    pub p: f64,
+    /// Seed of this site and pass.
+    pub seed: u64,
+    /// Shape of the unsplit tensor.
+    pub full: [usize; 3],
+    /// Position of this part in it.
+    pub offsets: [usize; 3],
+}
+
+/// What the norm's backward needs besides its inputs: per row, the mean (zero for
+/// RMSNorm) and the reciprocal standard deviation, both fp32 `[rows]`.
+#[derive(Debug, Clone)]
+pub struct NormStatistics<B: Backend> {
+    /// Mean of each row (zeros for RMSNorm).
+    pub mean: Tensor<B, 1>,
+    /// `1 / sqrt(variance + epsilon)` of each row (of the mean square for RMSNorm).
+    pub rstd: Tensor<B, 1>,
+}
+
+/// Gradients of the norm's input, weight and bias (each in its tensor's dtype).
+#[derive(Debug, Clone)]
+pub struct NormGradients<B: Backend> {
+    /// Of the input, `[rows, width]`.
+    pub input: Tensor<B, 2>,
+    /// Of the weight, `[width]`.
+    pub weight: Tensor<B, 1>,
+    /// Of the bias (LayerNorm), `[width]`.
+    pub bias: Option<Tensor<B, 1>>,
+}
+
+/// A backend with the fused kernels; see the [crate](self) docs. Every method defaults to
+/// the plain-Burn reference.
+pub trait FusedKernels: Backend {
+    /// Whether this backend runs the kernels (so that autodiff should use their backward
+    /// rather than differentiate the reference).
+    fn has_fused_kernels() -> bool {
+        false
+    }
+
+    /// LayerNorm of each row of `input` (`[rows, width]`) when `bias` is given, RMSNorm
+    /// when not, then `* weight (+ bias)`. Statistics in fp32; the output has the input's
+    /// dtype.
+    fn norm(
+        input: Tensor<Self, 2>,
+        weight: Tensor<Self, 1>,
+        bias: Option<Tensor<Self, 1>>,
+        epsilon: f64,
+    ) -> Tensor<Self, 2> {
+        reference_norm(input, weight, bias, epsilon)
+    }
+
+    /// [`norm`](Self::norm) and the statistics its backward needs.
+    fn norm_forward(
+        input: Tensor<Self, 2>,
+        weight: Tensor<Self, 1>,
+        bias: Option<Tensor<Self, 1>>,
+        epsilon: f64,
+    ) -> (Tensor<Self, 2>, NormStatistics<Self>) {
+        reference_norm_forward(input, weight, bias, epsilon)
+    }
+
+    /// Gradients of [`norm`](Self::norm) given the output's gradient `grad`.
+    fn norm_backward(
+        grad: Tensor<Self, 2>,
+        input: Tensor<Self, 2>,
+        weight: Tensor<Self, 1>,
+        has_bias: bool,
+        statistics: NormStatistics<Self>,
+    ) -> NormGradients<Self> {
+        reference_norm_backward(grad, input, weight, has_bias, statistics)
+    }
+
+    /// `gelu(input + bias)` with `bias` (`[width]`) added to every row of `input`
+    /// (`[rows, width]`); arithmetic in fp32.
+    fn bias_gelu(
+        input: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+        gelu: Gelu,
+    ) -> Tensor<Self, 2> {
+        reference_bias_gelu(input, bias, gelu)
+    }
+
+    /// The gradient of [`bias_gelu`](Self::bias_gelu) with respect to its input (the
+    /// bias's gradient is its sum over the rows).
+    fn bias_gelu_backward(
+        grad: Tensor<Self, 2>,
+        input: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+        gelu: Gelu,
+    ) -> Tensor<Self, 2> {
+        reference_bias_gelu_backward(grad, input, bias, gelu)
+    }
+
+    /// `residual + dropout(input + bias)` for `[batch, seq, hidden]` tensors (no dropout
+    /// when `dropout` is `None`). The backward of the input is the output's gradient
+    /// through the same mask: [`dropout_mask_apply`](Self::dropout_mask_apply).
+    fn bias_dropout_add(
+        input: Tensor<Self, 3>,
+        bias: Option<Tensor<Self, 1>>,
+        residual: Tensor<Self, 3>,
+        dropout: Option<Dropout>,
+    ) -> Tensor<Self, 3> {
+        reference_bias_dropout_add(input, bias, residual, dropout)
+    }
+
+    /// `tensor` with the elements that `dropout` drops zeroed and the rest scaled by
+    /// `1 / (1 - p)`.
+    fn dropout_mask_apply(tensor: Tensor<Self, 3>, dropout: Dropout) -> Tensor<Self, 3> {
+        dropout::dropout(
+            tensor,
+            dropout.p,
+            dropout.seed,
+            dropout.full,
+            dropout.offsets,
+        )
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl<B: burn_fusion::FusionBackend + FusedKernels> FusedKernels for burn_fusion::Fusion<B> {}
+
+impl<E, I, Q> FusedKernels for burn_ndarray::NdArray<E, I, Q>
+where
+    E: burn_ndarray::FloatNdArrayElement,
+    I: burn_ndarray::IntNdArrayElement,
+    Q: burn_ndarray::QuantElement,
+    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<E>>,
+    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<I>>,
+{
+}

@@ -18,46 +18,20 @@ mod attention;
 mod cublaslt;
 mod gemm;
 
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::tensor::{Bool, DType, Tensor, backend::Backend};
+use burn::tensor::{Bool, Tensor};
 
 pub use attention::{AttentionDropout, CoreAttention, Recompute, reference_attention};
+pub use burn_megatron_kernels::{reference_ops, use_reference_ops, with_dtype};
 #[cfg(feature = "cuda")]
 pub use cublaslt::allow_tf32;
 pub use gemm::{linear, matmul_with_gemm_backward, reference_gemm};
 
-static REFERENCE_OPS: AtomicBool = AtomicBool::new(false);
-
-/// Forces the plain-Burn reference of every fast op (for comparisons and debugging); the
-/// environment variable `BURN_MEGATRON_REFERENCE_OPS=1` sets it at start-up too.
-pub fn use_reference_ops(reference: bool) {
-    REFERENCE_OPS.store(reference, Ordering::Relaxed);
-}
-
-/// Whether the fast paths are off ([`use_reference_ops`] or `BURN_MEGATRON_REFERENCE_OPS=1`).
-/// Called for every product: the environment is read once, the flag is an atomic load.
-pub fn reference_ops() -> bool {
-    static FROM_ENVIRONMENT: OnceLock<bool> = OnceLock::new();
-    REFERENCE_OPS.load(Ordering::Relaxed)
-        || *FROM_ENVIRONMENT
-            .get_or_init(|| std::env::var("BURN_MEGATRON_REFERENCE_OPS").is_ok_and(|v| v == "1"))
-}
-
-/// `tensor` in `dtype` (unchanged when it already is).
-pub fn with_dtype<B: Backend, const D: usize>(tensor: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
-    if tensor.dtype() == dtype {
-        tensor
-    } else {
-        tensor.cast(dtype)
-    }
-}
-
-/// A backend with the transformer's heavy operations; see the [module](self) docs.
-pub trait MegatronOps: Backend {
+/// A backend with the transformer's heavy operations; see the [module](self) docs. The
+/// fused memory-bound kernels between them (norms, bias-GeLU, bias-dropout-add) come with
+/// [`FusedKernels`](burn_megatron_kernels::FusedKernels).
+pub trait MegatronOps: burn_megatron_kernels::FusedKernels {
     /// Whether [`gemm`](Self::gemm) is faster than Burn's matmul here, so that autodiff
     /// should route products through it (false: the plain Burn graph is kept, and results
     /// stay those of Burn's own ops).

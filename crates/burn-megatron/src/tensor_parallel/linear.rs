@@ -152,12 +152,37 @@ impl<B: ParallelBackend> ColumnParallelLinear<B> {
     ///
     /// When a collective fails (see [`mappings`](super::mappings)).
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
+        self.forward_with_bias(input, self.added_bias())
+    }
+
+    /// `X A` without the bias, and the bias for the caller to add (fused into what comes
+    /// next): Megatron's `skip_bias_add` chosen per call.
+    ///
+    /// # Panics
+    ///
+    /// With `gather_output`, whose gathered output the bias slice does not fit.
+    pub fn forward_skipping_bias<const D: usize>(
+        &self,
+        input: Tensor<B, D>,
+    ) -> (Tensor<B, D>, Option<Tensor<B, 1>>) {
+        assert!(
+            !self.gather_output,
+            "skipping the bias add of a gathered output is not supported"
+        );
+        (self.forward_with_bias(input, None), self.bias())
+    }
+
+    fn forward_with_bias<const D: usize>(
+        &self,
+        input: Tensor<B, D>,
+        bias: Option<Tensor<B, 1>>,
+    ) -> Tensor<B, D> {
         let input = if self.sequence_parallel {
             gather_from_sequence_parallel_region(input, &self.group, D - 2, true)
         } else {
             copy_to_tensor_parallel_region(input, &self.group)
         };
-        let output = linear(input, self.weight.val(), self.added_bias());
+        let output = linear(input, self.weight.val(), bias);
         if self.gather_output {
             gather_from_tensor_parallel_region(output, &self.group)
         } else {
@@ -302,6 +327,20 @@ impl<B: ParallelBackend> RowParallelLinear<B> {
     ///
     /// When a collective fails (see [`mappings`](super::mappings)).
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
+        let output = self.forward_skipping_bias(input).0;
+        match self.bias() {
+            Some(bias) if !self.skip_bias_add => output + bias.unsqueeze(),
+            _ => output,
+        }
+    }
+
+    /// `Σ_i X_i A_i` (reduced, or reduce-scattered with sequence parallelism) without the
+    /// bias, and the bias for the caller to add (fused into what comes next): Megatron's
+    /// `skip_bias_add` chosen per call.
+    pub fn forward_skipping_bias<const D: usize>(
+        &self,
+        input: Tensor<B, D>,
+    ) -> (Tensor<B, D>, Option<Tensor<B, 1>>) {
         let input = if self.input_is_parallel {
             input
         } else {
@@ -313,10 +352,7 @@ impl<B: ParallelBackend> RowParallelLinear<B> {
         } else {
             reduce_from_tensor_parallel_region(partial, &self.group)
         };
-        match self.bias() {
-            Some(bias) if !self.skip_bias_add => output + bias.unsqueeze(),
-            _ => output,
-        }
+        (output, self.bias())
     }
 }
 

@@ -7,14 +7,13 @@
 //! backward, whatever the tensor-parallel size.
 
 mod cross_entropy;
-mod dropout;
 mod embedding;
 mod init;
 mod linear;
 pub mod mappings;
 
+pub use burn_megatron_kernels::dropout::dropout;
 pub use cross_entropy::vocab_parallel_cross_entropy;
-pub use dropout::dropout;
 pub use embedding::{
     VocabParallelEmbedding, VocabParallelEmbeddingConfig, VocabPartition, padded_vocab_size,
 };

@@ -2,17 +2,18 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, gelu_approximate, silu};
-use burn::tensor::{Bool, DType, Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend};
 use burn_megatron::Result;
-use burn_megatron::ops::{AttentionDropout, CoreAttention, Recompute, linear, with_dtype};
+use burn_megatron::ops::{AttentionDropout, CoreAttention, Recompute, linear};
 use burn_megatron::parallel::{Group, ParallelBackend};
 use burn_megatron::tensor_parallel::mappings::{
     copy_to_tensor_parallel_region, gather_from_sequence_parallel_region,
 };
 use burn_megatron::tensor_parallel::{
     ColumnParallelLinear, ColumnParallelLinearConfig, ParamInit, RowParallelLinear,
-    RowParallelLinearConfig, dropout,
+    RowParallelLinearConfig,
 };
+use burn_megatron_kernels::{Dropout, Gelu};
 
 use super::config::{Activation, GptConfig, NormKind, PositionEmbedding};
 use super::weights::Weights;
@@ -42,7 +43,7 @@ impl DropoutPass {
     }
 }
 
-/// LayerNorm or RMSNorm over the last dimension, statistics in the tensor's precision.
+/// LayerNorm or RMSNorm over the last dimension, statistics in fp32.
 #[derive(Module, Debug)]
 pub struct Norm<B: Backend> {
     /// Scale.
@@ -78,27 +79,23 @@ impl<B: Backend> Norm<B> {
             epsilon: config.norm_eps,
         })
     }
+}
 
-    /// Normalizes `x` over its last dimension.
+impl<B: ParallelBackend> Norm<B> {
+    /// Normalizes `x` over its last dimension (statistics in fp32; one fused kernel with
+    /// its backward on CUDA, [`FusedKernels::norm`]).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        // Statistics in fp32 whatever the activations' type (bf16, fp16).
-        let dtype = x.dtype();
-        let x = with_dtype(x, DType::F32);
-        let normalized = match &self.bias {
-            Some(_) => {
-                let (variance, mean) = x.clone().var_mean_bias(D - 1);
-                (x - mean) / (variance + self.epsilon).sqrt()
-            }
-            None => {
-                let mean_square = x.clone().powi_scalar(2).mean_dim(D - 1);
-                x / (mean_square + self.epsilon).sqrt()
-            }
-        };
-        let scaled = with_dtype(normalized, dtype) * self.weight.val().unsqueeze();
-        match &self.bias {
-            Some(bias) => scaled + bias.val().unsqueeze(),
-            None => scaled,
-        }
+        let shape = x.dims();
+        let width = shape[D - 1];
+        let rows = x.shape().num_elements() / width.max(1);
+        let bias = self.bias.as_ref().map(Param::val);
+        B::norm(
+            x.reshape([rows, width]),
+            self.weight.val(),
+            bias,
+            self.epsilon,
+        )
+        .reshape(shape)
     }
 }
 
@@ -256,13 +253,15 @@ impl<B: ParallelBackend> SelfAttention<B> {
 impl<B: ParallelBackend> SelfAttention<B> {
     /// Attends over `x` (`[batch, seq, hidden]`, or `[batch, seq / tp, hidden]` with
     /// sequence parallelism); `padding` (`[batch, seq]`, true for padding) masks keys.
+    /// The output projection's bias is returned for the caller to add (fused with dropout
+    /// and the residual add), as Megatron's `skip_bias_add`.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         padding: Option<&Tensor<B, 2, Bool>>,
         dropout_pass: &DropoutPass,
         layer: usize,
-    ) -> Tensor<B, 3> {
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 1>>) {
         let x = if self.sequence_parallel {
             gather_from_sequence_parallel_region(x, &self.group, 1, true)
         } else {
@@ -325,7 +324,7 @@ impl<B: ParallelBackend> SelfAttention<B> {
         let context = context
             .swap_dims(1, 2)
             .reshape([batch, seq, self.heads * self.head_dim]);
-        self.output.forward(context)
+        self.output.forward_skipping_bias(context)
     }
 }
 
@@ -433,15 +432,29 @@ impl<B: Backend> Mlp<B> {
 }
 
 impl<B: ParallelBackend> Mlp<B> {
-    /// Applies the block.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let up = self.fc1.forward(x.clone());
+    /// Applies the block; the down projection's bias is left to the caller (to fuse it
+    /// with dropout and the residual add), as Megatron's `skip_bias_add`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Option<Tensor<B, 1>>) {
         let hidden = match (&self.gate, self.activation) {
-            (Some(gate), _) => silu(gate.forward(x)) * up,
-            (None, Activation::Gelu) => gelu(up),
-            (None, _) => gelu_approximate(up),
+            (Some(gate), _) => {
+                let up = self.fc1.forward(x.clone());
+                silu(gate.forward(x)) * up
+            }
+            // The bias add and GeLU as one kernel (and one backward kernel).
+            (None, activation) if B::has_fused_kernels() => {
+                let (up, bias) = self.fc1.forward_skipping_bias(x);
+                let [batch, seq, width] = up.dims();
+                let kind = match activation {
+                    Activation::Gelu => Gelu::Exact,
+                    _ => Gelu::Tanh,
+                };
+                B::bias_gelu(up.reshape([batch * seq, width]), bias, kind)
+                    .reshape([batch, seq, width])
+            }
+            (None, Activation::Gelu) => gelu(self.fc1.forward(x)),
+            (None, _) => gelu_approximate(self.fc1.forward(x)),
         };
-        self.fc2.forward(hidden)
+        self.fc2.forward_skipping_bias(hidden)
     }
 }
 
@@ -497,38 +510,41 @@ impl<B: ParallelBackend> TransformerLayer<B> {
         dropout_pass: &DropoutPass,
         index: usize,
     ) -> Tensor<B, 3> {
-        let attention =
+        let (attention, bias) =
             self.attention
                 .forward(self.norm1.forward(x.clone()), padding, dropout_pass, index);
-        let x = x + self.hidden_dropout(attention, dropout_pass, 3 * index as u64 + 2);
-        let mlp = self.mlp.forward(self.norm2.forward(x.clone()));
-        x + self.hidden_dropout(mlp, dropout_pass, 3 * index as u64 + 3)
+        let x = self.residual_add(x, attention, bias, dropout_pass, 3 * index as u64 + 2);
+        let (mlp, bias) = self.mlp.forward(self.norm2.forward(x.clone()));
+        self.residual_add(x, mlp, bias, dropout_pass, 3 * index as u64 + 3)
     }
 
-    /// Dropout on a block output, consistent with the unsplit sequence.
-    fn hidden_dropout(
+    /// `residual + dropout(output + bias)`, the dropout consistent with the unsplit
+    /// sequence; one kernel (and one for its backward) on CUDA,
+    /// [`FusedKernels::bias_dropout_add`].
+    fn residual_add(
         &self,
-        x: Tensor<B, 3>,
+        residual: Tensor<B, 3>,
+        output: Tensor<B, 3>,
+        bias: Option<Tensor<B, 1>>,
         dropout_pass: &DropoutPass,
         site: u64,
     ) -> Tensor<B, 3> {
-        if dropout_pass.hidden == 0.0 {
-            return x;
-        }
-        let [batch, seq, hidden] = x.dims();
-        let group = &self.attention.group;
-        let (full_seq, offset) = if self.attention.sequence_parallel {
-            (seq * group.size(), seq * group.rank())
-        } else {
-            (seq, 0)
-        };
-        dropout(
-            x,
-            dropout_pass.hidden,
-            dropout_pass.site(site),
-            [batch, full_seq, hidden],
-            [0, offset, 0],
-        )
+        let dropout = (dropout_pass.hidden > 0.0).then(|| {
+            let [batch, seq, hidden] = output.dims();
+            let group = &self.attention.group;
+            let (full_seq, offset) = if self.attention.sequence_parallel {
+                (seq * group.size(), seq * group.rank())
+            } else {
+                (seq, 0)
+            };
+            Dropout {
+                p: dropout_pass.hidden,
+                seed: dropout_pass.site(site),
+                full: [batch, full_seq, hidden],
+                offsets: [0, offset, 0],
+            }
+        });
+        B::bias_dropout_add(output, bias, residual, dropout)
     }
 }
 

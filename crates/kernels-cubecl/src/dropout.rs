@@ -37,14 +37,18 @@ pub fn dropout<B: Backend, const D: usize>(
     }
     let count: usize = local.iter().product();
     let scale = (1.0 / (1.0 - p)) as f32;
+    let threshold = keep_threshold(p);
     let mut mask = Vec::with_capacity(count);
     let mut index = [0usize; D];
     for _ in 0..count {
         let global = (0..D).fold(0u64, |flat, dim| {
             flat * full[dim] as u64 + (index[dim] + offsets[dim]) as u64
         });
-        let draw = (mix(seed ^ mix(global)) >> 11) as f64 / (1u64 << 53) as f64;
-        mask.push(if draw >= p { scale } else { 0.0 });
+        mask.push(if kept(seed, global, threshold) {
+            scale
+        } else {
+            0.0
+        });
         for dim in (0..D).rev() {
             index[dim] += 1;
             if index[dim] < local[dim] {
@@ -60,8 +64,21 @@ pub fn dropout<B: Backend, const D: usize>(
     tensor * mask
 }
 
+/// Whether the element at flat position `global` of the full tensor survives: its 53-bit
+/// draw `mix(seed ^ mix(global)) >> 11` is at least `threshold` ([`keep_threshold`]).
+/// The GPU kernels compute the same hash, so masks agree bit for bit across backends.
+pub fn kept(seed: u64, global: u64, threshold: u64) -> bool {
+    (mix(seed ^ mix(global)) >> 11) >= threshold
+}
+
+/// The smallest 53-bit draw that survives dropout with probability `p`: a draw `d` is
+/// kept when `d / 2^53 >= p`, that is when `d >= ceil(p * 2^53)` (exact in f64).
+pub fn keep_threshold(p: f64) -> u64 {
+    (p * (1u64 << 53) as f64).ceil() as u64
+}
+
 /// SplitMix64's finalizer.
-pub(crate) fn mix(mut x: u64) -> u64 {
+pub fn mix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

@@ -1,0 +1,314 @@
+//! The fused operations on autodiff: one node each, whose backward is the inner backend's
+//! backward kernel. Without kernels (or with the reference forced) autodiff differentiates
+//! the plain-Burn reference instead.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::{DType, Tensor, TensorPrimitive};
+
+use crate::{
+    Dropout, FusedKernels, Gelu, NormStatistics, reference_bias_dropout_add, reference_bias_gelu,
+    reference_kernels, reference_norm, with_dtype,
+};
+
+type Inner<B, const D: usize> = Tensor<B, D>;
+
+/// Whether autodiff should build the fused node (the inner backend has kernels and the
+/// references are not forced).
+fn fused<B: FusedKernels>() -> bool {
+    B::has_fused_kernels() && !reference_kernels()
+}
+
+/// Splits autodiff tensors into their graph nodes and the inner backend's tensors.
+macro_rules! detach_inner {
+    ($($tensor:ident),+) => {{
+        let nodes = [$($tensor.clone().into_primitive().tensor().node),+];
+        ($(Inner::<B, _>::from_primitive(TensorPrimitive::Float(
+            $tensor.into_primitive().tensor().primitive,
+        ))),+, nodes)
+    }};
+}
+
+fn register<B: FusedKernels, const D: usize>(
+    grads: &mut Gradients,
+    parent: &Option<NodeId>,
+    grad: Tensor<B, D>,
+) {
+    if let Some(id) = parent {
+        grads.register::<B>(*id, grad.into_primitive().tensor());
+    }
+}
+
+fn consume<B: FusedKernels, const N: usize, const D: usize, S>(
+    ops: &Ops<S, N>,
+    grads: &mut Gradients,
+) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(grads.consume::<B>(&ops.node)))
+}
+
+fn parent_ids<S, const N: usize>(ops: &Ops<S, N>) -> [Option<NodeId>; N] {
+    std::array::from_fn(|i| ops.parents[i].as_ref().map(|parent| parent.id))
+}
+
+/// The norm node: keeps the input, the weight and the fp32 row statistics.
+#[derive(Debug)]
+struct NormNode;
+
+#[derive(Debug, Clone)]
+struct NormSaved<B: FusedKernels> {
+    input: Tensor<B, 2>,
+    weight: Tensor<B, 1>,
+    statistics: NormStatistics<B>,
+}
+
+impl<B: FusedKernels, const N: usize> Backward<B, N> for NormNode {
+    type State = NormSaved<B>;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = consume::<B, N, 2, _>(&ops, grads);
+        let parents = parent_ids(&ops);
+        let NormSaved {
+            input,
+            weight,
+            statistics,
+        } = ops.state;
+        let gradients = B::norm_backward(grad, input, weight, N == 3, statistics);
+        register::<B, 2>(grads, &parents[0], gradients.input);
+        register::<B, 1>(grads, &parents[1], gradients.weight);
+        if let Some(bias) = gradients.bias {
+            register::<B, 1>(grads, &parents[2], bias);
+        }
+    }
+}
+
+/// The bias-GeLU node: keeps the input and the bias.
+#[derive(Debug)]
+struct BiasGeluNode;
+
+#[derive(Debug, Clone)]
+struct BiasGeluSaved<B: FusedKernels> {
+    input: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    gelu: Gelu,
+}
+
+impl<B: FusedKernels, const N: usize> Backward<B, N> for BiasGeluNode {
+    type State = BiasGeluSaved<B>;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = consume::<B, N, 2, _>(&ops, grads);
+        let parents = parent_ids(&ops);
+        let BiasGeluSaved { input, bias, gelu } = ops.state;
+        let bias_dtype = bias.as_ref().map(|b| b.dtype());
+        let input_grad = B::bias_gelu_backward(grad, input, bias, gelu);
+        if let Some(dtype) = bias_dtype {
+            let bias_grad = with_dtype(input_grad.clone(), DType::F32)
+                .sum_dim(0)
+                .squeeze_dim::<1>(0);
+            register::<B, 1>(grads, &parents[1], with_dtype(bias_grad, dtype));
+        }
+        register::<B, 2>(grads, &parents[0], input_grad);
+    }
+}
+
+/// The bias-dropout-add node: keeps nothing but the dropout site (the mask is regenerated).
+#[derive(Debug)]
+struct BiasDropoutAddNode;
+
+#[derive(Debug, Clone)]
+struct BiasDropoutAddSaved {
+    dropout: Option<Dropout>,
+    bias_dtype: Option<DType>,
+}
+
+impl<B: FusedKernels, const N: usize> Backward<B, N> for BiasDropoutAddNode {
+    type State = BiasDropoutAddSaved;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = consume::<B, N, 3, _>(&ops, grads);
+        let parents = parent_ids(&ops);
+        let BiasDropoutAddSaved {
+            dropout,
+            bias_dtype,
+        } = ops.state;
+        let input_grad = match dropout {
+            Some(dropout) => B::dropout_mask_apply(grad.clone(), dropout),
+            None => grad.clone(),
+        };
+        if let Some(dtype) = bias_dtype {
+            let [batch, seq, hidden] = input_grad.dims();
+            let bias_grad = with_dtype(input_grad.clone(), DType::F32)
+                .reshape([batch * seq, hidden])
+                .sum_dim(0)
+                .squeeze_dim::<1>(0);
+            register::<B, 1>(grads, &parents[2], with_dtype(bias_grad, dtype));
+        }
+        register::<B, 3>(grads, &parents[0], input_grad);
+        register::<B, 3>(grads, &parents[1], grad);
+    }
+}
+
+/// Finishes a fused node (`kind`, prepared from its parents): tracked, it keeps `state`
+/// for the backward.
+fn finish<BO, B, C, S, const N: usize, const D: usize>(
+    kind: OpsKind<BO, B, S, C, N>,
+    state: impl FnOnce() -> S,
+    output: Tensor<B, D>,
+) -> Tensor<Autodiff<B, C>, D>
+where
+    BO: Backward<B, N, State = S>,
+    B: FusedKernels,
+    C: CheckpointStrategy,
+    S: Clone + Send + std::fmt::Debug + 'static,
+{
+    let output = output.into_primitive().tensor();
+    let output = match kind {
+        OpsKind::Tracked(prep) => prep.finish(state(), output),
+        OpsKind::UnTracked(prep) => prep.finish(output),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(output))
+}
+
+impl<B: FusedKernels, C: CheckpointStrategy> FusedKernels for Autodiff<B, C> {
+    fn has_fused_kernels() -> bool {
+        B::has_fused_kernels()
+    }
+
+    fn norm(
+        input: Tensor<Self, 2>,
+        weight: Tensor<Self, 1>,
+        bias: Option<Tensor<Self, 1>>,
+        epsilon: f64,
+    ) -> Tensor<Self, 2> {
+        if !fused::<B>() {
+            return reference_norm(input, weight, bias, epsilon);
+        }
+        // The kernels take the weight and bias in the input's dtype; the cast is a node of
+        // its own, so their gradients come back in their own dtype.
+        let dtype = input.dtype();
+        let weight = with_dtype(weight, dtype);
+        match bias {
+            Some(bias) => {
+                let bias = with_dtype(bias, dtype);
+                let (input, weight, bias, nodes) = detach_inner!(input, weight, bias);
+                let (output, statistics) =
+                    B::norm_forward(input.clone(), weight.clone(), Some(bias), epsilon);
+                let state = || NormSaved {
+                    input,
+                    weight,
+                    statistics,
+                };
+                finish(
+                    NormNode.prepare::<C>(nodes).compute_bound().stateful(),
+                    state,
+                    output,
+                )
+            }
+            None => {
+                let (input, weight, nodes) = detach_inner!(input, weight);
+                let (output, statistics) =
+                    B::norm_forward(input.clone(), weight.clone(), None, epsilon);
+                let state = || NormSaved {
+                    input,
+                    weight,
+                    statistics,
+                };
+                finish(
+                    NormNode.prepare::<C>(nodes).compute_bound().stateful(),
+                    state,
+                    output,
+                )
+            }
+        }
+    }
+
+    fn bias_gelu(
+        input: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+        gelu: Gelu,
+    ) -> Tensor<Self, 2> {
+        if !fused::<B>() {
+            return reference_bias_gelu(input, bias, gelu);
+        }
+        match bias {
+            Some(bias) => {
+                let (input, bias, nodes) = detach_inner!(input, bias);
+                let output = B::bias_gelu(input.clone(), Some(bias.clone()), gelu);
+                let state = || BiasGeluSaved {
+                    input,
+                    bias: Some(bias),
+                    gelu,
+                };
+                finish(
+                    BiasGeluNode.prepare::<C>(nodes).compute_bound().stateful(),
+                    state,
+                    output,
+                )
+            }
+            None => {
+                let (input, nodes) = detach_inner!(input);
+                let output = B::bias_gelu(input.clone(), None, gelu);
+                let state = || BiasGeluSaved {
+                    input,
+                    bias: None,
+                    gelu,
+                };
+                finish(
+                    BiasGeluNode.prepare::<C>(nodes).compute_bound().stateful(),
+                    state,
+                    output,
+                )
+            }
+        }
+    }
+
+    fn bias_dropout_add(
+        input: Tensor<Self, 3>,
+        bias: Option<Tensor<Self, 1>>,
+        residual: Tensor<Self, 3>,
+        dropout: Option<Dropout>,
+    ) -> Tensor<Self, 3> {
+        if !fused::<B>() {
+            return reference_bias_dropout_add(input, bias, residual, dropout);
+        }
+        match bias {
+            Some(bias) => {
+                let bias_dtype = Some(bias.dtype());
+                let (input, residual, bias, nodes) = detach_inner!(input, residual, bias);
+                let output = B::bias_dropout_add(input, Some(bias), residual, dropout);
+                let state = || BiasDropoutAddSaved {
+                    dropout,
+                    bias_dtype,
+                };
+                finish(
+                    BiasDropoutAddNode
+                        .prepare::<C>(nodes)
+                        .compute_bound()
+                        .stateful(),
+                    state,
+                    output,
+                )
+            }
+            None => {
+                let (input, residual, nodes) = detach_inner!(input, residual);
+                let output = B::bias_dropout_add(input, None, residual, dropout);
+                let state = || BiasDropoutAddSaved {
+                    dropout,
+                    bias_dtype: None,
+                };
+                finish(
+                    BiasDropoutAddNode
+                        .prepare::<C>(nodes)
+                        .compute_bound()
+                        .stateful(),
+                    state,
+                    output,
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! Checks of the fused operations against their plain-Burn references on one device:
+//! forward outputs and every gradient on fresh random inputs, for shapes that are and are
+//! not multiples of the kernels' block sizes. The wgpu tests and `burn-megatron bench
+//! kernels` on a GPU both run them.
+
+use burn::backend::Autodiff;
+use burn::tensor::{DType, ElementConversion, Shape};
+use burn::tensor::{Distribution, Tensor, backend::Backend};
+
+use crate::{
+    Dropout, FusedKernels, Gelu, reference_bias_dropout_add, reference_bias_gelu,
+    reference_bias_gelu_backward, reference_kernels, reference_norm, with_dtype,
+};
+
+/// One comparison: a quantity of a kernel against the reference.
+#[derive(Debug, Clone)]
+pub struct Check {
+    /// The operation, with its variant (`layer_norm`, `bias_gelu_tanh`, ...).
+    pub kernel: String,
+    /// Input shape.
+    pub shape: Vec<usize>,
+    /// Element type of the inputs.
+    pub dtype: DType,
+    /// What is compared (`output`, `d_input`, `d_weight`, ...).
+    pub quantity: &'static str,
+    /// `max |kernel - reference| / max |reference|`.
+    pub error: f64,
+    /// The largest error accepted for this dtype.
+    pub limit: f64,
+}
+
+impl Check {
+    /// Whether the error is within the limit (a NaN error is not).
+    pub fn passed(&self) -> bool {
+        self.error <= self.limit
+    }
+}
+
+/// The accepted error for `dtype`: 1e-5 for f32 and f64, 1e-2 for half types.
+pub fn limit_for(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 | DType::F64 => 1e-5,
+        _ => 1e-2,
+    }
+}
+
+/// `max |a - b| / max |b|`, in f64 on the host.
+pub fn relative_error<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f64 {
+    let values = |t: Tensor<B, D>| -> Vec<f64> {
+        with_dtype(t, DType::F32)
+            .into_data()
+            .convert::<f64>()
+            .to_vec::<f64>()
+            .expect("f64 data")
+    };
+    let (a, b) = (values(a), values(b));
+    let scale = b
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        .max(f64::MIN_POSITIVE);
+    let difference = a.iter().zip(&b).fold(0.0f64, |m, (x, y)| {
+        if (x - y).is_nan() {
+            f64::NAN
+        } else {
+            m.max((x - y).abs())
+        }
+    });
+    difference / scale
+}
+
+/// Every kernel and gradient against its reference on `device`, inputs in `dtype`, and
+/// the dropout mask's reproducibility.
+///
+/// # Panics
+///
+/// When `B` runs no kernels (or the references are forced): there would be nothing to
+/// compare.
+pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<Check> {
+    assert!(
+        B::has_fused_kernels() && !reference_kernels(),
+        "this backend runs the references, not kernels: nothing to check (unset \
+         BURN_MEGATRON_REFERENCE_OPS, use a CubeCL backend)"
+    );
+    let mut checks = check_dropout_seeds::<B>(device, dtype);
+    for shape in [[4, 256], [3, 1000], [17, 77], [2, 5]] {
+        for centered in [true, false] {
+            checks.extend(check_norm::<B>(device, dtype, shape, centered));
+        }
+        for gelu in [Gelu::Exact, Gelu::Tanh] {
+            checks.extend(check_bias_gelu::<B>(device, dtype, shape, gelu));
+        }
+    }
+    for (shape, dropout) in [
+        ([2, 5, 64], None),
+        (
+            [2, 3, 100],
+            Some(Dropout {
+                p: 0.1,
+                seed: 0x0123_4567_89AB_CDEF,
+                full: [2, 6, 100],
+                offsets: [0, 3, 0],
+            }),
+        ),
+        (
+            [3, 7, 33],
+            Some(Dropout {
+                p: 0.5,
+                seed: 7,
+                full: [3, 7, 33],
+                offsets: [0, 0, 0],
+            }),
+        ),
+    ] {
+        checks.extend(check_bias_dropout_add::<B>(device, dtype, shape, dropout));
+    }
+    checks
+}
+
+type Ad<B> = Autodiff<B>;
+
+fn random<B: Backend, const D: usize>(
+    shape: [usize; D],
+    device: &B::Device,
+    dtype: DType,
+    scale: f64,
+) -> Tensor<B, D> {
+    let values = Tensor::<B, D>::random(
+        Shape::new(shape),
+        Distribution::Uniform(-scale, scale),
+        (device, DType::F32),
+    );
+    with_dtype(values, dtype)
+}
+
+/// A check row for `quantity`.
+fn row<B: Backend, const D: usize>(
+    kernel: &str,
+    shape: &[usize],
+    dtype: DType,
+    quantity: &'static str,
+    fused: Tensor<B, D>,
+    reference: Tensor<B, D>,
+) -> Check {
+    Check {
+        kernel: kernel.to_string(),
+        shape: shape.to_vec(),
+        dtype,
+        quantity,
+        error: relative_error(fused, reference),
+        limit: limit_for(dtype),
+    }
+}
+
+/// Outputs and the gradients of `inputs` for `sum(output · upstream)`, from `forward`.
+fn run<B: FusedKernels, const D: usize, const N: usize>(
+    inputs: &[Tensor<B, 2>; N],
+    upstream: &Tensor<B, D>,
+    forward: impl Fn(&[Tensor<Ad<B>, 2>; N]) -> Tensor<Ad<B>, D>,
+) -> (Tensor<B, D>, [Tensor<B, 2>; N]) {
+    let tracked: [Tensor<Ad<B>, 2>; N] =
+        std::array::from_fn(|i| Tensor::from_inner(inputs[i].clone()).require_grad());
+    let output = forward(&tracked);
+    let grads = (output.clone() * Tensor::from_inner(upstream.clone()))
+        .sum()
+        .backward();
+    // An input the forward does not use (the bias of an RMSNorm) gets zeros.
+    let gradients = std::array::from_fn(|i| {
+        tracked[i]
+            .grad(&grads)
+            .unwrap_or_else(|| inputs[i].zeros_like())
+    });
+    (output.inner(), gradients)
+}
+
+fn check_norm<B: FusedKernels>(
+    device: &B::Device,
+    dtype: DType,
+    [rows, width]: [usize; 2],
+    centered: bool,
+) -> Vec<Check> {
+    let kernel = if centered { "layer_norm" } else { "rms_norm" };
+    let epsilon = 1e-5;
+    // Weight and bias travel as [1, width] rows so that `run` handles them with the input.
+    let inputs = [
+        random::<B, 2>([rows, width], device, dtype, 2.0).add_scalar(0.5),
+        random::<B, 2>([1, width], device, dtype, 1.0).add_scalar(1.0),
+        random::<B, 2>([1, width], device, dtype, 1.0),
+    ];
+    let upstream = random::<B, 2>([rows, width], device, dtype, 1.0);
+    let forward = |fused: bool| {
+        move |t: &[Tensor<Ad<B>, 2>; 3]| {
+            let weight = t[1].clone().reshape([width]);
+            let bias = centered.then(|| t[2].clone().reshape([width]));
+            if fused {
+                Ad::<B>::norm(t[0].clone(), weight, bias, epsilon)
+            } else {
+                reference_norm(t[0].clone(), weight, bias, epsilon)
+            }
+        }
+    };
+    let (output, [d_input, d_weight, d_bias]) = run(&inputs, &upstream, forward(true));
+    let (expected, [e_input, e_weight, e_bias]) = run(&inputs, &upstream, forward(false));
+    let shape = [rows, width];
+    let mut checks = vec![
+        row(kernel, &shape, dtype, "output", output, expected),
+        row(kernel, &shape, dtype, "d_input", d_input, e_input),
+        row(kernel, &shape, dtype, "d_weight", d_weight, e_weight),
+    ];
+    if centered {
+        checks.push(row(kernel, &shape, dtype, "d_bias", d_bias, e_bias));
+    }
+    checks
+}
+
+fn check_bias_gelu<B: FusedKernels>(
+    device: &B::Device,
+    dtype: DType,
+    [rows, width]: [usize; 2],
+    gelu: Gelu,
+) -> Vec<Check> {
+    let kernel = match gelu {
+        Gelu::Exact => "bias_gelu",
+        Gelu::Tanh => "bias_gelu_tanh",
+    };
+    let inputs = [
+        random::<B, 2>([rows, width], device, dtype, 4.0),
+        random::<B, 2>([1, width], device, dtype, 1.0),
+    ];
+    let upstream = random::<B, 2>([rows, width], device, dtype, 1.0);
+    let forward = |fused: bool| {
+        move |t: &[Tensor<Ad<B>, 2>; 2]| {
+            let bias = Some(t[1].clone().reshape([width]));
+            if fused {
+                Ad::<B>::bias_gelu(t[0].clone(), bias, gelu)
+            } else {
+                reference_bias_gelu(t[0].clone(), bias, gelu)
+            }
+        }
+    };
+    let (output, [d_input, d_bias]) = run(&inputs, &upstream, forward(true));
+    let (expected, _) = run(&inputs, &upstream, forward(false));
+    // The gradient's reference is the explicit derivative in plain Burn ops: Burn's own
+    // `gelu` backward is the tanh approximation's derivative even for the exact GeLU.
+    let bias = inputs[1].clone().reshape([width]);
+    let e_input =
+        reference_bias_gelu_backward(upstream.clone(), inputs[0].clone(), Some(bias), gelu);
+    let e_bias = with_dtype(e_input.clone(), DType::F32).sum_dim(0);
+    let shape = [rows, width];
+    vec![
+        row(kernel, &shape, dtype, "output", output, expected),
+        row(kernel, &shape, dtype, "d_input", d_input, e_input),
+        row(kernel, &shape, dtype, "d_bias", d_bias, e_bias),
+    ]
+}
+
+fn check_bias_dropout_add<B: FusedKernels>(
+    device: &B::Device,
+    dtype: DType,
+    [batch, seq, width]: [usize; 3],
+    dropout: Option<Dropout>,
+) -> Vec<Check> {
+    let kernel = match dropout {
+        Some(_) => "bias_dropout_add",
+        None => "bias_add",
+    };
+    let rows = batch * seq;
+    let inputs = [
+        random::<B, 2>([rows, width], device, dtype, 2.0),
+        random::<B, 2>([rows, width], device, dtype, 2.0),
+        random::<B, 2>([1, width], device, dtype, 1.0),
+    ];
+    let upstream = random::<B, 3>([batch, seq, width], device, dtype, 1.0);
+    let forward = |fused: bool| {
+        move |t: &[Tensor<Ad<B>, 2>; 3]| {
+            let input = t[0].clone().reshape([batch, seq, width]);
+            let residual = t[1].clone().reshape([batch, seq, width]);
+            let bias = Some(t[2].clone().reshape([width]));
+            if fused {
+                Ad::<B>::bias_dropout_add(input, bias, residual, dropout)
+            } else {
+                reference_bias_dropout_add(input, bias, residual, dropout)
+            }
+        }
+    };
+    let (output, [d_input, d_residual, d_bias]) = run(&inputs, &upstream, forward(true));
+    let (expected, [e_input, e_residual, e_bias]) = run(&inputs, &upstream, forward(false));
+    let shape = [batch, seq, width];
+    vec![
+        row(kernel, &shape, dtype, "output", output, expected),
+        row(kernel, &shape, dtype, "d_input", d_input, e_input),
+        row(kernel, &shape, dtype, "d_residual", d_residual, e_residual),
+        row(kernel, &shape, dtype, "d_bias", d_bias, e_bias),
+    ]
+}
+
+/// The dropout kernel's mask: the same for the same seed (`reproducible`: the error is the
+/// difference between two runs), different for another seed (`seed_changes_mask`: the
+/// error is 1 when the masks are equal), and it drops about `p` of the elements
+/// (`drop_rate`: the error is the distance from `p`, the limit four standard deviations).
+fn check_dropout_seeds<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<Check> {
+    let shape = [4, 64, 257];
+    let site = |seed| Dropout {
+        p: 0.25,
+        seed,
+        full: shape,
+        offsets: [0; 3],
+    };
+    let ones = || with_dtype(Tensor::<B, 3>::ones(shape, (device, DType::F32)), dtype);
+    let first = B::dropout_mask_apply(ones(), site(42));
+    let again = B::dropout_mask_apply(ones(), site(42));
+    let other = B::dropout_mask_apply(ones(), site(43));
+    let changed = relative_error(other, first.clone()) > 0.0;
+    let count = shape.iter().product::<usize>() as f64;
+    let dropped = with_dtype(first.clone(), DType::F32)
+        .equal_elem(0.0)
+        .int()
+        .sum()
+        .into_scalar()
+        .elem::<f64>()
+        / count;
+    let spread = (0.25 * 0.75 / count).sqrt();
+    let rows = |quantity, error, limit| Check {
+        kernel: "dropout".to_string(),
+        shape: shape.to_vec(),
+        dtype,
+        quantity,
+        error,
+        limit,
+    };
+    vec![
+        rows("reproducible", relative_error(again, first), 0.0),
+        rows("seed_changes_mask", if changed { 0.0 } else { 1.0 }, 0.0),
+        rows("drop_rate", (dropped - 0.25).abs(), 4.0 * spread),
+    ]
+}

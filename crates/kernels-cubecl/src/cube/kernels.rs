@@ -1,0 +1,375 @@
+//! The CubeCL kernels. Inputs and outputs take the tensors' float type (`F`, chosen at
+//! launch: f32, bf16 or f16); all arithmetic is fp32. Row kernels run one cube of
+//! [`ROW_UNITS`] units per row and reduce through shared memory.
+
+use cubecl::prelude::*;
+
+/// Units per cube in the row kernels (a power of two: the tree reduction halves it).
+pub(super) const ROW_UNITS: u32 = 256;
+
+/// The sum of `value` over the cube's units (every unit gets it). `shared` holds one
+/// value per unit.
+#[cube]
+fn cube_sum(value: f32, shared: &mut SharedMemory<f32>) -> f32 {
+    let unit = UNIT_POS as usize;
+    shared[unit] = value;
+    sync_cube();
+    let mut stride = (CUBE_DIM / 2) as usize;
+    while stride > 0 {
+        if unit < stride {
+            shared[unit] = shared[unit] + shared[unit + stride];
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let total = shared[0];
+    sync_cube();
+    total
+}
+
+/// LayerNorm (`centered`) or RMSNorm of row `CUBE_POS`: writes the output and the row's
+/// mean and reciprocal standard deviation.
+#[cube(launch)]
+pub(super) fn norm_forward<F: Float>(
+    input: &Tensor<F>,
+    weight: &Tensor<F>,
+    bias: &Tensor<F>,
+    output: &mut Tensor<F>,
+    mean: &mut Tensor<f32>,
+    rstd: &mut Tensor<f32>,
+    rows: u32,
+    width: u32,
+    epsilon: f32,
+    #[comptime] centered: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS;
+    if row >= rows as usize {
+        terminate!();
+    }
+    let mut shared = SharedMemory::<f32>::new(256usize);
+    let columns = width as usize;
+    let start = row * columns;
+    let step = CUBE_DIM as usize;
+    let count = f32::cast_from(width);
+
+    let mut row_mean = 0.0f32;
+    if centered {
+        let mut sum = 0.0f32;
+        let mut column = UNIT_POS as usize;
+        while column < columns {
+            sum += f32::cast_from(input[start + column]);
+            column += step;
+        }
+        row_mean = cube_sum(sum, &mut shared) / count;
+    }
+    let mut squares = 0.0f32;
+    let mut column = UNIT_POS as usize;
+    while column < columns {
+        let centered_value = f32::cast_from(input[start + column]) - row_mean;
+        squares += centered_value * centered_value;
+        column += step;
+    }
+    let row_rstd = 1.0f32 / f32::sqrt(cube_sum(squares, &mut shared) / count + epsilon);
+
+    let mut column = UNIT_POS as usize;
+    while column < columns {
+        let normalized = (f32::cast_from(input[start + column]) - row_mean) * row_rstd;
+        let mut value = normalized * f32::cast_from(weight[column]);
+        if centered {
+            value += f32::cast_from(bias[column]);
+        }
+        output[start + column] = F::cast_from(value);
+        column += step;
+    }
+    if UNIT_POS == 0 {
+        mean[row] = row_mean;
+        rstd[row] = row_rstd;
+    }
+}
+
+/// The input gradient of the norm for row `CUBE_POS`:
+/// `rstd · (g - mean(g) - x̂ · mean(g · x̂))` with `g = grad · weight` (no `mean(g)` for
+/// RMSNorm).
+#[cube(launch)]
+pub(super) fn norm_backward_input<F: Float>(
+    grad: &Tensor<F>,
+    input: &Tensor<F>,
+    weight: &Tensor<F>,
+    mean: &Tensor<f32>,
+    rstd: &Tensor<f32>,
+    input_grad: &mut Tensor<F>,
+    rows: u32,
+    width: u32,
+    #[comptime] centered: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS;
+    if row >= rows as usize {
+        terminate!();
+    }
+    let mut shared = SharedMemory::<f32>::new(256usize);
+    let columns = width as usize;
+    let start = row * columns;
+    let step = CUBE_DIM as usize;
+    let count = f32::cast_from(width);
+    let row_mean = mean[row];
+    let row_rstd = rstd[row];
+
+    let mut scaled_sum = 0.0f32;
+    let mut projection = 0.0f32;
+    let mut column = UNIT_POS as usize;
+    while column < columns {
+        let scaled = f32::cast_from(grad[start + column]) * f32::cast_from(weight[column]);
+        let normalized = (f32::cast_from(input[start + column]) - row_mean) * row_rstd;
+        scaled_sum += scaled;
+        projection += scaled * normalized;
+        column += step;
+    }
+    let mut scaled_mean = 0.0f32;
+    if centered {
+        scaled_mean = cube_sum(scaled_sum, &mut shared) / count;
+    }
+    let projection_mean = cube_sum(projection, &mut shared) / count;
+
+    let mut column = UNIT_POS as usize;
+    while column < columns {
+        let scaled = f32::cast_from(grad[start + column]) * f32::cast_from(weight[column]);
+        let normalized = (f32::cast_from(input[start + column]) - row_mean) * row_rstd;
+        let value = row_rstd * (scaled - scaled_mean - normalized * projection_mean);
+        input_grad[start + column] = F::cast_from(value);
+        column += step;
+    }
+}
+
+/// Partial weight and bias gradients of the norm: unit `column` of cube
+/// `(CUBE_POS_X, chunk = CUBE_POS_Y)` sums `grad · x̂` and `grad` over the chunk's rows
+/// into `[chunks, width]` fp32 partials (summed over chunks afterwards). Adjacent units
+/// read adjacent columns.
+#[cube(launch)]
+pub(super) fn norm_backward_parameters<F: Float>(
+    grad: &Tensor<F>,
+    input: &Tensor<F>,
+    mean: &Tensor<f32>,
+    rstd: &Tensor<f32>,
+    weight_partial: &mut Tensor<f32>,
+    bias_partial: &mut Tensor<f32>,
+    rows: u32,
+    width: u32,
+    rows_per_chunk: u32,
+    #[comptime] centered: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let column = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+    let columns = width as usize;
+    if column >= columns {
+        terminate!();
+    }
+    let chunk = CUBE_POS_Y as usize;
+    let first = chunk * rows_per_chunk as usize;
+    let mut end = first + rows_per_chunk as usize;
+    if end > rows as usize {
+        end = rows as usize;
+    }
+    let mut weight_sum = 0.0f32;
+    let mut bias_sum = 0.0f32;
+    let mut row = first;
+    while row < end {
+        let index = row * columns + column;
+        let upstream = f32::cast_from(grad[index]);
+        let normalized = (f32::cast_from(input[index]) - mean[row]) * rstd[row];
+        weight_sum += upstream * normalized;
+        bias_sum += upstream;
+        row += 1;
+    }
+    weight_partial[chunk * columns + column] = weight_sum;
+    if centered {
+        bias_partial[chunk * columns + column] = bias_sum;
+    }
+}
+
+/// The cubic coefficient of the tanh GeLU.
+const TANH_CUBIC: f32 = 0.044715;
+/// `√(2/π)`.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+/// `1/√2`.
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// `1/√(2π)`.
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+/// `gelu(input + bias)` (`tanh`: the approximation), or with `derivative`
+/// `grad · gelu'(input + bias)`, element `ABSOLUTE_POS`.
+#[cube(launch)]
+pub(super) fn bias_gelu<F: Float>(
+    input: &Tensor<F>,
+    bias: &Tensor<F>,
+    grad: &Tensor<F>,
+    output: &mut Tensor<F>,
+    elements: u32,
+    width: u32,
+    #[comptime] has_bias: bool,
+    #[comptime] tanh: bool,
+    #[comptime] derivative: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let position = ABSOLUTE_POS;
+    if position >= elements as usize {
+        terminate!();
+    }
+    let mut x = f32::cast_from(input[position]);
+    if has_bias {
+        x += f32::cast_from(bias[position % width as usize]);
+    }
+    let value = if tanh {
+        let t = f32::tanh(SQRT_2_OVER_PI * (x + TANH_CUBIC * x * x * x));
+        if derivative {
+            let slope = SQRT_2_OVER_PI * (1.0f32 + 3.0f32 * TANH_CUBIC * x * x);
+            0.5f32 * (1.0f32 + t) + 0.5f32 * x * (1.0f32 - t * t) * slope
+        } else {
+            0.5f32 * x * (1.0f32 + t)
+        }
+    } else {
+        let cdf = 0.5f32 * (1.0f32 + Erf::erf(x * FRAC_1_SQRT_2));
+        if derivative {
+            cdf + x * FRAC_1_SQRT_2PI * f32::exp(-0.5f32 * x * x)
+        } else {
+            x * cdf
+        }
+    };
+    if derivative {
+        output[position] = F::cast_from(value * f32::cast_from(grad[position]));
+    } else {
+        output[position] = F::cast_from(value);
+    }
+}
+
+/// A 64-bit unsigned integer as two 32-bit halves (WGSL has no 64-bit integers).
+#[derive(CubeType, Clone, Copy)]
+struct Wide {
+    high: u32,
+    low: u32,
+}
+
+#[cube]
+fn wide_add(a: Wide, b: Wide) -> Wide {
+    let low = a.low + b.low;
+    let carry = u32::cast_from(low < a.low);
+    Wide {
+        high: a.high + b.high + carry,
+        low,
+    }
+}
+
+#[cube]
+fn wide_multiply(a: Wide, b: Wide) -> Wide {
+    Wide {
+        high: u32::mul_hi(a.low, b.low) + a.low * b.high + a.high * b.low,
+        low: a.low * b.low,
+    }
+}
+
+/// `x ^ (x >> shift)` for `0 < shift < 32`.
+#[cube]
+fn wide_xor_shift(x: Wide, #[comptime] shift: u32) -> Wide {
+    Wide {
+        high: x.high ^ (x.high >> shift),
+        low: x.low ^ ((x.low >> shift) | (x.high << (32 - shift))),
+    }
+}
+
+/// SplitMix64's finalizer (`dropout::mix`).
+#[cube]
+fn wide_mix(x: Wide) -> Wide {
+    let x = wide_add(
+        x,
+        Wide {
+            high: 0x9E37_79B9u32,
+            low: 0x7F4A_7C15u32,
+        },
+    );
+    let x = wide_multiply(
+        wide_xor_shift(x, 30u32),
+        Wide {
+            high: 0xBF58_476Du32,
+            low: 0x1CE4_E5B9u32,
+        },
+    );
+    let x = wide_multiply(
+        wide_xor_shift(x, 27u32),
+        Wide {
+            high: 0x94D0_49BBu32,
+            low: 0x1331_11EBu32,
+        },
+    );
+    wide_xor_shift(x, 31u32)
+}
+
+/// `residual + dropout(input + bias)` for element `ABSOLUTE_POS` of a `[batch, seq,
+/// width]` tensor, the part at `offset_*` of a `[_, full_seq, full_width]` one (each part optional at compile time; without residual and bias it is
+/// the dropout's backward; 64-bit values come as high and low halves). An element is kept when the top 53 bits of
+/// `mix(seed ^ mix(global))` reach the threshold, `global` being its flat position in the
+/// full tensor (`dropout::kept`).
+#[cube(launch)]
+pub(super) fn bias_dropout_add<F: Float>(
+    input: &Tensor<F>,
+    bias: &Tensor<F>,
+    residual: &Tensor<F>,
+    output: &mut Tensor<F>,
+    elements: u32,
+    seq: u32,
+    width: u32,
+    full_seq: u32,
+    full_width: u32,
+    offset_batch: u32,
+    offset_seq: u32,
+    offset_column: u32,
+    seed_high: u32,
+    seed_low: u32,
+    threshold_high: u32,
+    threshold_low: u32,
+    scale: f32,
+    #[comptime] has_bias: bool,
+    #[comptime] has_residual: bool,
+    #[comptime] has_dropout: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let position = ABSOLUTE_POS;
+    if position >= elements as usize {
+        terminate!();
+    }
+    let index = position as u32;
+    let column = index % width;
+    let mut value = f32::cast_from(input[position]);
+    if has_bias {
+        value += f32::cast_from(bias[column as usize]);
+    }
+    if has_dropout {
+        let token = index / width;
+        let full_row = (token / seq + offset_batch) * full_seq + token % seq + offset_seq;
+        let global = wide_add(
+            Wide {
+                high: u32::mul_hi(full_row, full_width),
+                low: full_row * full_width,
+            },
+            Wide {
+                high: 0u32,
+                low: column + offset_column,
+            },
+        );
+        let mixed = wide_mix(global);
+        let hash = wide_mix(Wide {
+            high: seed_high ^ mixed.high,
+            low: seed_low ^ mixed.low,
+        });
+        // The top 53 bits, compared with the 53-bit threshold.
+        let draw_high = hash.high >> 11u32;
+        let draw_low = (hash.low >> 11u32) | (hash.high << 21u32);
+        let kept = draw_high > threshold_high
+            || (draw_high == threshold_high && draw_low >= threshold_low);
+        value = select(kept, value * scale, 0.0f32);
+    }
+    if has_residual {
+        value += f32::cast_from(residual[position]);
+    }
+    output[position] = F::cast_from(value);
+}

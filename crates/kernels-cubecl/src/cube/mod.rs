@@ -1,0 +1,367 @@
+//! [`FusedKernels`] on Burn's CubeCL backends (CUDA, wgpu): the launchers of the kernels in
+//! [`kernels`].
+
+mod kernels;
+
+use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
+
+use crate::dropout::keep_threshold;
+use crate::{
+    Dropout, FusedKernels, Gelu, NormGradients, NormStatistics, reference_bias_dropout_add,
+    reference_bias_gelu, reference_bias_gelu_backward, reference_kernels, reference_norm_backward,
+    reference_norm_forward, with_dtype,
+};
+use kernels::ROW_UNITS;
+
+/// Units per cube of the element-wise kernels.
+const ELEMENT_UNITS: u32 = 256;
+/// Row chunks of the norm's weight-gradient partials (at most; fewer for short inputs).
+const PARAMETER_CHUNKS: usize = 128;
+
+type Backend<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+
+fn primitive<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
+    tensor: Tensor<Backend<R, F, I, BT>, D>,
+) -> CubeTensor<R> {
+    into_contiguous(tensor.into_primitive().tensor())
+}
+
+fn tensor<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
+    primitive: CubeTensor<R>,
+) -> Tensor<Backend<R, F, I, BT>, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
+    empty_device_dtype(like.client.clone(), like.device.clone(), shape, dtype)
+}
+
+/// One cube per row, counted in as many grid dimensions as the runtime needs.
+fn row_cubes<R: CubeRuntime>(like: &CubeTensor<R>, rows: usize) -> CubeCount {
+    calculate_cube_count_elemwise(
+        &like.client,
+        rows * ROW_UNITS as usize,
+        CubeDim::new_1d(ROW_UNITS),
+    )
+}
+
+/// Checked narrowing of a size the kernels index with 32-bit integers.
+fn u32_of(value: usize, what: &str) -> u32 {
+    u32::try_from(value).unwrap_or_else(|_| {
+        panic!("{what} = {value} is beyond the kernels' 32-bit indexing; split the batch")
+    })
+}
+
+impl<R, F, I, BT> FusedKernels for CubeBackend<R, F, I, BT>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    fn has_fused_kernels() -> bool {
+        true
+    }
+
+    fn norm(
+        input: Tensor<Self, 2>,
+        weight: Tensor<Self, 1>,
+        bias: Option<Tensor<Self, 1>>,
+        epsilon: f64,
+    ) -> Tensor<Self, 2> {
+        Self::norm_forward(input, weight, bias, epsilon).0
+    }
+
+    fn norm_forward(
+        input: Tensor<Self, 2>,
+        weight: Tensor<Self, 1>,
+        bias: Option<Tensor<Self, 1>>,
+        epsilon: f64,
+    ) -> (Tensor<Self, 2>, NormStatistics<Self>) {
+        if reference_kernels() {
+            return reference_norm_forward(input, weight, bias, epsilon);
+        }
+        let [rows, width] = input.dims();
+        let dtype = input.dtype();
+        let centered = bias.is_some();
+        let weight = primitive(with_dtype(weight, dtype));
+        let bias = bias
+            .map(|b| primitive(with_dtype(b, dtype)))
+            .unwrap_or_else(|| weight.clone());
+        let input = primitive(input);
+        let output = empty_like(&input, Shape::new([rows, width]), dtype);
+        let mean = empty_like(&input, Shape::new([rows]), DType::F32);
+        let rstd = empty_like(&input, Shape::new([rows]), DType::F32);
+        if rows > 0 {
+            kernels::norm_forward::launch::<R>(
+                &input.client,
+                row_cubes(&input, rows),
+                CubeDim::new_1d(ROW_UNITS),
+                input.clone().into_tensor_arg(),
+                weight.into_tensor_arg(),
+                bias.into_tensor_arg(),
+                output.clone().into_tensor_arg(),
+                mean.clone().into_tensor_arg(),
+                rstd.clone().into_tensor_arg(),
+                u32_of(rows, "rows"),
+                u32_of(width, "width"),
+                epsilon as f32,
+                centered,
+                dtype.into(),
+            );
+        }
+        let statistics = NormStatistics {
+            mean: tensor(mean),
+            rstd: tensor(rstd),
+        };
+        (tensor(output), statistics)
+    }
+
+    fn norm_backward(
+        grad: Tensor<Self, 2>,
+        input: Tensor<Self, 2>,
+        weight: Tensor<Self, 1>,
+        has_bias: bool,
+        statistics: NormStatistics<Self>,
+    ) -> NormGradients<Self> {
+        if reference_kernels() {
+            return reference_norm_backward(grad, input, weight, has_bias, statistics);
+        }
+        let [rows, width] = input.dims();
+        let (dtype, weight_dtype) = (input.dtype(), weight.dtype());
+        let grad = primitive(with_dtype(grad, dtype));
+        let input = primitive(input);
+        let weight = primitive(with_dtype(weight, dtype));
+        let mean = primitive(statistics.mean);
+        let rstd = primitive(statistics.rstd);
+        let input_grad = empty_like(&input, Shape::new([rows, width]), dtype);
+        let chunks = rows.clamp(1, PARAMETER_CHUNKS);
+        let rows_per_chunk = rows.div_ceil(chunks).max(1);
+        let weight_partial = empty_like(&input, Shape::new([chunks, width]), DType::F32);
+        let bias_partial = if has_bias {
+            empty_like(&input, Shape::new([chunks, width]), DType::F32)
+        } else {
+            weight_partial.clone()
+        };
+        if rows > 0 && width > 0 {
+            let (rows32, width32) = (u32_of(rows, "rows"), u32_of(width, "width"));
+            kernels::norm_backward_input::launch::<R>(
+                &input.client,
+                row_cubes(&input, rows),
+                CubeDim::new_1d(ROW_UNITS),
+                grad.clone().into_tensor_arg(),
+                input.clone().into_tensor_arg(),
+                weight.into_tensor_arg(),
+                mean.clone().into_tensor_arg(),
+                rstd.clone().into_tensor_arg(),
+                input_grad.clone().into_tensor_arg(),
+                rows32,
+                width32,
+                has_bias,
+                dtype.into(),
+            );
+            kernels::norm_backward_parameters::launch::<R>(
+                &input.client,
+                CubeCount::Static(
+                    width.div_ceil(ELEMENT_UNITS as usize) as u32,
+                    chunks as u32,
+                    1,
+                ),
+                CubeDim::new_1d(ELEMENT_UNITS),
+                grad.into_tensor_arg(),
+                input.clone().into_tensor_arg(),
+                mean.into_tensor_arg(),
+                rstd.into_tensor_arg(),
+                weight_partial.clone().into_tensor_arg(),
+                bias_partial.clone().into_tensor_arg(),
+                rows32,
+                width32,
+                u32_of(rows_per_chunk, "rows per chunk"),
+                has_bias,
+                dtype.into(),
+            );
+        }
+        let column_sum = |partial: CubeTensor<R>| {
+            let partial: Tensor<Self, 2> = tensor(partial);
+            with_dtype(partial.sum_dim(0).reshape([width]), weight_dtype)
+        };
+        NormGradients {
+            input: tensor(input_grad),
+            weight: column_sum(weight_partial),
+            bias: has_bias.then(|| column_sum(bias_partial)),
+        }
+    }
+
+    fn bias_gelu(
+        input: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+        gelu: Gelu,
+    ) -> Tensor<Self, 2> {
+        if reference_kernels() {
+            return reference_bias_gelu(input, bias, gelu);
+        }
+        let dtype = input.dtype();
+        launch_bias_gelu(input.clone(), bias, input, gelu, false, dtype)
+    }
+
+    fn bias_gelu_backward(
+        grad: Tensor<Self, 2>,
+        input: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+        gelu: Gelu,
+    ) -> Tensor<Self, 2> {
+        if reference_kernels() {
+            return reference_bias_gelu_backward(grad, input, bias, gelu);
+        }
+        let dtype = input.dtype();
+        launch_bias_gelu(input, bias, with_dtype(grad, dtype), gelu, true, dtype)
+    }
+
+    fn bias_dropout_add(
+        input: Tensor<Self, 3>,
+        bias: Option<Tensor<Self, 1>>,
+        residual: Tensor<Self, 3>,
+        dropout: Option<Dropout>,
+    ) -> Tensor<Self, 3> {
+        if reference_kernels() {
+            return reference_bias_dropout_add(input, bias, residual, dropout);
+        }
+        launch_bias_dropout_add(input, bias, Some(residual), dropout)
+    }
+
+    fn dropout_mask_apply(tensor: Tensor<Self, 3>, dropout: Dropout) -> Tensor<Self, 3> {
+        if reference_kernels() {
+            return crate::dropout::dropout(
+                tensor,
+                dropout.p,
+                dropout.seed,
+                dropout.full,
+                dropout.offsets,
+            );
+        }
+        launch_bias_dropout_add(tensor, None, None, Some(dropout))
+    }
+}
+
+/// `gelu(input + bias)`, or with `derivative` `grad · gelu'(input + bias)`.
+fn launch_bias_gelu<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    input: Tensor<Backend<R, F, I, BT>, 2>,
+    bias: Option<Tensor<Backend<R, F, I, BT>, 1>>,
+    grad: Tensor<Backend<R, F, I, BT>, 2>,
+    gelu: Gelu,
+    derivative: bool,
+    dtype: DType,
+) -> Tensor<Backend<R, F, I, BT>, 2> {
+    let [rows, width] = input.dims();
+    let has_bias = bias.is_some();
+    let input = primitive(input);
+    let grad = if derivative {
+        primitive(grad)
+    } else {
+        input.clone()
+    };
+    let bias = bias
+        .map(|b| primitive(with_dtype(b, dtype)))
+        .unwrap_or_else(|| input.clone());
+    let output = empty_like(&input, Shape::new([rows, width]), dtype);
+    let elements = rows * width;
+    if elements > 0 {
+        let cube_dim = CubeDim::new_1d(ELEMENT_UNITS);
+        kernels::bias_gelu::launch::<R>(
+            &input.client,
+            calculate_cube_count_elemwise(&input.client, elements, cube_dim),
+            cube_dim,
+            input.clone().into_tensor_arg(),
+            bias.into_tensor_arg(),
+            grad.into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            u32_of(elements, "elements"),
+            u32_of(width, "width"),
+            has_bias,
+            gelu == Gelu::Tanh,
+            derivative,
+            dtype.into(),
+        );
+    }
+    tensor(output)
+}
+
+/// `residual + dropout(input + bias)`, each part optional.
+fn launch_bias_dropout_add<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    input: Tensor<Backend<R, F, I, BT>, 3>,
+    bias: Option<Tensor<Backend<R, F, I, BT>, 1>>,
+    residual: Option<Tensor<Backend<R, F, I, BT>, 3>>,
+    dropout: Option<Dropout>,
+) -> Tensor<Backend<R, F, I, BT>, 3> {
+    let [batch, seq, width] = input.dims();
+    let dtype = input.dtype();
+    let (has_bias, has_residual) = (bias.is_some(), residual.is_some());
+    let input = primitive(input);
+    let bias = bias
+        .map(|b| primitive(with_dtype(b, dtype)))
+        .unwrap_or_else(|| input.clone());
+    let residual = residual
+        .map(|r| primitive(with_dtype(r, dtype)))
+        .unwrap_or_else(|| input.clone());
+    let output = empty_like(&input, Shape::new([batch, seq, width]), dtype);
+    let site = dropout.unwrap_or(Dropout {
+        p: 0.0,
+        seed: 0,
+        full: [batch, seq, width],
+        offsets: [0; 3],
+    });
+    assert!(
+        (0.0..1.0).contains(&site.p),
+        "dropout probability {} must be in [0, 1)",
+        site.p
+    );
+    for dim in 0..3 {
+        assert!(
+            site.offsets[dim] + [batch, seq, width][dim] <= site.full[dim],
+            "part {:?} at {:?} is outside {:?}",
+            [batch, seq, width],
+            site.offsets,
+            site.full
+        );
+    }
+    let has_dropout = site.p > 0.0;
+    let threshold = keep_threshold(site.p);
+    let elements = batch * seq * width;
+    let rows = site.full[0] * site.full[1];
+    u32_of(rows, "rows of the full tensor");
+    if elements > 0 {
+        let cube_dim = CubeDim::new_1d(ELEMENT_UNITS);
+        kernels::bias_dropout_add::launch::<R>(
+            &input.client,
+            calculate_cube_count_elemwise(&input.client, elements, cube_dim),
+            cube_dim,
+            input.clone().into_tensor_arg(),
+            bias.into_tensor_arg(),
+            residual.into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            u32_of(elements, "elements"),
+            seq as u32,
+            width as u32,
+            site.full[1] as u32,
+            u32_of(site.full[2], "hidden"),
+            site.offsets[0] as u32,
+            site.offsets[1] as u32,
+            site.offsets[2] as u32,
+            (site.seed >> 32) as u32,
+            site.seed as u32,
+            (threshold >> 32) as u32,
+            threshold as u32,
+            (1.0 / (1.0 - site.p)) as f32,
+            has_bias,
+            has_residual,
+            has_dropout,
+            dtype.into(),
+        );
+    }
+    tensor(output)
+}

@@ -1,0 +1,251 @@
+//! The plain-Burn references: the defaults of [`FusedKernels`](crate::FusedKernels), the
+//! oracle of the kernel tests, and (forward only) what autodiff differentiates on backends
+//! without kernels.
+
+use burn::tensor::activation::{gelu, gelu_approximate};
+use burn::tensor::{DType, Tensor, backend::Backend};
+
+use crate::{Dropout, Gelu, NormGradients, NormStatistics, dropout, with_dtype};
+
+/// LayerNorm (with `bias`) or RMSNorm (without) of each row, statistics in fp32, the
+/// normalized rows cast back to the input's dtype before the weight and bias apply.
+pub fn reference_norm<B: Backend>(
+    input: Tensor<B, 2>,
+    weight: Tensor<B, 1>,
+    bias: Option<Tensor<B, 1>>,
+    epsilon: f64,
+) -> Tensor<B, 2> {
+    let dtype = input.dtype();
+    let x = with_dtype(input, DType::F32);
+    let normalized = match &bias {
+        Some(_) => {
+            let (variance, mean) = x.clone().var_mean_bias(1);
+            (x - mean) / (variance + epsilon).sqrt()
+        }
+        None => {
+            let mean_square = x.clone().powi_scalar(2).mean_dim(1);
+            x / (mean_square + epsilon).sqrt()
+        }
+    };
+    let scaled = with_dtype(normalized, dtype) * weight.unsqueeze();
+    match bias {
+        Some(bias) => scaled + bias.unsqueeze(),
+        None => scaled,
+    }
+}
+
+/// [`reference_norm`] with the row statistics its backward needs.
+pub fn reference_norm_forward<B: Backend>(
+    input: Tensor<B, 2>,
+    weight: Tensor<B, 1>,
+    bias: Option<Tensor<B, 1>>,
+    epsilon: f64,
+) -> (Tensor<B, 2>, NormStatistics<B>) {
+    let [rows, _] = input.dims();
+    let x = with_dtype(input.clone(), DType::F32);
+    let mean = match &bias {
+        Some(_) => x.clone().mean_dim(1),
+        None => Tensor::zeros([rows, 1], (&x.device(), DType::F32)),
+    };
+    let variance = (x - mean.clone()).powi_scalar(2).mean_dim(1);
+    let rstd = (variance + epsilon).sqrt().recip();
+    let statistics = NormStatistics {
+        mean: mean.reshape([rows]),
+        rstd: rstd.reshape([rows]),
+    };
+    (reference_norm(input, weight, bias, epsilon), statistics)
+}
+
+/// The gradients of the norm, in fp32 and cast to each tensor's dtype:
+/// with `x̂ = (x - mean) · rstd` and `g = grad · weight`,
+/// `dx = rstd · (g - mean(g) - x̂ · mean(g · x̂))` (no `mean(g)` term for RMSNorm),
+/// `dweight = Σ_rows grad · x̂`, `dbias = Σ_rows grad`.
+pub fn reference_norm_backward<B: Backend>(
+    grad: Tensor<B, 2>,
+    input: Tensor<B, 2>,
+    weight: Tensor<B, 1>,
+    has_bias: bool,
+    statistics: NormStatistics<B>,
+) -> NormGradients<B> {
+    let [rows, _] = input.dims();
+    let (input_dtype, weight_dtype) = (input.dtype(), weight.dtype());
+    let f32 = |t: Tensor<B, 2>| with_dtype(t, DType::F32);
+    let grad = f32(grad);
+    let mean = statistics.mean.reshape([rows, 1]);
+    let rstd = statistics.rstd.reshape([rows, 1]);
+    let normalized = (f32(input) - mean) * rstd.clone();
+    let scaled_grad = grad.clone() * with_dtype(weight, DType::F32).unsqueeze();
+    let projection = (scaled_grad.clone() * normalized.clone()).mean_dim(1);
+    let mut input_grad = scaled_grad.clone() - normalized.clone() * projection;
+    if has_bias {
+        input_grad = input_grad - scaled_grad.mean_dim(1);
+    }
+    let column_sum = |t: Tensor<B, 2>| with_dtype(t.sum_dim(0).squeeze_dim::<1>(0), weight_dtype);
+    NormGradients {
+        input: with_dtype(input_grad * rstd, input_dtype),
+        weight: column_sum(grad.clone() * normalized),
+        bias: has_bias.then(|| column_sum(grad)),
+    }
+}
+
+/// `gelu(input + bias)` in fp32, cast back to the input's dtype.
+pub fn reference_bias_gelu<B: Backend>(
+    input: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    kind: Gelu,
+) -> Tensor<B, 2> {
+    let dtype = input.dtype();
+    let x = biased_f32(input, bias);
+    let y = match kind {
+        Gelu::Exact => gelu(x),
+        Gelu::Tanh => gelu_approximate(x),
+    };
+    with_dtype(y, dtype)
+}
+
+/// `grad · gelu'(input + bias)`, in the input's dtype: `Φ(x) + x φ(x)` for the exact GeLU;
+/// for tanh, with `t = tanh(c (x + a x³))`,
+/// `(1 + t) / 2 + x/2 · (1 - t²) · c (1 + 3 a x²)`.
+pub fn reference_bias_gelu_backward<B: Backend>(
+    grad: Tensor<B, 2>,
+    input: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    kind: Gelu,
+) -> Tensor<B, 2> {
+    let dtype = input.dtype();
+    let x = biased_f32(input, bias);
+    let derivative = match kind {
+        Gelu::Exact => {
+            let cdf = ((x.clone() * std::f64::consts::FRAC_1_SQRT_2).erf() + 1.0) * 0.5;
+            let density = (x.clone().powi_scalar(2) * -0.5).exp()
+                * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
+            cdf + x * density
+        }
+        Gelu::Tanh => {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let t = ((x.clone() + x.clone().powi_scalar(3) * GELU_TANH_CUBIC) * c).tanh();
+            let slope = (x.clone().powi_scalar(2) * (3.0 * GELU_TANH_CUBIC) + 1.0) * c;
+            (t.clone() + 1.0) * 0.5 + x * 0.5 * (-t.powi_scalar(2) + 1.0) * slope
+        }
+    };
+    with_dtype(with_dtype(grad, DType::F32) * derivative, dtype)
+}
+
+/// The cubic coefficient of the tanh GeLU.
+pub(crate) const GELU_TANH_CUBIC: f64 = 0.044715;
+
+fn biased_f32<B: Backend>(input: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+    let x = with_dtype(input, DType::F32);
+    match bias {
+        Some(bias) => x + with_dtype(bias, DType::F32).unsqueeze(),
+        None => x,
+    }
+}
+
+/// `residual + dropout(input + bias)` in plain Burn ops (the bias added in the input's
+/// dtype, as the unfused layers do).
+pub fn reference_bias_dropout_add<B: Backend>(
+    input: Tensor<B, 3>,
+    bias: Option<Tensor<B, 1>>,
+    residual: Tensor<B, 3>,
+    site: Option<Dropout>,
+) -> Tensor<B, 3> {
+    let x = match bias {
+        Some(bias) => input + bias.unsqueeze(),
+        None => input,
+    };
+    let x = match site {
+        Some(site) => dropout::dropout(x, site.p, site.seed, site.full, site.offsets),
+        None => x,
+    };
+    residual + x
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Autodiff;
+    use burn::tensor::Distribution;
+
+    use super::*;
+    use crate::check::relative_error;
+
+    type B = burn_ndarray::NdArray<f32>;
+    type A = Autodiff<B>;
+
+    fn random<const D: usize>(shape: [usize; D], offset: f64) -> Tensor<B, D> {
+        Tensor::random(shape, Distribution::Uniform(-1.0, 1.0), &Default::default())
+            .add_scalar(offset)
+    }
+
+    /// The explicit backward formulas (what the kernels implement) against Burn's autodiff
+    /// of the forward references.
+    #[test]
+    fn norm_backward_formula_is_the_gradient_of_the_forward() {
+        for (shape, centered) in [([5, 7], true), ([5, 7], false), ([3, 64], true)] {
+            let [rows, width] = shape;
+            let (x, weight, bias) = (
+                random(shape, 0.3),
+                random([width], 1.0),
+                random([width], 0.0),
+            );
+            let upstream = random(shape, 0.0);
+            let tracked = |t: Tensor<B, 2>| Tensor::<A, 2>::from_inner(t).require_grad();
+            let (tx, tw, tb) = (
+                tracked(x.clone()),
+                tracked(weight.clone().reshape([1, width])),
+                tracked(bias.clone().reshape([1, width])),
+            );
+            let y = reference_norm(
+                tx.clone(),
+                tw.clone().reshape([width]),
+                centered.then(|| tb.clone().reshape([width])),
+                1e-5,
+            );
+            let grads = (y * Tensor::from_inner(upstream.clone())).sum().backward();
+
+            let bias = centered.then_some(bias);
+            let (_, statistics) = reference_norm_forward(x.clone(), weight.clone(), bias, 1e-5);
+            assert_eq!(statistics.rstd.dims(), [rows]);
+            let formula = reference_norm_backward(upstream, x, weight, centered, statistics);
+            let error =
+                |a: Tensor<B, 2>, b: Tensor<A, 2>| relative_error(a, b.grad(&grads).unwrap());
+            assert!(
+                error(formula.input, tx) < 1e-5,
+                "{shape:?} {centered}: input"
+            );
+            assert!(
+                error(formula.weight.reshape([1, width]), tw) < 1e-5,
+                "{shape:?} {centered}: weight"
+            );
+            if let Some(bias) = formula.bias {
+                assert!(
+                    error(bias.reshape([1, width]), tb) < 1e-5,
+                    "{shape:?}: bias"
+                );
+            }
+        }
+    }
+
+    /// For the exact GeLU, autodiff differentiates `x Φ(x)` written with `erf` (Burn's own
+    /// `gelu` backward is the tanh approximation's derivative, 8e-4 off).
+    #[test]
+    fn gelu_backward_formulas_are_the_gradients_of_the_forward() {
+        for gelu in [Gelu::Exact, Gelu::Tanh] {
+            let (x, bias) = (random([6, 33], 0.0).mul_scalar(4.0), random([33], 0.0));
+            let upstream = random([6, 33], 0.0);
+            let tracked = Tensor::<A, 2>::from_inner(x.clone()).require_grad();
+            let biased = tracked.clone() + Tensor::<A, 1>::from_inner(bias.clone()).unsqueeze();
+            let y = match gelu {
+                Gelu::Exact => {
+                    let cdf = (biased.clone() * std::f64::consts::FRAC_1_SQRT_2).erf() + 1.0;
+                    biased * cdf * 0.5
+                }
+                Gelu::Tanh => reference_bias_gelu(biased, None, gelu),
+            };
+            let grads = (y * Tensor::from_inner(upstream.clone())).sum().backward();
+            let formula = reference_bias_gelu_backward(upstream, x, Some(bias), gelu);
+            let error = relative_error(formula, tracked.grad(&grads).unwrap());
+            assert!(error < 1e-5, "{gelu:?}: {error}");
+        }
+    }
+}

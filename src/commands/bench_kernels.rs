@@ -1,0 +1,310 @@
+//! `bench kernels`: the fused kernels checked against their plain-Burn references (every
+//! output and gradient, several shapes and types), and each kernel's achieved bandwidth
+//! next to the unfused Burn ops it replaces. The kernels run on CUDA only here (on a CPU
+//! they are tested through wgpu), so without the `cuda` feature the command only explains.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::tensor::{DType, Distribution, Tensor};
+use burn_megatron::{Error, Result};
+use burn_megatron_kernels::check::{Check, check_kernels};
+use burn_megatron_kernels::{
+    Dropout, FusedKernels, Gelu, reference_bias_dropout_add, reference_bias_gelu,
+    reference_bias_gelu_backward, reference_norm, reference_norm_backward, reference_norm_forward,
+};
+use clap::Args;
+
+/// Flags of `bench kernels`.
+#[derive(Args, Debug)]
+pub struct KernelsArgs {
+    /// Where to run: cuda (needs a build with --features cuda).
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Element types, comma separated: f32, bf16, f16.
+    #[arg(long, value_delimiter = ',', default_values_t = ["f32".to_string(), "bf16".to_string(), "f16".to_string()])]
+    dtypes: Vec<String>,
+    /// What to run, comma separated: checks (every kernel and gradient against its
+    /// reference), bandwidth (GB/s of each kernel and of the unfused Burn ops).
+    #[arg(long, value_delimiter = ',', default_values_t = ["checks".to_string(), "bandwidth".to_string()])]
+    parts: Vec<String>,
+    /// Tokens (rows) of the timed tensors.
+    #[arg(long, default_value_t = 8192)]
+    tokens: usize,
+    /// Hidden size of the timed tensors (the GeLU runs on 4x it).
+    #[arg(long, default_value_t = 1280)]
+    hidden: usize,
+    /// Timed repetitions per kernel (after 3 untimed ones).
+    #[arg(long, default_value_t = 50)]
+    iters: usize,
+    /// The copy bandwidth the figures are compared with, in GB/s (H200: 4300).
+    #[arg(long, default_value_t = 4300.0)]
+    copy_bandwidth: f64,
+    /// Also write the rows as JSON lines here.
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+/// Runs `bench kernels`.
+pub fn run(args: &KernelsArgs) -> Result<()> {
+    match args.device.as_str() {
+        #[cfg(feature = "cuda")]
+        "cuda" => measure::<super::train::CudaBackend>(args, &Default::default()),
+        other => Err(Error::InvalidConfig(format!(
+            "--device {other}: the kernels run on cuda{} (on a CPU they are tested through \
+             wgpu: cargo test -p burn-megatron-kernels --features wgpu)",
+            if cfg!(feature = "cuda") {
+                ""
+            } else {
+                ", which needs a build with --features cuda"
+            }
+        ))),
+    }
+}
+
+/// One timed kernel: fused and unfused seconds per call and the bytes it must move.
+struct Timing {
+    kernel: &'static str,
+    dtype: String,
+    bytes: f64,
+    fused: f64,
+    unfused: f64,
+}
+
+/// The element types asked for.
+fn parse_dtypes(args: &KernelsArgs) -> Result<Vec<(&str, DType)>> {
+    args.dtypes
+        .iter()
+        .map(|name| match name.as_str() {
+            "f32" => Ok((name.as_str(), DType::F32)),
+            "bf16" => Ok((name.as_str(), DType::BF16)),
+            "f16" => Ok((name.as_str(), DType::F16)),
+            other => Err(Error::InvalidConfig(format!(
+                "--dtypes {other}: use f32, bf16 or f16"
+            ))),
+        })
+        .collect()
+}
+
+fn measure<B: FusedKernels>(args: &KernelsArgs, device: &B::Device) -> Result<()> {
+    let dtypes = parse_dtypes(args)?;
+    let part = |name: &str| args.parts.iter().any(|p| p == name);
+    let mut json = String::new();
+    let mut failed = 0;
+    if part("checks") {
+        println!(
+            "{:<18} {:>6} {:<14} {:<18} {:>10} {:>7}  check",
+            "kernel", "dtype", "shape", "quantity", "rel. error", "limit"
+        );
+        for &(name, dtype) in &dtypes {
+            for check in check_kernels::<B>(device, dtype) {
+                print_check(name, &check);
+                failed += usize::from(!check.passed());
+                json.push_str(&format!(
+                    "{{\"kind\": \"check\", \"kernel\": \"{}\", \"dtype\": \"{name}\", \"shape\": {:?}, \"quantity\": \"{}\", \"error\": {:e}, \"limit\": {:e}, \"ok\": {}}}\n",
+                    check.kernel, check.shape, check.quantity, check.error, check.limit, check.passed()
+                ));
+            }
+        }
+    }
+    if part("bandwidth") {
+        println!(
+            "\n{:<26} {:>6} {:>10} {:>12} {:>12} {:>9} {:>9}",
+            "kernel", "dtype", "MB moved", "fused GB/s", "Burn GB/s", "% copy", "speed-up"
+        );
+        for &(name, dtype) in &dtypes {
+            for timing in bandwidths::<B>(args, name, dtype, device) {
+                let rate = |seconds: f64| timing.bytes / seconds / 1e9;
+                println!(
+                    "{:<26} {:>6} {:>10.1} {:>12.0} {:>12.0} {:>8.0}% {:>8.1}x",
+                    timing.kernel,
+                    timing.dtype,
+                    timing.bytes / 1e6,
+                    rate(timing.fused),
+                    rate(timing.unfused),
+                    100.0 * rate(timing.fused) / args.copy_bandwidth,
+                    timing.unfused / timing.fused
+                );
+                json.push_str(&format!(
+                    "{{\"kind\": \"bandwidth\", \"kernel\": \"{}\", \"dtype\": \"{}\", \"bytes\": {}, \"fused_gbps\": {:.1}, \"unfused_gbps\": {:.1}}}\n",
+                    timing.kernel, timing.dtype, timing.bytes, rate(timing.fused), rate(timing.unfused)
+                ));
+            }
+        }
+    }
+    if let Some(path) = &args.output {
+        std::fs::write(path, json).map_err(|e| Error::io(path, e))?;
+    }
+    if failed > 0 {
+        return Err(Error::InvalidData(format!(
+            "{failed} kernel checks exceeded their limit"
+        )));
+    }
+    Ok(())
+}
+
+fn print_check(dtype: &str, check: &Check) {
+    println!(
+        "{:<18} {:>6} {:<14} {:<18} {:>10.2e} {:>7.0e}  {}",
+        check.kernel,
+        dtype,
+        format!("{:?}", check.shape),
+        check.quantity,
+        check.error,
+        check.limit,
+        if check.passed() { "ok" } else { "FAILED" }
+    );
+}
+
+/// Seconds per call of `op` (3 untimed calls first; the device is synchronized around
+/// the timed ones).
+fn seconds_per_call<B: FusedKernels, T>(
+    device: &B::Device,
+    iters: usize,
+    mut op: impl FnMut() -> T,
+) -> f64 {
+    for _ in 0..3 {
+        drop(op());
+    }
+    B::sync(device).expect("device sync");
+    let started = Instant::now();
+    let mut last = None;
+    for _ in 0..iters {
+        last = Some(op());
+    }
+    B::sync(device).expect("device sync");
+    drop(last);
+    started.elapsed().as_secs_f64() / iters as f64
+}
+
+/// Each kernel (forward and backward) at `[tokens, hidden]` (`[tokens, 4 hidden]` for the
+/// GeLU), and the plain-Burn ops it replaces. Bytes are what the operation must read and
+/// write at least (inputs once, outputs once).
+fn bandwidths<B: FusedKernels>(
+    args: &KernelsArgs,
+    name: &str,
+    dtype: DType,
+    device: &B::Device,
+) -> Vec<Timing> {
+    let (tokens, hidden, iters) = (args.tokens, args.hidden, args.iters);
+    let element = dtype.size() as f64;
+    let random = |shape: Vec<usize>| {
+        Tensor::<B, 1>::random(
+            [shape.iter().product::<usize>()],
+            Distribution::Normal(0.0, 1.0),
+            device,
+        )
+        .cast(dtype)
+    };
+    let matrix = |width: usize| random(vec![tokens, width]).reshape([tokens, width]);
+    let vector = |width: usize| random(vec![width]);
+    let time = |op: &mut dyn FnMut() -> Tensor<B, 2>| seconds_per_call::<B, _>(device, iters, op);
+    let mut timings = Vec::new();
+    let mut push = |kernel, elements: usize, tensors_moved: f64, fused: f64, unfused: f64| {
+        timings.push(Timing {
+            kernel,
+            dtype: name.to_string(),
+            bytes: elements as f64 * element * tensors_moved,
+            fused,
+            unfused,
+        })
+    };
+
+    // LayerNorm: reads x, writes y; backward reads grad and x, writes dx.
+    let (x, weight, bias) = (matrix(hidden), vector(hidden), vector(hidden));
+    let elements = tokens * hidden;
+    let fused = time(&mut || B::norm(x.clone(), weight.clone(), Some(bias.clone()), 1e-5));
+    let unfused = time(&mut || reference_norm(x.clone(), weight.clone(), Some(bias.clone()), 1e-5));
+    push("layer_norm", elements, 2.0, fused, unfused);
+    let (_, statistics) = B::norm_forward(x.clone(), weight.clone(), Some(bias.clone()), 1e-5);
+    let grad = matrix(hidden);
+    let fused = time(&mut || {
+        B::norm_backward(
+            grad.clone(),
+            x.clone(),
+            weight.clone(),
+            true,
+            statistics.clone(),
+        )
+        .input
+    });
+    let (_, reference_statistics) =
+        reference_norm_forward(x.clone(), weight.clone(), Some(bias.clone()), 1e-5);
+    let unfused = time(&mut || {
+        reference_norm_backward(
+            grad.clone(),
+            x.clone(),
+            weight.clone(),
+            true,
+            reference_statistics.clone(),
+        )
+        .input
+    });
+    push("layer_norm backward", elements, 3.0, fused, unfused);
+
+    // Bias-GeLU on the 4x-wide feed-forward activations.
+    let (up, up_bias, up_grad) = (matrix(4 * hidden), vector(4 * hidden), matrix(4 * hidden));
+    let elements = tokens * 4 * hidden;
+    let fused = time(&mut || B::bias_gelu(up.clone(), Some(up_bias.clone()), Gelu::Tanh));
+    let unfused = time(&mut || reference_bias_gelu(up.clone(), Some(up_bias.clone()), Gelu::Tanh));
+    push("bias_gelu_tanh", elements, 2.0, fused, unfused);
+    let fused = time(&mut || {
+        B::bias_gelu_backward(
+            up_grad.clone(),
+            up.clone(),
+            Some(up_bias.clone()),
+            Gelu::Tanh,
+        )
+    });
+    let unfused = time(&mut || {
+        reference_bias_gelu_backward(
+            up_grad.clone(),
+            up.clone(),
+            Some(up_bias.clone()),
+            Gelu::Tanh,
+        )
+    });
+    push("bias_gelu_tanh backward", elements, 3.0, fused, unfused);
+
+    // Bias-dropout-add on the residual stream: reads x and the residual, writes the sum;
+    // the backward (the mask applied to the gradient) reads one and writes one.
+    let [x3, residual] = [0, 1].map(|_| matrix(hidden).reshape([1, tokens, hidden]));
+    let site = Dropout {
+        p: 0.1,
+        seed: 1234,
+        full: [1, tokens, hidden],
+        offsets: [0; 3],
+    };
+    let elements = tokens * hidden;
+    let as_2d = |t: Tensor<B, 3>| t.reshape([tokens, hidden]);
+    let fused = time(&mut || {
+        as_2d(B::bias_dropout_add(
+            x3.clone(),
+            Some(bias.clone()),
+            residual.clone(),
+            Some(site),
+        ))
+    });
+    let unfused = time(&mut || {
+        as_2d(reference_bias_dropout_add(
+            x3.clone(),
+            Some(bias.clone()),
+            residual.clone(),
+            Some(site),
+        ))
+    });
+    push("bias_dropout_add", elements, 3.0, fused, unfused);
+    let fused = time(&mut || as_2d(B::dropout_mask_apply(x3.clone(), site)));
+    let unfused = time(&mut || {
+        as_2d(burn_megatron_kernels::dropout::dropout(
+            x3.clone(),
+            site.p,
+            site.seed,
+            site.full,
+            site.offsets,
+        ))
+    });
+    push("dropout backward", elements, 2.0, fused, unfused);
+    timings
+}
