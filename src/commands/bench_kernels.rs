@@ -13,6 +13,7 @@ use burn_megatron_kernels::check::{Check, check_kernels};
 use burn_megatron_kernels::{
     Dropout, FusedKernels, Gelu, reference_bias_dropout_add, reference_bias_gelu,
     reference_bias_gelu_backward, reference_norm, reference_norm_backward, reference_norm_forward,
+    reference_softmax, reference_softmax_backward,
 };
 use clap::Args;
 
@@ -201,22 +202,24 @@ fn bandwidths<B: FusedKernels>(
     let vector = |width: usize| random(vec![width]);
     let time = |op: &mut dyn FnMut() -> Tensor<B, 2>| seconds_per_call::<B, _>(device, iters, op);
     let mut timings = Vec::new();
-    let mut push = |kernel, elements: usize, tensors_moved: f64, fused: f64, unfused: f64| {
+    let mut push = |kernel, bytes: f64, fused: f64, unfused: f64| {
         timings.push(Timing {
             kernel,
             dtype: name.to_string(),
-            bytes: elements as f64 * element * tensors_moved,
+            bytes,
             fused,
             unfused,
         })
     };
+    // Bytes of `tensors` tensors of `elements` elements in `dtype`.
+    let moved = |elements: usize, tensors: f64| elements as f64 * element * tensors;
 
     // LayerNorm: reads x, writes y; backward reads grad and x, writes dx.
     let (x, weight, bias) = (matrix(hidden), vector(hidden), vector(hidden));
     let elements = tokens * hidden;
     let fused = time(&mut || B::norm(x.clone(), weight.clone(), Some(bias.clone()), 1e-5));
     let unfused = time(&mut || reference_norm(x.clone(), weight.clone(), Some(bias.clone()), 1e-5));
-    push("layer_norm", elements, 2.0, fused, unfused);
+    push("layer_norm", moved(elements, 2.0), fused, unfused);
     let (_, statistics) = B::norm_forward(x.clone(), weight.clone(), Some(bias.clone()), 1e-5);
     let grad = matrix(hidden);
     let fused = time(&mut || {
@@ -241,14 +244,14 @@ fn bandwidths<B: FusedKernels>(
         )
         .input
     });
-    push("layer_norm backward", elements, 3.0, fused, unfused);
+    push("layer_norm backward", moved(elements, 3.0), fused, unfused);
 
     // Bias-GeLU on the 4x-wide feed-forward activations.
     let (up, up_bias, up_grad) = (matrix(4 * hidden), vector(4 * hidden), matrix(4 * hidden));
     let elements = tokens * 4 * hidden;
     let fused = time(&mut || B::bias_gelu(up.clone(), Some(up_bias.clone()), Gelu::Tanh));
     let unfused = time(&mut || reference_bias_gelu(up.clone(), Some(up_bias.clone()), Gelu::Tanh));
-    push("bias_gelu_tanh", elements, 2.0, fused, unfused);
+    push("bias_gelu_tanh", moved(elements, 2.0), fused, unfused);
     let fused = time(&mut || {
         B::bias_gelu_backward(
             up_grad.clone(),
@@ -265,7 +268,12 @@ fn bandwidths<B: FusedKernels>(
             Gelu::Tanh,
         )
     });
-    push("bias_gelu_tanh backward", elements, 3.0, fused, unfused);
+    push(
+        "bias_gelu_tanh backward",
+        moved(elements, 3.0),
+        fused,
+        unfused,
+    );
 
     // Bias-dropout-add on the residual stream: reads x and the residual, writes the sum;
     // the backward (the mask applied to the gradient) reads one and writes one.
@@ -294,7 +302,7 @@ fn bandwidths<B: FusedKernels>(
             Some(site),
         ))
     });
-    push("bias_dropout_add", elements, 3.0, fused, unfused);
+    push("bias_dropout_add", moved(elements, 3.0), fused, unfused);
     let fused = time(&mut || as_2d(B::dropout_mask_apply(x3.clone(), site)));
     let unfused = time(&mut || {
         as_2d(burn_megatron_kernels::dropout::dropout(
@@ -305,6 +313,51 @@ fn bandwidths<B: FusedKernels>(
             site.offsets,
         ))
     });
-    push("dropout backward", elements, 2.0, fused, unfused);
+    push("dropout backward", moved(elements, 2.0), fused, unfused);
+
+    // Attention softmax on [batch, heads, seq, seq] scores (heads of 64): reads the scores
+    // in `dtype`, writes fp32 probabilities; the backward reads probabilities and their
+    // gradient (fp32) and writes the scores' gradient.
+    let seq = tokens.min(1024);
+    let shape = [tokens / seq, (hidden / 64).max(1), seq, seq];
+    let elements: usize = shape.iter().product();
+    let scores = random(shape.to_vec()).reshape(shape);
+    let flat = |t: Tensor<B, 4>| t.reshape([elements / seq, seq]);
+    let fused = time(&mut || flat(B::scaled_masked_softmax(scores.clone(), 0.125, true, None)));
+    let unfused = time(&mut || flat(reference_softmax(scores.clone(), 0.125, true, None)));
+    push(
+        "softmax (causal)",
+        moved(elements, 1.0) + elements as f64 * 4.0,
+        fused,
+        unfused,
+    );
+    let probabilities = B::scaled_masked_softmax(scores.clone(), 0.125, true, None);
+    let grad = probabilities.clone() * 0.5;
+    let fused = time(&mut || {
+        flat(B::scaled_masked_softmax_backward(
+            probabilities.clone(),
+            grad.clone(),
+            0.125,
+            true,
+            None,
+            dtype,
+        ))
+    });
+    let unfused = time(&mut || {
+        flat(reference_softmax_backward(
+            probabilities.clone(),
+            grad.clone(),
+            0.125,
+            true,
+            None,
+            dtype,
+        ))
+    });
+    push(
+        "softmax backward",
+        moved(elements, 1.0) + elements as f64 * 8.0,
+        fused,
+        unfused,
+    );
     timings
 }

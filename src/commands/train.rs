@@ -103,6 +103,14 @@ pub struct TrainArgs {
     /// Linear layers without biases.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     disable_bias: Option<bool>,
+    /// Dropout probability on the embeddings and on the attention and feed-forward block
+    /// outputs (training only) [default: 0, or the preset's].
+    #[arg(long)]
+    hidden_dropout: Option<f64>,
+    /// Dropout probability on the attention probabilities (training only) [default: 0, or
+    /// the preset's].
+    #[arg(long)]
+    attention_dropout: Option<f64>,
     /// Split the residual stream along the sequence over tensor-parallel ranks.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     sequence_parallel: Option<bool>,
@@ -289,6 +297,8 @@ impl TrainArgs {
             activation,
             untie_embeddings,
             disable_bias,
+            hidden_dropout,
+            attention_dropout,
             sequence_parallel,
             make_vocab_size_divisible_by,
             init_method_std,
@@ -370,6 +380,8 @@ impl TrainArgs {
         };
         model.tied_embeddings = !self.untie_embeddings.unwrap_or(false);
         model.bias = !self.disable_bias.unwrap_or(false);
+        model.hidden_dropout = self.hidden_dropout.unwrap_or(model.hidden_dropout);
+        model.attention_dropout = self.attention_dropout.unwrap_or(model.attention_dropout);
         model.sequence_parallel = self.sequence_parallel.unwrap_or(false);
         model.recompute_attention = self.recompute_attention()?;
         model.make_vocab_size_divisible_by = self.make_vocab_size_divisible_by.unwrap_or(128);
@@ -416,6 +428,8 @@ impl TrainArgs {
         model.pipeline_layers = self.pipeline_layers.clone();
         model.sequence_parallel = self.sequence_parallel.unwrap_or(false);
         model.recompute_attention = self.recompute_attention()?;
+        model.hidden_dropout = self.hidden_dropout.unwrap_or(model.hidden_dropout);
+        model.attention_dropout = self.attention_dropout.unwrap_or(model.attention_dropout);
         if let Some(multiple) = self.make_vocab_size_divisible_by {
             model.make_vocab_size_divisible_by = multiple;
         }

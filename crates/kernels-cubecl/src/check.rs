@@ -4,12 +4,13 @@
 //! kernels` on a GPU both run them.
 
 use burn::backend::Autodiff;
+use burn::tensor::{Bool, Distribution, Tensor, TensorData, backend::Backend};
 use burn::tensor::{DType, ElementConversion, Shape};
-use burn::tensor::{Distribution, Tensor, backend::Backend};
 
 use crate::{
     Dropout, FusedKernels, Gelu, reference_bias_dropout_add, reference_bias_gelu,
-    reference_bias_gelu_backward, reference_kernels, reference_norm, with_dtype,
+    reference_bias_gelu_backward, reference_kernels, reference_norm, reference_softmax,
+    reference_softmax_backward, with_dtype,
 };
 
 /// One comparison: a quantity of a kernel against the reference.
@@ -113,6 +114,14 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
     ] {
         checks.extend(check_bias_dropout_add::<B>(device, dtype, shape, dropout));
     }
+    for (shape, causal, padded) in [
+        ([2, 3, 5, 5], true, false),
+        ([2, 2, 7, 7], true, true),
+        ([1, 2, 33, 300], false, true),
+        ([2, 1, 130, 130], true, false),
+    ] {
+        checks.extend(check_softmax::<B>(device, dtype, shape, causal, padded));
+    }
     checks
 }
 
@@ -130,6 +139,26 @@ fn random<B: Backend, const D: usize>(
         (device, DType::F32),
     );
     with_dtype(values, dtype)
+}
+
+/// A `[rows, width]` view whose rows are `width + 128` apart: the layout of CUDA's pitched
+/// tensors (and of column slices), which the kernels must address through the row stride.
+/// (Burn slices without copying when the cut-off ends are aligned: 128 elements are.)
+fn strided<B: Backend>(
+    [rows, width]: [usize; 2],
+    device: &B::Device,
+    dtype: DType,
+    scale: f64,
+    offset: f64,
+) -> Tensor<B, 2> {
+    let values = random::<B, 2>([rows, width + 128], device, DType::F32, scale).add_scalar(offset);
+    with_dtype(values, dtype).narrow(1, 0, width)
+}
+
+/// The reference's inputs: the same values in fp32, so that a half-precision kernel is
+/// compared with exact arithmetic on its inputs rather than with another rounding.
+fn wide<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Tensor<B, D> {
+    with_dtype(tensor, DType::F32)
 }
 
 /// A check row for `quantity`.
@@ -182,7 +211,7 @@ fn check_norm<B: FusedKernels>(
     let epsilon = 1e-5;
     // Weight and bias travel as [1, width] rows so that `run` handles them with the input.
     let inputs = [
-        random::<B, 2>([rows, width], device, dtype, 2.0).add_scalar(0.5),
+        strided::<B>([rows, width], device, dtype, 2.0, 0.5),
         random::<B, 2>([1, width], device, dtype, 1.0).add_scalar(1.0),
         random::<B, 2>([1, width], device, dtype, 1.0),
     ];
@@ -199,7 +228,8 @@ fn check_norm<B: FusedKernels>(
         }
     };
     let (output, [d_input, d_weight, d_bias]) = run(&inputs, &upstream, forward(true));
-    let (expected, [e_input, e_weight, e_bias]) = run(&inputs, &upstream, forward(false));
+    let (expected, [e_input, e_weight, e_bias]) =
+        run(&inputs.map(wide), &wide(upstream), forward(false));
     let shape = [rows, width];
     let mut checks = vec![
         row(kernel, &shape, dtype, "output", output, expected),
@@ -223,7 +253,7 @@ fn check_bias_gelu<B: FusedKernels>(
         Gelu::Tanh => "bias_gelu_tanh",
     };
     let inputs = [
-        random::<B, 2>([rows, width], device, dtype, 4.0),
+        strided::<B>([rows, width], device, dtype, 4.0, 0.0),
         random::<B, 2>([1, width], device, dtype, 1.0),
     ];
     let upstream = random::<B, 2>([rows, width], device, dtype, 1.0);
@@ -238,12 +268,12 @@ fn check_bias_gelu<B: FusedKernels>(
         }
     };
     let (output, [d_input, d_bias]) = run(&inputs, &upstream, forward(true));
-    let (expected, _) = run(&inputs, &upstream, forward(false));
+    let inputs = inputs.map(wide);
+    let (expected, _) = run(&inputs, &wide(upstream.clone()), forward(false));
     // The gradient's reference is the explicit derivative in plain Burn ops: Burn's own
     // `gelu` backward is the tanh approximation's derivative even for the exact GeLU.
     let bias = inputs[1].clone().reshape([width]);
-    let e_input =
-        reference_bias_gelu_backward(upstream.clone(), inputs[0].clone(), Some(bias), gelu);
+    let e_input = reference_bias_gelu_backward(wide(upstream), inputs[0].clone(), Some(bias), gelu);
     let e_bias = with_dtype(e_input.clone(), DType::F32).sum_dim(0);
     let shape = [rows, width];
     vec![
@@ -265,7 +295,7 @@ fn check_bias_dropout_add<B: FusedKernels>(
     };
     let rows = batch * seq;
     let inputs = [
-        random::<B, 2>([rows, width], device, dtype, 2.0),
+        strided::<B>([rows, width], device, dtype, 2.0, 0.0),
         random::<B, 2>([rows, width], device, dtype, 2.0),
         random::<B, 2>([1, width], device, dtype, 1.0),
     ];
@@ -283,7 +313,8 @@ fn check_bias_dropout_add<B: FusedKernels>(
         }
     };
     let (output, [d_input, d_residual, d_bias]) = run(&inputs, &upstream, forward(true));
-    let (expected, [e_input, e_residual, e_bias]) = run(&inputs, &upstream, forward(false));
+    let (expected, [e_input, e_residual, e_bias]) =
+        run(&inputs.map(wide), &wide(upstream), forward(false));
     let shape = [batch, seq, width];
     vec![
         row(kernel, &shape, dtype, "output", output, expected),
@@ -331,5 +362,50 @@ fn check_dropout_seeds<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec
         rows("reproducible", relative_error(again, first), 0.0),
         rows("seed_changes_mask", if changed { 0.0 } else { 1.0 }, 0.0),
         rows("drop_rate", (dropped - 0.25).abs(), 4.0 * spread),
+    ]
+}
+
+/// The softmax kernels on raw scores (probabilities) and on a gradient (the scores'
+/// gradient); with padding, the last keys of every batch are padding and the second
+/// batch is padding entirely (its rows come out uniform, their gradient zero).
+fn check_softmax<B: FusedKernels>(
+    device: &B::Device,
+    dtype: DType,
+    shape: [usize; 4],
+    causal: bool,
+    padded: bool,
+) -> Vec<Check> {
+    let [batch, _, _, keys] = shape;
+    let kernel = match (causal, padded) {
+        (true, true) => "softmax_causal_pad",
+        (true, false) => "softmax_causal",
+        _ => "softmax_padding",
+    };
+    let padding = || {
+        padded.then(|| {
+            let flags: Vec<bool> = (0..batch * keys)
+                .map(|i| i / keys == 1 || i % keys >= keys - keys / 3)
+                .collect();
+            Tensor::<B, 2, Bool>::from_data(TensorData::new(flags, [batch, keys]), device)
+        })
+    };
+    let scale = 0.125;
+    let scores = with_dtype(random::<B, 4>(shape, device, DType::F32, 8.0), dtype);
+    let fused = B::scaled_masked_softmax(scores.clone(), scale, causal, padding());
+    let expected = reference_softmax(wide(scores), scale, causal, padding());
+    let grad = random::<B, 4>(shape, device, DType::F32, 1.0);
+    let d_fused = B::scaled_masked_softmax_backward(
+        expected.clone(),
+        grad.clone(),
+        scale,
+        causal,
+        padding(),
+        dtype,
+    );
+    let d_expected =
+        reference_softmax_backward(expected.clone(), grad, scale, causal, padding(), DType::F32);
+    vec![
+        row(kernel, &shape, dtype, "probabilities", fused, expected),
+        row(kernel, &shape, dtype, "d_scores", d_fused, d_expected),
     ]
 }

@@ -9,7 +9,9 @@
 //! - [`FusedKernels::bias_dropout_add`]: bias add, dropout with a mask computed from a
 //!   seed and the element's position in the unsplit tensor (so tensor- and
 //!   sequence-parallel ranks drop what the single-rank run drops, and the backward
-//!   regenerates the mask instead of storing it), and the residual add.
+//!   regenerates the mask instead of storing it), and the residual add;
+//! - [`FusedKernels::scaled_masked_softmax`] and its backward: attention scores scaled,
+//!   causal and padding masks applied, softmax in fp32, in one pass over each row.
 //!
 //! Every operation has a reference in plain Burn ops, the default of each method, which
 //! runs on every backend. CubeCL backends (CUDA, and wgpu for the tests on a CPU through
@@ -31,11 +33,12 @@ mod reference;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use burn::tensor::{DType, Tensor, backend::Backend};
+use burn::tensor::{Bool, DType, Tensor, backend::Backend};
 
 pub use reference::{
-    reference_bias_dropout_add, reference_bias_gelu, reference_bias_gelu_backward, reference_norm,
-    reference_norm_backward, reference_norm_forward,
+    attention_mask, reference_bias_dropout_add, reference_bias_gelu, reference_bias_gelu_backward,
+    reference_norm, reference_norm_backward, reference_norm_forward, reference_softmax,
+    reference_softmax_backward, softmax_dtype,
 };
 
 static REFERENCE_OPS: AtomicBool = AtomicBool::new(false);
@@ -194,6 +197,32 @@ pub trait FusedKernels: Backend {
         dropout: Option<Dropout>,
     ) -> Tensor<Self, 3> {
         reference_bias_dropout_add(input, bias, residual, dropout)
+    }
+
+    /// Attention probabilities from raw scores `[batch, heads, queries, keys]`:
+    /// `softmax(scores · scale)` over the keys, with keys after the query (`causal`) and
+    /// padding keys (`padding`, `[batch, keys]`, true for padding) masked. In
+    /// [`softmax_dtype`] (fp32 for 16-bit scores); a fully masked row is uniform.
+    fn scaled_masked_softmax(
+        scores: Tensor<Self, 4>,
+        scale: f64,
+        causal: bool,
+        padding: Option<Tensor<Self, 2, Bool>>,
+    ) -> Tensor<Self, 4> {
+        reference_softmax(scores, scale, causal, padding)
+    }
+
+    /// The gradient of the raw scores given the probabilities and their gradient (both in
+    /// [`softmax_dtype`]): `scale · p · (dp - Σ p·dp)`, zero where masked, in `dtype`.
+    fn scaled_masked_softmax_backward(
+        probabilities: Tensor<Self, 4>,
+        grad: Tensor<Self, 4>,
+        scale: f64,
+        causal: bool,
+        padding: Option<Tensor<Self, 2, Bool>>,
+        dtype: DType,
+    ) -> Tensor<Self, 4> {
+        reference_softmax_backward(probabilities, grad, scale, causal, padding, dtype)
     }
 
     /// `tensor` with the elements that `dropout` drops zeroed and the rest scaled by

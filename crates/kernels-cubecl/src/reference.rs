@@ -2,8 +2,8 @@
 //! oracle of the kernel tests, and (forward only) what autodiff differentiates on backends
 //! without kernels.
 
-use burn::tensor::activation::{gelu, gelu_approximate};
-use burn::tensor::{DType, Tensor, backend::Backend};
+use burn::tensor::activation::{gelu, gelu_approximate, softmax};
+use burn::tensor::{Bool, DType, Tensor, backend::Backend};
 
 use crate::{Dropout, Gelu, NormGradients, NormStatistics, dropout, with_dtype};
 
@@ -159,6 +159,78 @@ pub fn reference_bias_dropout_add<B: Backend>(
         None => x,
     };
     residual + x
+}
+
+/// The type of attention scores and probabilities: fp32 for 16-bit (and fp32) inputs,
+/// fp64 kept.
+pub fn softmax_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    }
+}
+
+/// True where a query may not see a key, `[batch, heads, queries, keys]` (keys after the
+/// query when `causal`, padding keys); `None` when nothing is masked.
+pub fn attention_mask<B: Backend>(
+    [batch, heads, queries, keys]: [usize; 4],
+    causal: bool,
+    padding: Option<Tensor<B, 2, Bool>>,
+    device: &B::Device,
+) -> Option<Tensor<B, 4, Bool>> {
+    let shape = [batch, heads, queries, keys];
+    let causal = causal.then(|| {
+        Tensor::<B, 2, Bool>::tril_mask([queries, keys], 0, device)
+            .unsqueeze::<4>()
+            .expand(shape)
+    });
+    let padding = padding.map(|padding| {
+        padding
+            .unsqueeze_dim::<3>(1)
+            .unsqueeze_dim::<4>(1)
+            .expand(shape)
+    });
+    match (causal, padding) {
+        (Some(causal), Some(padding)) => Some(causal.bool_or(padding)),
+        (causal, padding) => causal.or(padding),
+    }
+}
+
+/// `softmax(scores · scale)` over the last dimension with the masked scores set to
+/// `f32::MIN` (a fully masked row comes out uniform), in [`softmax_dtype`].
+pub fn reference_softmax<B: Backend>(
+    scores: Tensor<B, 4>,
+    scale: f64,
+    causal: bool,
+    padding: Option<Tensor<B, 2, Bool>>,
+) -> Tensor<B, 4> {
+    let wide = softmax_dtype(scores.dtype());
+    let device = scores.device();
+    let mut scores = with_dtype(scores * scale, wide);
+    if let Some(mask) = attention_mask(scores.dims(), causal, padding, &device) {
+        scores = scores.mask_fill(mask, f32::MIN);
+    }
+    softmax(scores, 3)
+}
+
+/// `scale · p · (dp - Σ p·dp)`, zero where masked (masked scores are constants), in
+/// `dtype`.
+pub fn reference_softmax_backward<B: Backend>(
+    probabilities: Tensor<B, 4>,
+    grad: Tensor<B, 4>,
+    scale: f64,
+    causal: bool,
+    padding: Option<Tensor<B, 2, Bool>>,
+    dtype: DType,
+) -> Tensor<B, 4> {
+    let device = probabilities.device();
+    let shape = probabilities.dims();
+    let weighted = (grad.clone() * probabilities.clone()).sum_dim(3);
+    let mut grad_scores = probabilities * (grad - weighted);
+    if let Some(mask) = attention_mask(shape, causal, padding, &device) {
+        grad_scores = grad_scores.mask_fill(mask, 0.0);
+    }
+    with_dtype(grad_scores, dtype) * scale
 }
 
 #[cfg(test)]

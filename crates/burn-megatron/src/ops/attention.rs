@@ -11,10 +11,11 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::activation::softmax;
-use burn::tensor::{Bool, DType, Tensor, TensorData, TensorPrimitive, backend::Backend};
+use burn::tensor::{Bool, Tensor, TensorData, TensorPrimitive, backend::Backend};
+
+use burn_megatron_kernels::{Dropout, FusedKernels, attention_mask, softmax_dtype};
 
 use super::{MegatronOps, with_dtype};
-use crate::tensor_parallel::dropout;
 
 /// What core attention keeps for its backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -68,80 +69,62 @@ impl CoreAttention {
         }
     }
 
-    fn drop<B: Backend>(&self, probabilities: Tensor<B, 4>) -> Tensor<B, 4> {
+    /// Attention dropout through [`FusedKernels::dropout_mask_apply`] (one kernel on
+    /// CUDA): the heads' `[batch, heads, seq, seq]` block is the `[batch, heads · seq,
+    /// seq]` block at `heads_offset · seq` of the full tensor, the same flat positions.
+    fn drop<B: FusedKernels>(&self, probabilities: Tensor<B, 4>) -> Tensor<B, 4> {
         match &self.dropout {
-            Some(d) if d.p > 0.0 => dropout(probabilities, d.p, d.seed, d.full, d.offsets),
+            Some(d) if d.p > 0.0 => {
+                let [batch, heads, queries, keys] = probabilities.dims();
+                let [_, all_heads, _, _] = d.full;
+                let site = Dropout {
+                    p: d.p,
+                    seed: d.seed,
+                    full: [d.full[0], all_heads * queries, keys],
+                    offsets: [d.offsets[0], d.offsets[1] * queries, 0],
+                };
+                let flat = probabilities.reshape([batch, heads * queries, keys]);
+                B::dropout_mask_apply(flat, site).reshape([batch, heads, queries, keys])
+            }
             _ => probabilities,
         }
     }
 
-    /// True where a query may not see a key, `[batch, heads, seq, seq]`; `None` when
-    /// nothing is masked.
-    fn mask<B: Backend>(
-        &self,
-        [batch, heads, seq]: [usize; 3],
-        padding: Option<Tensor<B, 2, Bool>>,
-        device: &B::Device,
-    ) -> Option<Tensor<B, 4, Bool>> {
-        let shape = [batch, heads, seq, seq];
-        let causal = self.causal.then(|| {
-            Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, device)
-                .unsqueeze::<4>()
-                .expand(shape)
-        });
-        let padding = padding.map(|padding| {
-            padding
-                .unsqueeze_dim::<3>(1)
-                .unsqueeze_dim::<4>(1)
-                .expand(shape)
-        });
-        match (causal, padding) {
-            (Some(causal), Some(padding)) => Some(causal.bool_or(padding)),
-            (causal, padding) => causal.or(padding),
-        }
-    }
-
-    /// Softmax probabilities in fp32 (before dropout), and the mask.
-    fn probabilities<B: Backend>(
+    /// Softmax probabilities in fp32 (before dropout), through the fused kernel unless
+    /// there is an ALiBi bias.
+    fn probabilities<B: FusedKernels>(
         &self,
         query: Tensor<B, 4>,
         key: Tensor<B, 4>,
         padding: Option<Tensor<B, 2, Bool>>,
-    ) -> (Tensor<B, 4>, Option<Tensor<B, 4, Bool>>) {
-        let [batch, heads, seq, _] = query.dims();
-        let device = query.device();
-        let wide = softmax_dtype(query.dtype());
-        let mut scores = with_dtype(query.matmul(key.swap_dims(2, 3)) * self.scale, wide);
-        if let Some(slopes) = &self.alibi_slopes {
-            let positions: Vec<f32> = slopes
-                .iter()
-                .flat_map(|slope| (0..seq).map(move |j| slope * j as f32))
-                .collect();
-            let bias = Tensor::<B, 4>::from_data(
-                TensorData::new(positions, [1, heads, 1, seq]),
-                (&device, wide),
-            );
-            scores = scores + bias;
+    ) -> Tensor<B, 4> {
+        let scores = query.matmul(key.swap_dims(2, 3));
+        let Some(slopes) = &self.alibi_slopes else {
+            return B::scaled_masked_softmax(scores, self.scale, self.causal, padding);
+        };
+        let [batch, heads, seq, _] = scores.dims();
+        let device = scores.device();
+        let wide = softmax_dtype(scores.dtype());
+        let positions: Vec<f32> = slopes
+            .iter()
+            .flat_map(|slope| (0..seq).map(move |j| slope * j as f32))
+            .collect();
+        let bias = Tensor::<B, 4>::from_data(
+            TensorData::new(positions, [1, heads, 1, seq]),
+            (&device, wide),
+        );
+        let mut scores = with_dtype(scores * self.scale, wide) + bias;
+        if let Some(mask) = attention_mask([batch, heads, seq, seq], self.causal, padding, &device)
+        {
+            scores = scores.mask_fill(mask, f32::MIN);
         }
-        let mask = self.mask([batch, heads, seq], padding, &device);
-        if let Some(mask) = &mask {
-            scores = scores.mask_fill(mask.clone(), f32::MIN);
-        }
-        (softmax(scores, 3), mask)
-    }
-}
-
-/// The type of the scores and softmax: fp32 for 16-bit activations (and fp32), fp64 kept.
-fn softmax_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::F64 => DType::F64,
-        _ => DType::F32,
+        softmax(scores, 3)
     }
 }
 
 /// Core attention in plain Burn ops (on an autodiff backend every intermediate is kept
 /// for the backward).
-pub fn reference_attention<B: Backend>(
+pub fn reference_attention<B: FusedKernels>(
     query: Tensor<B, 4>,
     key: Tensor<B, 4>,
     value: Tensor<B, 4>,
@@ -149,13 +132,13 @@ pub fn reference_attention<B: Backend>(
     spec: &CoreAttention,
 ) -> Tensor<B, 4> {
     let dtype = value.dtype();
-    let (probabilities, _) = spec.probabilities(query, key, padding);
+    let probabilities = spec.probabilities(query, key, padding);
     spec.drop(with_dtype(probabilities, dtype)).matmul(value)
 }
 
 /// The gradients of query, key and value given the context's, recomputing the
 /// probabilities.
-fn attention_backward<B: Backend>(
+fn attention_backward<B: FusedKernels>(
     query: Tensor<B, 4>,
     key: Tensor<B, 4>,
     value: Tensor<B, 4>,
@@ -164,7 +147,7 @@ fn attention_backward<B: Backend>(
     grad: Tensor<B, 4>,
 ) -> [Tensor<B, 4>; 3] {
     let dtype = value.dtype();
-    let (probabilities, mask) = spec.probabilities(query.clone(), key.clone(), padding);
+    let probabilities = spec.probabilities(query.clone(), key.clone(), padding.clone());
     let dropped = spec.drop(with_dtype(probabilities.clone(), dtype));
     let grad_value = dropped.swap_dims(2, 3).matmul(grad.clone());
     // Dropout multiplies by a fixed mask: its backward is the same multiplication.
@@ -172,13 +155,15 @@ fn attention_backward<B: Backend>(
         spec.drop(grad.matmul(value.swap_dims(2, 3))),
         softmax_dtype(dtype),
     );
-    let weighted = (grad_probabilities.clone() * probabilities.clone()).sum_dim(3);
-    let mut grad_scores = probabilities * (grad_probabilities - weighted);
-    if let Some(mask) = mask {
-        // Masked scores are constants (rows masked entirely included).
-        grad_scores = grad_scores.mask_fill(mask, 0.0);
-    }
-    let grad_scores = with_dtype(grad_scores, dtype) * spec.scale;
+    // The softmax backward; with ALiBi (a constant added to the scores) it is the same.
+    let grad_scores = B::scaled_masked_softmax_backward(
+        probabilities,
+        grad_probabilities,
+        spec.scale,
+        spec.causal,
+        padding,
+        dtype,
+    );
     let grad_query = grad_scores.clone().matmul(key);
     let grad_key = grad_scores.swap_dims(2, 3).matmul(query);
     [grad_query, grad_key, grad_value]
@@ -197,7 +182,7 @@ struct Saved<B: Backend> {
 #[derive(Debug)]
 struct RecomputedAttention;
 
-impl<B: Backend> Backward<B, 3> for RecomputedAttention {
+impl<B: FusedKernels> Backward<B, 3> for RecomputedAttention {
     type State = Saved<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -264,7 +249,7 @@ pub(super) fn recomputed_attention<B: MegatronOps, C: CheckpointStrategy>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Distribution;
+    use burn::tensor::{DType, Distribution};
 
     type Inner = burn_ndarray::NdArray<f64>;
     type B = Autodiff<Inner>;

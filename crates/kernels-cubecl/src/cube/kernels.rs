@@ -1,6 +1,10 @@
 //! The CubeCL kernels. Inputs and outputs take the tensors' float type (`F`, chosen at
 //! launch: f32, bf16 or f16); all arithmetic is fp32. Row kernels run one cube of
 //! [`ROW_UNITS`] units per row and reduce through shared memory.
+//!
+//! Matrices are addressed through their row strides: CubeCL allocates pitched tensors on
+//! CUDA (each row padded to an alignment), so rows are not `width` apart in general. The
+//! last dimension is always dense, and 1-D tensors (weights, biases, statistics) too.
 
 use cubecl::prelude::*;
 
@@ -49,7 +53,8 @@ pub(super) fn norm_forward<F: Float>(
     }
     let mut shared = SharedMemory::<f32>::new(256usize);
     let columns = width as usize;
-    let start = row * columns;
+    let start = row * input.stride(0);
+    let output_start = row * output.stride(0);
     let step = CUBE_DIM as usize;
     let count = f32::cast_from(width);
 
@@ -79,7 +84,7 @@ pub(super) fn norm_forward<F: Float>(
         if centered {
             value += f32::cast_from(bias[column]);
         }
-        output[start + column] = F::cast_from(value);
+        output[output_start + column] = F::cast_from(value);
         column += step;
     }
     if UNIT_POS == 0 {
@@ -110,7 +115,8 @@ pub(super) fn norm_backward_input<F: Float>(
     }
     let mut shared = SharedMemory::<f32>::new(256usize);
     let columns = width as usize;
-    let start = row * columns;
+    let start = row * input.stride(0);
+    let grad_start = row * grad.stride(0);
     let step = CUBE_DIM as usize;
     let count = f32::cast_from(width);
     let row_mean = mean[row];
@@ -120,7 +126,7 @@ pub(super) fn norm_backward_input<F: Float>(
     let mut projection = 0.0f32;
     let mut column = UNIT_POS as usize;
     while column < columns {
-        let scaled = f32::cast_from(grad[start + column]) * f32::cast_from(weight[column]);
+        let scaled = f32::cast_from(grad[grad_start + column]) * f32::cast_from(weight[column]);
         let normalized = (f32::cast_from(input[start + column]) - row_mean) * row_rstd;
         scaled_sum += scaled;
         projection += scaled * normalized;
@@ -134,10 +140,10 @@ pub(super) fn norm_backward_input<F: Float>(
 
     let mut column = UNIT_POS as usize;
     while column < columns {
-        let scaled = f32::cast_from(grad[start + column]) * f32::cast_from(weight[column]);
+        let scaled = f32::cast_from(grad[grad_start + column]) * f32::cast_from(weight[column]);
         let normalized = (f32::cast_from(input[start + column]) - row_mean) * row_rstd;
         let value = row_rstd * (scaled - scaled_mean - normalized * projection_mean);
-        input_grad[start + column] = F::cast_from(value);
+        input_grad[row * input_grad.stride(0) + column] = F::cast_from(value);
         column += step;
     }
 }
@@ -175,16 +181,16 @@ pub(super) fn norm_backward_parameters<F: Float>(
     let mut bias_sum = 0.0f32;
     let mut row = first;
     while row < end {
-        let index = row * columns + column;
-        let upstream = f32::cast_from(grad[index]);
-        let normalized = (f32::cast_from(input[index]) - mean[row]) * rstd[row];
+        let upstream = f32::cast_from(grad[row * grad.stride(0) + column]);
+        let normalized =
+            (f32::cast_from(input[row * input.stride(0) + column]) - mean[row]) * rstd[row];
         weight_sum += upstream * normalized;
         bias_sum += upstream;
         row += 1;
     }
-    weight_partial[chunk * columns + column] = weight_sum;
+    weight_partial[chunk * weight_partial.stride(0) + column] = weight_sum;
     if centered {
-        bias_partial[chunk * columns + column] = bias_sum;
+        bias_partial[chunk * bias_partial.stride(0) + column] = bias_sum;
     }
 }
 
@@ -216,9 +222,11 @@ pub(super) fn bias_gelu<F: Float>(
     if position >= elements as usize {
         terminate!();
     }
-    let mut x = f32::cast_from(input[position]);
+    let row = position / width as usize;
+    let column = position % width as usize;
+    let mut x = f32::cast_from(input[row * input.stride(0) + column]);
     if has_bias {
-        x += f32::cast_from(bias[position % width as usize]);
+        x += f32::cast_from(bias[column]);
     }
     let value = if tanh {
         let t = f32::tanh(SQRT_2_OVER_PI * (x + TANH_CUBIC * x * x * x));
@@ -236,10 +244,12 @@ pub(super) fn bias_gelu<F: Float>(
             x * cdf
         }
     };
+    let output_index = row * output.stride(0) + column;
     if derivative {
-        output[position] = F::cast_from(value * f32::cast_from(grad[position]));
+        output[output_index] =
+            F::cast_from(value * f32::cast_from(grad[row * grad.stride(0) + column]));
     } else {
-        output[position] = F::cast_from(value);
+        output[output_index] = F::cast_from(value);
     }
 }
 
@@ -339,12 +349,16 @@ pub(super) fn bias_dropout_add<F: Float>(
     }
     let index = position as u32;
     let column = index % width;
-    let mut value = f32::cast_from(input[position]);
+    let token = index / width;
+    let batch = (token / seq) as usize;
+    let step = (token % seq) as usize;
+    let within = column as usize;
+    let mut value =
+        f32::cast_from(input[batch * input.stride(0) + step * input.stride(1) + within]);
     if has_bias {
         value += f32::cast_from(bias[column as usize]);
     }
     if has_dropout {
-        let token = index / width;
         let full_row = (token / seq + offset_batch) * full_seq + token % seq + offset_seq;
         let global = wide_add(
             Wide {
@@ -369,7 +383,173 @@ pub(super) fn bias_dropout_add<F: Float>(
         value = select(kept, value * scale, 0.0f32);
     }
     if has_residual {
-        value += f32::cast_from(residual[position]);
+        value += f32::cast_from(
+            residual[batch * residual.stride(0) + step * residual.stride(1) + within],
+        );
     }
-    output[position] = F::cast_from(value);
+    output[batch * output.stride(0) + step * output.stride(1) + within] = F::cast_from(value);
+}
+
+/// What a masked score becomes (as the reference's `mask_fill(f32::MIN)`): a fully masked
+/// row comes out uniform.
+const MASKED: f32 = -3.402_823_5e38;
+
+/// The maximum of `value` over the cube's units (every unit gets it).
+#[cube]
+fn cube_max(value: f32, shared: &mut SharedMemory<f32>) -> f32 {
+    let unit = UNIT_POS as usize;
+    shared[unit] = value;
+    sync_cube();
+    let mut stride = (CUBE_DIM / 2) as usize;
+    while stride > 0 {
+        if unit < stride {
+            shared[unit] = f32::max(shared[unit], shared[unit + stride]);
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let total = shared[0];
+    sync_cube();
+    total
+}
+
+/// Whether key `key` is hidden from query `query` of batch `batch`.
+#[cube]
+fn hidden_key(
+    padding: &Tensor<f32>,
+    batch: usize,
+    query: usize,
+    key: usize,
+    #[comptime] causal: bool,
+    #[comptime] has_padding: bool,
+) -> bool {
+    let mut hidden = false;
+    if causal {
+        hidden = key > query;
+    }
+    if has_padding {
+        hidden = hidden || padding[batch * padding.stride(0) + key] > 0.5f32;
+    }
+    hidden
+}
+
+/// Softmax of row `CUBE_POS` (query `q` of head `h` of batch `b`) of `scores · scale`
+/// over the keys, masked keys at [`MASKED`]; fp32 probabilities.
+#[cube(launch)]
+pub(super) fn softmax_forward<F: Float>(
+    scores: &Tensor<F>,
+    padding: &Tensor<f32>,
+    probabilities: &mut Tensor<f32>,
+    rows: u32,
+    heads: u32,
+    queries: u32,
+    keys: u32,
+    scale: f32,
+    #[comptime] causal: bool,
+    #[comptime] has_padding: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS;
+    if row >= rows as usize {
+        terminate!();
+    }
+    let mut shared = SharedMemory::<f32>::new(256usize);
+    let query = row % queries as usize;
+    let head = (row / queries as usize) % heads as usize;
+    let batch = row / (queries as usize * heads as usize);
+    let start = batch * scores.stride(0) + head * scores.stride(1) + query * scores.stride(2);
+    let out_start = batch * probabilities.stride(0)
+        + head * probabilities.stride(1)
+        + query * probabilities.stride(2);
+    let columns = keys as usize;
+    let step = CUBE_DIM as usize;
+
+    let mut largest = f32::new(MASKED);
+    let mut key = UNIT_POS as usize;
+    while key < columns {
+        let mut value = f32::cast_from(scores[start + key]) * scale;
+        if hidden_key(padding, batch, query, key, causal, has_padding) {
+            value = f32::new(MASKED);
+        }
+        largest = f32::max(largest, value);
+        key += step;
+    }
+    let row_max = cube_max(largest, &mut shared);
+
+    let mut sum = 0.0f32;
+    let mut key = UNIT_POS as usize;
+    while key < columns {
+        let mut value = f32::cast_from(scores[start + key]) * scale;
+        if hidden_key(padding, batch, query, key, causal, has_padding) {
+            value = f32::new(MASKED);
+        }
+        sum += f32::exp(value - row_max);
+        key += step;
+    }
+    let total = cube_sum(sum, &mut shared);
+
+    let mut key = UNIT_POS as usize;
+    while key < columns {
+        let mut value = f32::cast_from(scores[start + key]) * scale;
+        if hidden_key(padding, batch, query, key, causal, has_padding) {
+            value = f32::new(MASKED);
+        }
+        probabilities[out_start + key] = f32::exp(value - row_max) / total;
+        key += step;
+    }
+}
+
+/// The scores' gradient for row `CUBE_POS`: `scale · p · (dp - Σ p·dp)`, zero where
+/// masked.
+#[cube(launch)]
+pub(super) fn softmax_backward<F: Float>(
+    probabilities: &Tensor<f32>,
+    grad: &Tensor<f32>,
+    padding: &Tensor<f32>,
+    grad_scores: &mut Tensor<F>,
+    rows: u32,
+    heads: u32,
+    queries: u32,
+    keys: u32,
+    scale: f32,
+    #[comptime] causal: bool,
+    #[comptime] has_padding: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS;
+    if row >= rows as usize {
+        terminate!();
+    }
+    let mut shared = SharedMemory::<f32>::new(256usize);
+    let query = row % queries as usize;
+    let head = (row / queries as usize) % heads as usize;
+    let batch = row / (queries as usize * heads as usize);
+    let p_start = batch * probabilities.stride(0)
+        + head * probabilities.stride(1)
+        + query * probabilities.stride(2);
+    let g_start = batch * grad.stride(0) + head * grad.stride(1) + query * grad.stride(2);
+    let out_start = batch * grad_scores.stride(0)
+        + head * grad_scores.stride(1)
+        + query * grad_scores.stride(2);
+    let columns = keys as usize;
+    let step = CUBE_DIM as usize;
+
+    let mut weighted = 0.0f32;
+    let mut key = UNIT_POS as usize;
+    while key < columns {
+        weighted += probabilities[p_start + key] * grad[g_start + key];
+        key += step;
+    }
+    let total = cube_sum(weighted, &mut shared);
+
+    let mut key = UNIT_POS as usize;
+    while key < columns {
+        let p = probabilities[p_start + key];
+        let mut value = p * (grad[g_start + key] - total) * scale;
+        if hidden_key(padding, batch, query, key, causal, has_padding) {
+            value = 0.0f32;
+        }
+        grad_scores[out_start + key] = F::cast_from(value);
+        key += step;
+    }
 }

@@ -3,7 +3,7 @@
 
 mod kernels;
 
-use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{Bool, DType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -14,7 +14,7 @@ use crate::dropout::keep_threshold;
 use crate::{
     Dropout, FusedKernels, Gelu, NormGradients, NormStatistics, reference_bias_dropout_add,
     reference_bias_gelu, reference_bias_gelu_backward, reference_kernels, reference_norm_backward,
-    reference_norm_forward, with_dtype,
+    reference_norm_forward, reference_softmax, reference_softmax_backward, with_dtype,
 };
 use kernels::ROW_UNITS;
 
@@ -25,10 +25,19 @@ const PARAMETER_CHUNKS: usize = 128;
 
 type Backend<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
+/// The tensor's primitive with a dense last dimension: the kernels follow the other
+/// dimensions' strides (pitched rows, views), so only a strided last dimension is copied.
 fn primitive<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
     tensor: Tensor<Backend<R, F, I, BT>, D>,
 ) -> CubeTensor<R> {
-    into_contiguous(tensor.into_primitive().tensor())
+    let tensor = tensor.into_primitive().tensor();
+    let dense_last = tensor.meta.strides().last() == Some(&1)
+        || tensor.meta.shape().last().is_none_or(|&len| len <= 1);
+    if dense_last {
+        tensor
+    } else {
+        into_contiguous(tensor)
+    }
 }
 
 fn tensor<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
@@ -48,6 +57,18 @@ fn row_cubes<R: CubeRuntime>(like: &CubeTensor<R>, rows: usize) -> CubeCount {
         rows * ROW_UNITS as usize,
         CubeDim::new_1d(ROW_UNITS),
     )
+}
+
+/// The padding mask as fp32 (1 for padding) for the softmax kernels, and whether there is
+/// one (without, a one-element placeholder that the kernel never reads).
+fn padding_mask<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    like: &CubeTensor<R>,
+    padding: Option<Tensor<Backend<R, F, I, BT>, 2, Bool>>,
+) -> (CubeTensor<R>, bool) {
+    match padding {
+        Some(padding) => (primitive(with_dtype(padding.float(), DType::F32)), true),
+        None => (empty_like(like, Shape::new([1]), DType::F32), false),
+    }
 }
 
 /// Checked narrowing of a size the kernels index with 32-bit integers.
@@ -232,6 +253,83 @@ where
             return reference_bias_dropout_add(input, bias, residual, dropout);
         }
         launch_bias_dropout_add(input, bias, Some(residual), dropout)
+    }
+
+    fn scaled_masked_softmax(
+        scores: Tensor<Self, 4>,
+        scale: f64,
+        causal: bool,
+        padding: Option<Tensor<Self, 2, Bool>>,
+    ) -> Tensor<Self, 4> {
+        if reference_kernels() || scores.dtype() == DType::F64 {
+            return reference_softmax(scores, scale, causal, padding);
+        }
+        let shape = scores.dims();
+        let dtype = scores.dtype();
+        let scores = primitive(scores);
+        let probabilities = empty_like(&scores, Shape::new(shape), DType::F32);
+        let (padding, has_padding) = padding_mask(&scores, padding);
+        let [batch, heads, queries, keys] = shape;
+        let rows = batch * heads * queries;
+        if rows > 0 {
+            kernels::softmax_forward::launch::<R>(
+                &scores.client,
+                row_cubes(&scores, rows),
+                CubeDim::new_1d(ROW_UNITS),
+                scores.clone().into_tensor_arg(),
+                padding.into_tensor_arg(),
+                probabilities.clone().into_tensor_arg(),
+                u32_of(rows, "attention rows"),
+                heads as u32,
+                queries as u32,
+                u32_of(keys, "keys"),
+                scale as f32,
+                causal,
+                has_padding,
+                dtype.into(),
+            );
+        }
+        tensor(probabilities)
+    }
+
+    fn scaled_masked_softmax_backward(
+        probabilities: Tensor<Self, 4>,
+        grad: Tensor<Self, 4>,
+        scale: f64,
+        causal: bool,
+        padding: Option<Tensor<Self, 2, Bool>>,
+        dtype: DType,
+    ) -> Tensor<Self, 4> {
+        if reference_kernels() || probabilities.dtype() != DType::F32 {
+            return reference_softmax_backward(probabilities, grad, scale, causal, padding, dtype);
+        }
+        let shape = probabilities.dims();
+        let probabilities = primitive(probabilities);
+        let grad = primitive(with_dtype(grad, DType::F32));
+        let grad_scores = empty_like(&probabilities, Shape::new(shape), dtype);
+        let (padding, has_padding) = padding_mask(&probabilities, padding);
+        let [batch, heads, queries, keys] = shape;
+        let rows = batch * heads * queries;
+        if rows > 0 {
+            kernels::softmax_backward::launch::<R>(
+                &probabilities.client,
+                row_cubes(&probabilities, rows),
+                CubeDim::new_1d(ROW_UNITS),
+                probabilities.clone().into_tensor_arg(),
+                grad.into_tensor_arg(),
+                padding.into_tensor_arg(),
+                grad_scores.clone().into_tensor_arg(),
+                u32_of(rows, "attention rows"),
+                heads as u32,
+                queries as u32,
+                u32_of(keys, "keys"),
+                scale as f32,
+                causal,
+                has_padding,
+                dtype.into(),
+            );
+        }
+        tensor(grad_scores)
     }
 
     fn dropout_mask_apply(tensor: Tensor<Self, 3>, dropout: Dropout) -> Tensor<Self, 3> {
