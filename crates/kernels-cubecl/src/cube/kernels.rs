@@ -1,6 +1,7 @@
 //! The CubeCL kernels. Inputs and outputs take the tensors' float type (`F`, chosen at
-//! launch: f32, bf16 or f16); all arithmetic is fp32. Row kernels run one cube of
-//! [`ROW_UNITS`] units per row and reduce through shared memory.
+//! launch: f32, bf16 or f16); all arithmetic is fp32. Row kernels run [`GROUP_UNITS`]
+//! units per row, [`ROW_GROUPS`] rows per cube, and reduce a row in one plane (a CUDA
+//! warp) or through shared memory where planes have another size (wgpu on lavapipe).
 //!
 //! Matrices are addressed through their row strides: CubeCL allocates pitched tensors on
 //! CUDA (each row padded to an alignment), so rows are not `width` apart in general. The
@@ -8,27 +9,81 @@
 
 use cubecl::prelude::*;
 
-/// Units per cube in the row kernels (a power of two: the tree reduction halves it).
-pub(super) const ROW_UNITS: u32 = 256;
+/// Units per row in the row kernels (a power of two: the tree reduction halves it), one
+/// CUDA warp.
+pub(super) const GROUP_UNITS: u32 = 32;
+/// Rows per cube in the row kernels.
+pub(super) const ROW_GROUPS: u32 = 8;
 
-/// The sum of `value` over the cube's units (every unit gets it). `shared` holds one
-/// value per unit.
+/// The sum of `value` over this row's units (`CUBE_DIM_X` of them, the group `UNIT_POS_Y`;
+/// every unit gets it): one plane reduction when a plane is exactly the group (`plane`,
+/// CUDA's warps), a tree through shared memory otherwise.
 #[cube]
-fn cube_sum(value: f32, shared: &mut SharedMemory<f32>) -> f32 {
-    let unit = UNIT_POS as usize;
-    shared[unit] = value;
-    sync_cube();
-    let mut stride = (CUBE_DIM / 2) as usize;
-    while stride > 0 {
-        if unit < stride {
-            shared[unit] = shared[unit] + shared[unit + stride];
-        }
+fn group_sum(value: f32, shared: &mut SharedMemory<f32>, #[comptime] plane: bool) -> f32 {
+    if plane {
+        plane_sum(value)
+    } else {
+        let lane = UNIT_POS_X as usize;
+        let base = UNIT_POS_Y as usize * CUBE_DIM_X as usize;
+        shared[base + lane] = value;
         sync_cube();
-        stride /= 2;
+        let mut stride = (CUBE_DIM_X / 2) as usize;
+        while stride > 0 {
+            if lane < stride {
+                shared[base + lane] = shared[base + lane] + shared[base + lane + stride];
+            }
+            sync_cube();
+            stride /= 2;
+        }
+        let total = shared[base];
+        sync_cube();
+        total
     }
-    let total = shared[0];
-    sync_cube();
-    total
+}
+
+/// The maximum of `value` over this row's units, as [`group_sum`].
+#[cube]
+fn group_max(value: f32, shared: &mut SharedMemory<f32>, #[comptime] plane: bool) -> f32 {
+    if plane {
+        plane_max(value)
+    } else {
+        let lane = UNIT_POS_X as usize;
+        let base = UNIT_POS_Y as usize * CUBE_DIM_X as usize;
+        shared[base + lane] = value;
+        sync_cube();
+        let mut stride = (CUBE_DIM_X / 2) as usize;
+        while stride > 0 {
+            if lane < stride {
+                shared[base + lane] = f32::max(shared[base + lane], shared[base + lane + stride]);
+            }
+            sync_cube();
+            stride /= 2;
+        }
+        let total = shared[base];
+        sync_cube();
+        total
+    }
+}
+
+/// This unit's row (`row`), whether it exists (`active`: a cube's last groups may have
+/// none; they still take part in the cube's barriers), and how many of its columns to
+/// visit (none when inactive).
+#[derive(CubeType)]
+struct RowSlot {
+    row: usize,
+    active: bool,
+    columns: usize,
+}
+
+#[cube]
+fn row_slot(rows: u32, width: u32) -> RowSlot {
+    let row = CUBE_POS * CUBE_DIM_Y as usize + UNIT_POS_Y as usize;
+    let active = row < rows as usize;
+    RowSlot {
+        row: select(active, row, 0usize),
+        active,
+        columns: select(active, width as usize, 0usize),
+    }
 }
 
 /// LayerNorm (`centered`) or RMSNorm of row `CUBE_POS`: writes the output and the row's
@@ -45,39 +100,38 @@ pub(super) fn norm_forward<F: Float>(
     width: u32,
     epsilon: f32,
     #[comptime] centered: bool,
+    #[comptime] plane: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let row = CUBE_POS;
-    if row >= rows as usize {
-        terminate!();
-    }
+    let slot = row_slot(rows, width);
+    let row = slot.row;
+    let columns = slot.columns;
     let mut shared = SharedMemory::<f32>::new(256usize);
-    let columns = width as usize;
     let start = row * input.stride(0);
     let output_start = row * output.stride(0);
-    let step = CUBE_DIM as usize;
+    let step = CUBE_DIM_X as usize;
     let count = f32::cast_from(width);
 
     let mut row_mean = 0.0f32;
     if centered {
         let mut sum = 0.0f32;
-        let mut column = UNIT_POS as usize;
+        let mut column = UNIT_POS_X as usize;
         while column < columns {
             sum += f32::cast_from(input[start + column]);
             column += step;
         }
-        row_mean = cube_sum(sum, &mut shared) / count;
+        row_mean = group_sum(sum, &mut shared, plane) / count;
     }
     let mut squares = 0.0f32;
-    let mut column = UNIT_POS as usize;
+    let mut column = UNIT_POS_X as usize;
     while column < columns {
         let centered_value = f32::cast_from(input[start + column]) - row_mean;
         squares += centered_value * centered_value;
         column += step;
     }
-    let row_rstd = 1.0f32 / f32::sqrt(cube_sum(squares, &mut shared) / count + epsilon);
+    let row_rstd = 1.0f32 / f32::sqrt(group_sum(squares, &mut shared, plane) / count + epsilon);
 
-    let mut column = UNIT_POS as usize;
+    let mut column = UNIT_POS_X as usize;
     while column < columns {
         let normalized = (f32::cast_from(input[start + column]) - row_mean) * row_rstd;
         let mut value = normalized * f32::cast_from(weight[column]);
@@ -87,7 +141,7 @@ pub(super) fn norm_forward<F: Float>(
         output[output_start + column] = F::cast_from(value);
         column += step;
     }
-    if UNIT_POS == 0 {
+    if slot.active && UNIT_POS_X == 0 {
         mean[row] = row_mean;
         rstd[row] = row_rstd;
     }
@@ -107,24 +161,23 @@ pub(super) fn norm_backward_input<F: Float>(
     rows: u32,
     width: u32,
     #[comptime] centered: bool,
+    #[comptime] plane: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let row = CUBE_POS;
-    if row >= rows as usize {
-        terminate!();
-    }
+    let slot = row_slot(rows, width);
+    let row = slot.row;
+    let columns = slot.columns;
     let mut shared = SharedMemory::<f32>::new(256usize);
-    let columns = width as usize;
     let start = row * input.stride(0);
     let grad_start = row * grad.stride(0);
-    let step = CUBE_DIM as usize;
+    let step = CUBE_DIM_X as usize;
     let count = f32::cast_from(width);
     let row_mean = mean[row];
     let row_rstd = rstd[row];
 
     let mut scaled_sum = 0.0f32;
     let mut projection = 0.0f32;
-    let mut column = UNIT_POS as usize;
+    let mut column = UNIT_POS_X as usize;
     while column < columns {
         let scaled = f32::cast_from(grad[grad_start + column]) * f32::cast_from(weight[column]);
         let normalized = (f32::cast_from(input[start + column]) - row_mean) * row_rstd;
@@ -134,11 +187,11 @@ pub(super) fn norm_backward_input<F: Float>(
     }
     let mut scaled_mean = 0.0f32;
     if centered {
-        scaled_mean = cube_sum(scaled_sum, &mut shared) / count;
+        scaled_mean = group_sum(scaled_sum, &mut shared, plane) / count;
     }
-    let projection_mean = cube_sum(projection, &mut shared) / count;
+    let projection_mean = group_sum(projection, &mut shared, plane) / count;
 
-    let mut column = UNIT_POS as usize;
+    let mut column = UNIT_POS_X as usize;
     while column < columns {
         let scaled = f32::cast_from(grad[grad_start + column]) * f32::cast_from(weight[column]);
         let normalized = (f32::cast_from(input[start + column]) - row_mean) * row_rstd;
@@ -204,53 +257,79 @@ const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
 /// `gelu(input + bias)` (`tanh`: the approximation), or with `derivative`
-/// `grad · gelu'(input + bias)`, element `ABSOLUTE_POS`.
+/// `grad · gelu'(input + bias)`, for vector `ABSOLUTE_POS` (`N` elements of one row).
 #[cube(launch)]
-pub(super) fn bias_gelu<F: Float>(
-    input: &Tensor<F>,
-    bias: &Tensor<F>,
-    grad: &Tensor<F>,
-    output: &mut Tensor<F>,
-    elements: u32,
-    width: u32,
+pub(super) fn bias_gelu<F: Float, N: Size>(
+    input: &Tensor<Vector<F, N>>,
+    bias: &Tensor<Vector<F, N>>,
+    grad: &Tensor<Vector<F, N>>,
+    output: &mut Tensor<Vector<F, N>>,
+    vectors: u32,
+    row_vectors: u32,
     #[comptime] has_bias: bool,
     #[comptime] tanh: bool,
     #[comptime] derivative: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let position = ABSOLUTE_POS;
-    if position >= elements as usize {
+    if position >= vectors as usize {
         terminate!();
     }
-    let row = position / width as usize;
-    let column = position % width as usize;
-    let mut x = f32::cast_from(input[row * input.stride(0) + column]);
+    let lanes = input.vector_size();
+    // 32-bit division: 64-bit division costs the GPU tens of instructions per element.
+    let index = position as u32;
+    let row = (index / row_vectors) as usize;
+    let column = (index % row_vectors) as usize;
+    let mut x = Vector::<f32, N>::cast_from(input[row * input.stride(0) / lanes + column]);
     if has_bias {
-        x += f32::cast_from(bias[column]);
+        x += Vector::<f32, N>::cast_from(bias[column]);
     }
+    let half = Vector::<f32, N>::new(0.5f32);
+    let one = Vector::<f32, N>::new(1.0f32);
     let value = if tanh {
-        let t = f32::tanh(SQRT_2_OVER_PI * (x + TANH_CUBIC * x * x * x));
+        let c = Vector::<f32, N>::new(SQRT_2_OVER_PI);
+        let cubic = Vector::<f32, N>::new(TANH_CUBIC);
+        let t = Vector::tanh(c * (x + cubic * x * x * x));
         if derivative {
-            let slope = SQRT_2_OVER_PI * (1.0f32 + 3.0f32 * TANH_CUBIC * x * x);
-            0.5f32 * (1.0f32 + t) + 0.5f32 * x * (1.0f32 - t * t) * slope
+            let three = Vector::<f32, N>::new(3.0f32);
+            let slope = c * (one + three * cubic * x * x);
+            half * (one + t) + half * x * (one - t * t) * slope
         } else {
-            0.5f32 * x * (1.0f32 + t)
+            half * x * (one + t)
         }
     } else {
-        let cdf = 0.5f32 * (1.0f32 + Erf::erf(x * FRAC_1_SQRT_2));
+        let cdf = half * (one + error_function(x * Vector::new(FRAC_1_SQRT_2)));
         if derivative {
-            cdf + x * FRAC_1_SQRT_2PI * f32::exp(-0.5f32 * x * x)
+            let density = Vector::exp(Vector::new(-0.5f32) * x * x);
+            cdf + x * Vector::new(FRAC_1_SQRT_2PI) * density
         } else {
             x * cdf
         }
     };
-    let output_index = row * output.stride(0) + column;
+    let output_index = row * output.stride(0) / lanes + column;
     if derivative {
-        output[output_index] =
-            F::cast_from(value * f32::cast_from(grad[row * grad.stride(0) + column]));
+        let upstream = Vector::<f32, N>::cast_from(grad[row * grad.stride(0) / lanes + column]);
+        output[output_index] = Vector::cast_from(value * upstream);
     } else {
-        output[output_index] = F::cast_from(value);
+        output[output_index] = Vector::cast_from(value);
     }
+}
+
+/// The error function (Abramowitz and Stegun 7.1.26, within 1.5e-7), written with binary
+/// operations only: CubeCL's own polyfill negates vectors, which its CUDA vector types
+/// do not support.
+#[cube]
+fn error_function<N: Size>(x: Vector<f32, N>) -> Vector<f32, N> {
+    let zero = Vector::<f32, N>::new(0.0f32);
+    let one = Vector::<f32, N>::new(1.0f32);
+    let magnitude = Vector::abs(x);
+    let t = one / (one + Vector::new(0.327_591_1f32) * magnitude);
+    let mut poly = Vector::<f32, N>::new(1.061_405_4f32) * t + Vector::new(-1.453_152f32);
+    poly = poly * t + Vector::new(1.421_413_7f32);
+    poly = poly * t + Vector::new(-0.284_496_74f32);
+    poly = poly * t + Vector::new(0.254_829_6f32);
+    let positive = one - poly * t * Vector::exp(zero - magnitude * magnitude);
+    select_many(x.less_than(zero), zero - positive, positive)
 }
 
 /// A 64-bit unsigned integer as two 32-bit halves (WGSL has no 64-bit integers).
@@ -320,12 +399,12 @@ fn wide_mix(x: Wide) -> Wide {
 /// `mix(seed ^ mix(global))` reach the threshold, `global` being its flat position in the
 /// full tensor (`dropout::kept`).
 #[cube(launch)]
-pub(super) fn bias_dropout_add<F: Float>(
-    input: &Tensor<F>,
-    bias: &Tensor<F>,
-    residual: &Tensor<F>,
-    output: &mut Tensor<F>,
-    elements: u32,
+pub(super) fn bias_dropout_add<F: Float, N: Size>(
+    input: &Tensor<Vector<F, N>>,
+    bias: &Tensor<Vector<F, N>>,
+    residual: &Tensor<Vector<F, N>>,
+    output: &mut Tensor<Vector<F, N>>,
+    vectors: u32,
     seq: u32,
     width: u32,
     full_seq: u32,
@@ -344,74 +423,65 @@ pub(super) fn bias_dropout_add<F: Float>(
     #[define(F)] _dtype: StorageType,
 ) {
     let position = ABSOLUTE_POS;
-    if position >= elements as usize {
+    if position >= vectors as usize {
         terminate!();
     }
+    let lanes = input.vector_size();
+    let row_vectors = width / lanes as u32;
     let index = position as u32;
-    let column = index % width;
-    let token = index / width;
+    let token = index / row_vectors;
+    // The first column of this vector.
+    let column = (index % row_vectors) * lanes as u32;
     let batch = (token / seq) as usize;
     let step = (token % seq) as usize;
     let within = column as usize;
-    let mut value =
-        f32::cast_from(input[batch * input.stride(0) + step * input.stride(1) + within]);
+    let mut value = Vector::<f32, N>::cast_from(
+        input[(batch * input.stride(0) + step * input.stride(1) + within) / lanes],
+    );
     if has_bias {
-        value += f32::cast_from(bias[column as usize]);
+        value += Vector::<f32, N>::cast_from(bias[column as usize / lanes]);
     }
     if has_dropout {
         let full_row = (token / seq + offset_batch) * full_seq + token % seq + offset_seq;
-        let global = wide_add(
-            Wide {
-                high: u32::mul_hi(full_row, full_width),
-                low: full_row * full_width,
-            },
-            Wide {
-                high: 0u32,
-                low: column + offset_column,
-            },
-        );
-        let mixed = wide_mix(global);
-        let hash = wide_mix(Wide {
-            high: seed_high ^ mixed.high,
-            low: seed_low ^ mixed.low,
-        });
-        // The top 53 bits, compared with the 53-bit threshold.
-        let draw_high = hash.high >> 11u32;
-        let draw_low = (hash.low >> 11u32) | (hash.high << 21u32);
-        let kept = draw_high > threshold_high
-            || (draw_high == threshold_high && draw_low >= threshold_low);
-        value = select(kept, value * scale, 0.0f32);
+        let mut mask = RuntimeCell::<Vector<f32, N>>::new(Vector::new(0.0f32));
+        #[unroll]
+        for lane in 0..lanes {
+            let global = wide_add(
+                Wide {
+                    high: u32::mul_hi(full_row, full_width),
+                    low: full_row * full_width,
+                },
+                Wide {
+                    high: 0u32,
+                    low: column + lane as u32 + offset_column,
+                },
+            );
+            let mixed = wide_mix(global);
+            let hash = wide_mix(Wide {
+                high: seed_high ^ mixed.high,
+                low: seed_low ^ mixed.low,
+            });
+            // The top 53 bits, compared with the 53-bit threshold.
+            let draw_high = hash.high >> 11u32;
+            let draw_low = (hash.low >> 11u32) | (hash.high << 21u32);
+            let kept = draw_high > threshold_high
+                || (draw_high == threshold_high && draw_low >= threshold_low);
+            mask.store_at(lane, select(kept, scale, 0.0f32));
+        }
+        value *= mask.consume();
     }
     if has_residual {
-        value += f32::cast_from(
-            residual[batch * residual.stride(0) + step * residual.stride(1) + within],
+        value += Vector::<f32, N>::cast_from(
+            residual[(batch * residual.stride(0) + step * residual.stride(1) + within) / lanes],
         );
     }
-    output[batch * output.stride(0) + step * output.stride(1) + within] = F::cast_from(value);
+    output[(batch * output.stride(0) + step * output.stride(1) + within) / lanes] =
+        Vector::cast_from(value);
 }
 
 /// What a masked score becomes (as the reference's `mask_fill(f32::MIN)`): a fully masked
 /// row comes out uniform.
 const MASKED: f32 = -3.402_823_5e38;
-
-/// The maximum of `value` over the cube's units (every unit gets it).
-#[cube]
-fn cube_max(value: f32, shared: &mut SharedMemory<f32>) -> f32 {
-    let unit = UNIT_POS as usize;
-    shared[unit] = value;
-    sync_cube();
-    let mut stride = (CUBE_DIM / 2) as usize;
-    while stride > 0 {
-        if unit < stride {
-            shared[unit] = f32::max(shared[unit], shared[unit + stride]);
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let total = shared[0];
-    sync_cube();
-    total
-}
 
 /// Whether key `key` is hidden from query `query` of batch `batch`.
 #[cube]
@@ -447,12 +517,12 @@ pub(super) fn softmax_forward<F: Float>(
     scale: f32,
     #[comptime] causal: bool,
     #[comptime] has_padding: bool,
+    #[comptime] plane: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let row = CUBE_POS;
-    if row >= rows as usize {
-        terminate!();
-    }
+    let slot = row_slot(rows, keys);
+    let row = slot.row;
+    let columns = slot.columns;
     let mut shared = SharedMemory::<f32>::new(256usize);
     let query = row % queries as usize;
     let head = (row / queries as usize) % heads as usize;
@@ -461,11 +531,10 @@ pub(super) fn softmax_forward<F: Float>(
     let out_start = batch * probabilities.stride(0)
         + head * probabilities.stride(1)
         + query * probabilities.stride(2);
-    let columns = keys as usize;
-    let step = CUBE_DIM as usize;
+    let step = CUBE_DIM_X as usize;
 
     let mut largest = f32::new(MASKED);
-    let mut key = UNIT_POS as usize;
+    let mut key = UNIT_POS_X as usize;
     while key < columns {
         let mut value = f32::cast_from(scores[start + key]) * scale;
         if hidden_key(padding, batch, query, key, causal, has_padding) {
@@ -474,10 +543,10 @@ pub(super) fn softmax_forward<F: Float>(
         largest = f32::max(largest, value);
         key += step;
     }
-    let row_max = cube_max(largest, &mut shared);
+    let row_max = group_max(largest, &mut shared, plane);
 
     let mut sum = 0.0f32;
-    let mut key = UNIT_POS as usize;
+    let mut key = UNIT_POS_X as usize;
     while key < columns {
         let mut value = f32::cast_from(scores[start + key]) * scale;
         if hidden_key(padding, batch, query, key, causal, has_padding) {
@@ -486,9 +555,9 @@ pub(super) fn softmax_forward<F: Float>(
         sum += f32::exp(value - row_max);
         key += step;
     }
-    let total = cube_sum(sum, &mut shared);
+    let total = group_sum(sum, &mut shared, plane);
 
-    let mut key = UNIT_POS as usize;
+    let mut key = UNIT_POS_X as usize;
     while key < columns {
         let mut value = f32::cast_from(scores[start + key]) * scale;
         if hidden_key(padding, batch, query, key, causal, has_padding) {
@@ -514,12 +583,12 @@ pub(super) fn softmax_backward<F: Float>(
     scale: f32,
     #[comptime] causal: bool,
     #[comptime] has_padding: bool,
+    #[comptime] plane: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let row = CUBE_POS;
-    if row >= rows as usize {
-        terminate!();
-    }
+    let slot = row_slot(rows, keys);
+    let row = slot.row;
+    let columns = slot.columns;
     let mut shared = SharedMemory::<f32>::new(256usize);
     let query = row % queries as usize;
     let head = (row / queries as usize) % heads as usize;
@@ -531,18 +600,17 @@ pub(super) fn softmax_backward<F: Float>(
     let out_start = batch * grad_scores.stride(0)
         + head * grad_scores.stride(1)
         + query * grad_scores.stride(2);
-    let columns = keys as usize;
-    let step = CUBE_DIM as usize;
+    let step = CUBE_DIM_X as usize;
 
     let mut weighted = 0.0f32;
-    let mut key = UNIT_POS as usize;
+    let mut key = UNIT_POS_X as usize;
     while key < columns {
         weighted += probabilities[p_start + key] * grad[g_start + key];
         key += step;
     }
-    let total = cube_sum(weighted, &mut shared);
+    let total = group_sum(weighted, &mut shared, plane);
 
-    let mut key = UNIT_POS as usize;
+    let mut key = UNIT_POS_X as usize;
     while key < columns {
         let p = probabilities[p_start + key];
         let mut value = p * (grad[g_start + key] - total) * scale;

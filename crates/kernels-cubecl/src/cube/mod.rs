@@ -8,7 +8,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
+use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise, tensor_vector_size_parallel};
 
 use crate::dropout::keep_threshold;
 use crate::{
@@ -16,7 +16,7 @@ use crate::{
     reference_bias_gelu, reference_bias_gelu_backward, reference_kernels, reference_norm_backward,
     reference_norm_forward, reference_softmax, reference_softmax_backward, with_dtype,
 };
-use kernels::ROW_UNITS;
+use kernels::{GROUP_UNITS, ROW_GROUPS};
 
 /// Units per cube of the element-wise kernels.
 const ELEMENT_UNITS: u32 = 256;
@@ -50,13 +50,23 @@ fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) 
     empty_device_dtype(like.client.clone(), like.device.clone(), shape, dtype)
 }
 
-/// One cube per row, counted in as many grid dimensions as the runtime needs.
+/// The row kernels' cubes: [`ROW_GROUPS`] rows of [`GROUP_UNITS`] units each.
+fn row_cube_dim() -> CubeDim {
+    CubeDim::new_2d(GROUP_UNITS, ROW_GROUPS)
+}
+
+/// Enough row-kernel cubes for `rows` rows, counted in as many grid dimensions as the
+/// runtime needs.
 fn row_cubes<R: CubeRuntime>(like: &CubeTensor<R>, rows: usize) -> CubeCount {
-    calculate_cube_count_elemwise(
-        &like.client,
-        rows * ROW_UNITS as usize,
-        CubeDim::new_1d(ROW_UNITS),
-    )
+    let units = rows.div_ceil(ROW_GROUPS as usize) * (GROUP_UNITS * ROW_GROUPS) as usize;
+    calculate_cube_count_elemwise(&like.client, units, row_cube_dim())
+}
+
+/// Whether a plane (warp) is exactly one row's units on this device, so that rows reduce
+/// with plane operations instead of shared memory.
+fn rows_are_planes<R: CubeRuntime>(like: &CubeTensor<R>) -> bool {
+    let hardware = &like.client.properties().hardware;
+    hardware.plane_size_min == GROUP_UNITS && hardware.plane_size_max == GROUP_UNITS
 }
 
 /// The padding mask as fp32 (1 for padding) for the softmax kernels, and whether there is
@@ -69,6 +79,23 @@ fn padding_mask<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>
         Some(padding) => (primitive(with_dtype(padding.float(), DType::F32)), true),
         None => (empty_like(like, Shape::new([1]), DType::F32), false),
     }
+}
+
+/// The widest vector (up to 16 bytes) that every tensor's rows allow: the last dimension
+/// and every other stride divisible by it.
+fn vector_lanes<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> usize {
+    tensors
+        .iter()
+        .map(|t| {
+            tensor_vector_size_parallel(
+                t.client.io_optimized_vector_sizes(t.dtype.size()),
+                t.meta.shape(),
+                t.meta.strides(),
+                t.meta.num_dims() - 1,
+            )
+        })
+        .min()
+        .unwrap_or(1)
 }
 
 /// Checked narrowing of a size the kernels index with 32-bit integers.
@@ -122,7 +149,7 @@ where
             kernels::norm_forward::launch::<R>(
                 &input.client,
                 row_cubes(&input, rows),
-                CubeDim::new_1d(ROW_UNITS),
+                row_cube_dim(),
                 input.clone().into_tensor_arg(),
                 weight.into_tensor_arg(),
                 bias.into_tensor_arg(),
@@ -133,6 +160,7 @@ where
                 u32_of(width, "width"),
                 epsilon as f32,
                 centered,
+                rows_are_planes(&input),
                 dtype.into(),
             );
         }
@@ -174,7 +202,7 @@ where
             kernels::norm_backward_input::launch::<R>(
                 &input.client,
                 row_cubes(&input, rows),
-                CubeDim::new_1d(ROW_UNITS),
+                row_cube_dim(),
                 grad.clone().into_tensor_arg(),
                 input.clone().into_tensor_arg(),
                 weight.into_tensor_arg(),
@@ -184,6 +212,7 @@ where
                 rows32,
                 width32,
                 has_bias,
+                rows_are_planes(&input),
                 dtype.into(),
             );
             kernels::norm_backward_parameters::launch::<R>(
@@ -269,13 +298,14 @@ where
         let scores = primitive(scores);
         let probabilities = empty_like(&scores, Shape::new(shape), DType::F32);
         let (padding, has_padding) = padding_mask(&scores, padding);
+        let plane = rows_are_planes(&scores);
         let [batch, heads, queries, keys] = shape;
         let rows = batch * heads * queries;
         if rows > 0 {
             kernels::softmax_forward::launch::<R>(
                 &scores.client,
                 row_cubes(&scores, rows),
-                CubeDim::new_1d(ROW_UNITS),
+                row_cube_dim(),
                 scores.clone().into_tensor_arg(),
                 padding.into_tensor_arg(),
                 probabilities.clone().into_tensor_arg(),
@@ -286,6 +316,7 @@ where
                 scale as f32,
                 causal,
                 has_padding,
+                plane,
                 dtype.into(),
             );
         }
@@ -308,13 +339,14 @@ where
         let grad = primitive(with_dtype(grad, DType::F32));
         let grad_scores = empty_like(&probabilities, Shape::new(shape), dtype);
         let (padding, has_padding) = padding_mask(&probabilities, padding);
+        let plane = rows_are_planes(&probabilities);
         let [batch, heads, queries, keys] = shape;
         let rows = batch * heads * queries;
         if rows > 0 {
             kernels::softmax_backward::launch::<R>(
                 &probabilities.client,
                 row_cubes(&probabilities, rows),
-                CubeDim::new_1d(ROW_UNITS),
+                row_cube_dim(),
                 probabilities.clone().into_tensor_arg(),
                 grad.into_tensor_arg(),
                 padding.into_tensor_arg(),
@@ -326,6 +358,7 @@ where
                 scale as f32,
                 causal,
                 has_padding,
+                plane,
                 dtype.into(),
             );
         }
@@ -367,19 +400,21 @@ fn launch_bias_gelu<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElem
         .map(|b| primitive(with_dtype(b, dtype)))
         .unwrap_or_else(|| input.clone());
     let output = empty_like(&input, Shape::new([rows, width]), dtype);
-    let elements = rows * width;
-    if elements > 0 {
+    let lanes = vector_lanes(&[&input, &bias, &grad, &output]);
+    let vectors = rows * width / lanes;
+    if vectors > 0 {
         let cube_dim = CubeDim::new_1d(ELEMENT_UNITS);
         kernels::bias_gelu::launch::<R>(
             &input.client,
-            calculate_cube_count_elemwise(&input.client, elements, cube_dim),
+            calculate_cube_count_elemwise(&input.client, vectors, cube_dim),
             cube_dim,
+            lanes,
             input.clone().into_tensor_arg(),
             bias.into_tensor_arg(),
             grad.into_tensor_arg(),
             output.clone().into_tensor_arg(),
-            u32_of(elements, "elements"),
-            u32_of(width, "width"),
+            u32_of(vectors, "elements"),
+            u32_of(width / lanes, "width"),
             has_bias,
             gelu == Gelu::Tanh,
             derivative,
@@ -429,20 +464,22 @@ fn launch_bias_dropout_add<R: CubeRuntime, F: FloatElement, I: IntElement, BT: B
     }
     let has_dropout = site.p > 0.0;
     let threshold = keep_threshold(site.p);
-    let elements = batch * seq * width;
     let rows = site.full[0] * site.full[1];
     u32_of(rows, "rows of the full tensor");
-    if elements > 0 {
+    let lanes = vector_lanes(&[&input, &bias, &residual, &output]);
+    let vectors = batch * seq * width / lanes;
+    if vectors > 0 {
         let cube_dim = CubeDim::new_1d(ELEMENT_UNITS);
         kernels::bias_dropout_add::launch::<R>(
             &input.client,
-            calculate_cube_count_elemwise(&input.client, elements, cube_dim),
+            calculate_cube_count_elemwise(&input.client, vectors, cube_dim),
             cube_dim,
+            lanes,
             input.clone().into_tensor_arg(),
             bias.into_tensor_arg(),
             residual.into_tensor_arg(),
             output.clone().into_tensor_arg(),
-            u32_of(elements, "elements"),
+            u32_of(vectors, "elements"),
             seq as u32,
             width as u32,
             site.full[1] as u32,
