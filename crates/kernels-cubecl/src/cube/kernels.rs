@@ -86,7 +86,7 @@ fn row_slot(rows: u32, width: u32) -> RowSlot {
     }
 }
 
-/// LayerNorm (`centered`) or RMSNorm of row `CUBE_POS`: writes the output and the row's
+/// LayerNorm (`centered`) or RMSNorm of this unit's row: writes the output and the row's
 /// mean and reciprocal standard deviation.
 #[cube(launch)]
 pub(super) fn norm_forward<F: Float>(
@@ -147,7 +147,7 @@ pub(super) fn norm_forward<F: Float>(
     }
 }
 
-/// The input gradient of the norm for row `CUBE_POS`:
+/// The input gradient of the norm for this unit's row:
 /// `rstd · (g - mean(g) - x̂ · mean(g · x̂))` with `g = grad · weight` (no `mean(g)` for
 /// RMSNorm).
 #[cube(launch)]
@@ -503,8 +503,32 @@ fn hidden_key(
     hidden
 }
 
-/// Softmax of row `CUBE_POS` (query `q` of head `h` of batch `b`) of `scores · scale`
-/// over the keys, masked keys at [`MASKED`]; fp32 probabilities.
+/// An attention row: query `query` of head `head` of batch `batch`.
+#[derive(CubeType, Clone, Copy)]
+struct AttentionRow {
+    batch: usize,
+    head: usize,
+    query: usize,
+}
+
+#[cube]
+fn attention_row(row: usize, heads: u32, queries: u32) -> AttentionRow {
+    let queries = queries as usize;
+    AttentionRow {
+        batch: row / (queries * heads as usize),
+        head: (row / queries) % heads as usize,
+        query: row % queries,
+    }
+}
+
+/// Where the row's first key is in `tensor` (`[batch, heads, queries, keys]`).
+#[cube]
+fn row_start<E: CubePrimitive>(tensor: &Tensor<E>, at: AttentionRow) -> usize {
+    at.batch * tensor.stride(0) + at.head * tensor.stride(1) + at.query * tensor.stride(2)
+}
+
+/// Softmax of this unit's row of `scores · scale` over the keys, masked keys at
+/// [`MASKED`]; fp32 probabilities.
 #[cube(launch)]
 pub(super) fn softmax_forward<F: Float>(
     scores: &Tensor<F>,
@@ -524,13 +548,10 @@ pub(super) fn softmax_forward<F: Float>(
     let row = slot.row;
     let columns = slot.columns;
     let mut shared = SharedMemory::<f32>::new(256usize);
-    let query = row % queries as usize;
-    let head = (row / queries as usize) % heads as usize;
-    let batch = row / (queries as usize * heads as usize);
-    let start = batch * scores.stride(0) + head * scores.stride(1) + query * scores.stride(2);
-    let out_start = batch * probabilities.stride(0)
-        + head * probabilities.stride(1)
-        + query * probabilities.stride(2);
+    let at = attention_row(row, heads, queries);
+    let (batch, query) = (at.batch, at.query);
+    let start = row_start::<F>(scores, at);
+    let out_start = row_start::<f32>(probabilities, at);
     let step = CUBE_DIM_X as usize;
 
     let mut largest = f32::new(MASKED);
@@ -568,7 +589,7 @@ pub(super) fn softmax_forward<F: Float>(
     }
 }
 
-/// The scores' gradient for row `CUBE_POS`: `scale · p · (dp - Σ p·dp)`, zero where
+/// The scores' gradient for this unit's row: `scale · p · (dp - Σ p·dp)`, zero where
 /// masked.
 #[cube(launch)]
 pub(super) fn softmax_backward<F: Float>(
@@ -590,16 +611,11 @@ pub(super) fn softmax_backward<F: Float>(
     let row = slot.row;
     let columns = slot.columns;
     let mut shared = SharedMemory::<f32>::new(256usize);
-    let query = row % queries as usize;
-    let head = (row / queries as usize) % heads as usize;
-    let batch = row / (queries as usize * heads as usize);
-    let p_start = batch * probabilities.stride(0)
-        + head * probabilities.stride(1)
-        + query * probabilities.stride(2);
-    let g_start = batch * grad.stride(0) + head * grad.stride(1) + query * grad.stride(2);
-    let out_start = batch * grad_scores.stride(0)
-        + head * grad_scores.stride(1)
-        + query * grad_scores.stride(2);
+    let at = attention_row(row, heads, queries);
+    let (batch, query) = (at.batch, at.query);
+    let p_start = row_start::<f32>(probabilities, at);
+    let g_start = row_start::<f32>(grad, at);
+    let out_start = row_start::<F>(grad_scores, at);
     let step = CUBE_DIM_X as usize;
 
     let mut weighted = 0.0f32;
