@@ -118,4 +118,31 @@ mod tests {
             "survivors are scaled: {value}"
         );
     }
+
+    /// Attention dropout runs on `[batch, heads · seq, seq]` views of the heads' block
+    /// (where the kernel works): the same elements drop as on the 4-D block.
+    #[test]
+    fn flattened_heads_drop_what_the_four_dimensional_block_drops() {
+        let device = Default::default();
+        let [batch, heads, all_heads, seq, first_head] = [2, 2, 5, 3, 1];
+        let block = Tensor::<B, 4>::ones([batch, heads, seq, seq], &device);
+        let four = dropout(
+            block.clone(),
+            0.4,
+            9,
+            [batch, all_heads, seq, seq],
+            [0, first_head, 0, 0],
+        );
+        let flat = dropout(
+            block.reshape([batch, heads * seq, seq]),
+            0.4,
+            9,
+            [batch, all_heads * seq, seq],
+            [0, first_head * seq, 0],
+        );
+        assert_eq!(
+            four.into_data(),
+            flat.reshape([batch, heads, seq, seq]).into_data()
+        );
+    }
 }
