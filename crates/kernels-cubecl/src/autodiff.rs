@@ -11,8 +11,8 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 
 use crate::{
-    Dropout, FusedKernels, Gelu, NormStatistics, reference_bias_dropout_add, reference_bias_gelu,
-    reference_kernels, reference_norm, with_dtype,
+    Dropout, FusedKernels, Gelu, NormStatistics, as_rows, reference_bias_dropout_add,
+    reference_bias_gelu, reference_kernels, reference_norm, with_dtype,
 };
 
 type Inner<B, const D: usize> = Tensor<B, D>;
@@ -152,6 +152,52 @@ impl<B: FusedKernels, const N: usize> Backward<B, N> for BiasDropoutAddNode {
     }
 }
 
+/// The norm of `[rows, width]` rows as one node over the norm kernels.
+fn fused_norm<B: FusedKernels, C: CheckpointStrategy>(
+    input: Tensor<Autodiff<B, C>, 2>,
+    weight: Tensor<Autodiff<B, C>, 1>,
+    bias: Option<Tensor<Autodiff<B, C>, 1>>,
+    epsilon: f64,
+) -> Tensor<Autodiff<B, C>, 2> {
+    // The kernels take the weight and bias in the input's dtype; the cast is a node of
+    // its own, so their gradients come back in their own dtype.
+    let dtype = input.dtype();
+    let weight = with_dtype(weight, dtype);
+    match bias {
+        Some(bias) => {
+            let bias = with_dtype(bias, dtype);
+            let (input, weight, bias, nodes) = detach_inner!(input, weight, bias);
+            let (output, statistics) =
+                B::norm_forward(input.clone(), weight.clone(), Some(bias), epsilon);
+            let state = || NormSaved {
+                input,
+                weight,
+                statistics,
+            };
+            finish(
+                NormNode.prepare::<C>(nodes).compute_bound().stateful(),
+                state,
+                output,
+            )
+        }
+        None => {
+            let (input, weight, nodes) = detach_inner!(input, weight);
+            let (output, statistics) =
+                B::norm_forward(input.clone(), weight.clone(), None, epsilon);
+            let state = || NormSaved {
+                input,
+                weight,
+                statistics,
+            };
+            finish(
+                NormNode.prepare::<C>(nodes).compute_bound().stateful(),
+                state,
+                output,
+            )
+        }
+    }
+}
+
 /// Finishes a fused node (`kind`, prepared from its parents): tracked, it keeps `state`
 /// for the backward.
 fn finish<BO, B, C, S, const N: usize, const D: usize>(
@@ -178,52 +224,17 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedKernels for Autodiff<B, C> {
         B::has_fused_kernels()
     }
 
-    fn norm(
-        input: Tensor<Self, 2>,
+    fn norm<const D: usize>(
+        input: Tensor<Self, D>,
         weight: Tensor<Self, 1>,
         bias: Option<Tensor<Self, 1>>,
         epsilon: f64,
-    ) -> Tensor<Self, 2> {
+    ) -> Tensor<Self, D> {
         if !fused::<B>() {
             return reference_norm(input, weight, bias, epsilon);
         }
-        // The kernels take the weight and bias in the input's dtype; the cast is a node of
-        // its own, so their gradients come back in their own dtype.
-        let dtype = input.dtype();
-        let weight = with_dtype(weight, dtype);
-        match bias {
-            Some(bias) => {
-                let bias = with_dtype(bias, dtype);
-                let (input, weight, bias, nodes) = detach_inner!(input, weight, bias);
-                let (output, statistics) =
-                    B::norm_forward(input.clone(), weight.clone(), Some(bias), epsilon);
-                let state = || NormSaved {
-                    input,
-                    weight,
-                    statistics,
-                };
-                finish(
-                    NormNode.prepare::<C>(nodes).compute_bound().stateful(),
-                    state,
-                    output,
-                )
-            }
-            None => {
-                let (input, weight, nodes) = detach_inner!(input, weight);
-                let (output, statistics) =
-                    B::norm_forward(input.clone(), weight.clone(), None, epsilon);
-                let state = || NormSaved {
-                    input,
-                    weight,
-                    statistics,
-                };
-                finish(
-                    NormNode.prepare::<C>(nodes).compute_bound().stateful(),
-                    state,
-                    output,
-                )
-            }
-        }
+        let (rows, shape) = as_rows(input);
+        fused_norm(rows, weight, bias, epsilon).reshape(shape)
     }
 
     fn bias_gelu(

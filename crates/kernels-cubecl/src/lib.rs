@@ -113,6 +113,16 @@ pub struct NormStatistics<B: Backend> {
     pub rstd: Tensor<B, 1>,
 }
 
+/// `tensor` as `[rows, last dimension]`, and its shape to restore.
+pub(crate) fn as_rows<B: Backend, const D: usize>(
+    tensor: Tensor<B, D>,
+) -> (Tensor<B, 2>, [usize; D]) {
+    let shape = tensor.dims();
+    let width = shape[D - 1];
+    let rows = shape[..D - 1].iter().product();
+    (tensor.reshape([rows, width]), shape)
+}
+
 /// Gradients of the norm's input, weight and bias (each in its tensor's dtype).
 #[derive(Debug, Clone)]
 pub struct NormGradients<B: Backend> {
@@ -133,19 +143,18 @@ pub trait FusedKernels: Backend {
         false
     }
 
-    /// LayerNorm of each row of `input` (`[rows, width]`) when `bias` is given, RMSNorm
-    /// when not, then `* weight (+ bias)`. Statistics in fp32; the output has the input's
-    /// dtype.
-    fn norm(
-        input: Tensor<Self, 2>,
+    /// LayerNorm over the last dimension of `input` when `bias` is given, RMSNorm when
+    /// not, then `* weight (+ bias)`. Statistics in fp32; the output has the input's dtype.
+    fn norm<const D: usize>(
+        input: Tensor<Self, D>,
         weight: Tensor<Self, 1>,
         bias: Option<Tensor<Self, 1>>,
         epsilon: f64,
-    ) -> Tensor<Self, 2> {
+    ) -> Tensor<Self, D> {
         reference_norm(input, weight, bias, epsilon)
     }
 
-    /// [`norm`](Self::norm) and the statistics its backward needs.
+    /// [`norm`](Self::norm) of `[rows, width]` rows and the statistics its backward needs.
     fn norm_forward(
         input: Tensor<Self, 2>,
         weight: Tensor<Self, 1>,

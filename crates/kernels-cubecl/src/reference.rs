@@ -7,23 +7,25 @@ use burn::tensor::{Bool, DType, Tensor, backend::Backend};
 
 use crate::{Dropout, Gelu, NormGradients, NormStatistics, dropout, with_dtype};
 
-/// LayerNorm (with `bias`) or RMSNorm (without) of each row, statistics in fp32, the
-/// normalized rows cast back to the input's dtype before the weight and bias apply.
-pub fn reference_norm<B: Backend>(
-    input: Tensor<B, 2>,
+/// LayerNorm (with `bias`) or RMSNorm (without) over the last dimension, statistics in
+/// fp32, the normalized values cast back to the input's dtype before the weight and bias
+/// apply. Any rank: the reduction runs on the tensor as given (a 2-D view of a 3-D tensor
+/// would sum in another order on some backends).
+pub fn reference_norm<B: Backend, const D: usize>(
+    input: Tensor<B, D>,
     weight: Tensor<B, 1>,
     bias: Option<Tensor<B, 1>>,
     epsilon: f64,
-) -> Tensor<B, 2> {
+) -> Tensor<B, D> {
     let dtype = input.dtype();
     let x = with_dtype(input, DType::F32);
     let normalized = match &bias {
         Some(_) => {
-            let (variance, mean) = x.clone().var_mean_bias(1);
+            let (variance, mean) = x.clone().var_mean_bias(D - 1);
             (x - mean) / (variance + epsilon).sqrt()
         }
         None => {
-            let mean_square = x.clone().powi_scalar(2).mean_dim(1);
+            let mean_square = x.clone().powi_scalar(2).mean_dim(D - 1);
             x / (mean_square + epsilon).sqrt()
         }
     };

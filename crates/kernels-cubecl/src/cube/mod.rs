@@ -10,6 +10,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise, tensor_vector_size_parallel};
 
+use crate::as_rows;
 use crate::dropout::keep_threshold;
 use crate::{
     Dropout, FusedKernels, Gelu, NormGradients, NormStatistics, reference_bias_dropout_add,
@@ -116,13 +117,16 @@ where
         true
     }
 
-    fn norm(
-        input: Tensor<Self, 2>,
+    fn norm<const D: usize>(
+        input: Tensor<Self, D>,
         weight: Tensor<Self, 1>,
         bias: Option<Tensor<Self, 1>>,
         epsilon: f64,
-    ) -> Tensor<Self, 2> {
-        Self::norm_forward(input, weight, bias, epsilon).0
+    ) -> Tensor<Self, D> {
+        let (rows, shape) = as_rows(input);
+        Self::norm_forward(rows, weight, bias, epsilon)
+            .0
+            .reshape(shape)
     }
 
     fn norm_forward(

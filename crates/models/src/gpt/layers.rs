@@ -85,17 +85,8 @@ impl<B: ParallelBackend> Norm<B> {
     /// Normalizes `x` over its last dimension (statistics in fp32; one fused kernel with
     /// its backward on CUDA, [`FusedKernels::norm`]).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let shape = x.dims();
-        let width = shape[D - 1];
-        let rows = x.shape().num_elements() / width.max(1);
         let bias = self.bias.as_ref().map(Param::val);
-        B::norm(
-            x.reshape([rows, width]),
-            self.weight.val(),
-            bias,
-            self.epsilon,
-        )
-        .reshape(shape)
+        B::norm(x, self.weight.val(), bias, self.epsilon)
     }
 }
 
