@@ -7,13 +7,14 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::tensor::{DType, Distribution, Tensor};
+use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 use burn_megatron::{Error, Result};
 use burn_megatron_kernels::check::{Check, check_kernels};
 use burn_megatron_kernels::{
-    Dropout, FusedKernels, Gelu, reference_bias_dropout_add, reference_bias_gelu,
-    reference_bias_gelu_backward, reference_norm, reference_norm_backward, reference_norm_forward,
-    reference_softmax, reference_softmax_backward,
+    CrossEntropy, Dropout, FusedKernels, Gelu, reference_bias_dropout_add, reference_bias_gelu,
+    reference_bias_gelu_backward, reference_cross_entropy_backward, reference_logit_statistics,
+    reference_norm, reference_norm_backward, reference_norm_forward, reference_softmax,
+    reference_softmax_backward,
 };
 use clap::Args;
 
@@ -36,6 +37,9 @@ pub struct KernelsArgs {
     /// Hidden size of the timed tensors (the GeLU runs on 4x it).
     #[arg(long, default_value_t = 1280)]
     hidden: usize,
+    /// Vocabulary slice of the timed cross-entropy logits (GPT-2's padded vocabulary).
+    #[arg(long, default_value_t = 50304)]
+    vocab: usize,
     /// Timed repetitions per kernel (after 3 untimed ones).
     #[arg(long, default_value_t = 50)]
     iters: usize,
@@ -356,6 +360,61 @@ fn bandwidths<B: FusedKernels>(
     push(
         "softmax backward",
         moved(elements, 1.0) + elements as f64 * 8.0,
+        fused,
+        unfused,
+    );
+
+    // Cross-entropy on [tokens, vocab] logits: the statistics read the logits once; the
+    // backward reads them and writes their gradient.
+    let vocab = args.vocab;
+    let logits = matrix(vocab);
+    let columns = (0..tokens)
+        .map(|t| (t * 7919 % vocab) as i64)
+        .collect::<Vec<_>>();
+    let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(columns, [tokens]), device);
+    let elements = tokens * vocab;
+    let as_column = |t: Tensor<B, 1>| t.reshape([tokens, 1]);
+    let fused = time(&mut || {
+        as_column(B::logit_statistics(logits.clone(), targets.clone(), vocab).sum_exp)
+    });
+    let unfused = time(&mut || {
+        as_column(reference_logit_statistics(logits.clone(), targets.clone(), vocab).sum_exp)
+    });
+    push(
+        "cross_entropy statistics",
+        moved(elements, 1.0),
+        fused,
+        unfused,
+    );
+    let statistics = B::logit_statistics(logits.clone(), targets.clone(), vocab);
+    let log_sum_exp = statistics.max + statistics.sum_exp.log();
+    let upstream = Tensor::<B, 1>::ones([tokens], device);
+    let cross_entropy = CrossEntropy {
+        real_width: vocab,
+        vocab_size: vocab,
+        label_smoothing: 0.0,
+    };
+    let fused = time(&mut || {
+        B::cross_entropy_backward(
+            logits.clone(),
+            targets.clone(),
+            log_sum_exp.clone(),
+            upstream.clone(),
+            cross_entropy,
+        )
+    });
+    let unfused = time(&mut || {
+        reference_cross_entropy_backward(
+            logits.clone(),
+            targets.clone(),
+            log_sum_exp.clone(),
+            upstream.clone(),
+            cross_entropy,
+        )
+    });
+    push(
+        "cross_entropy backward",
+        moved(elements, 2.0),
         fused,
         unfused,
     );

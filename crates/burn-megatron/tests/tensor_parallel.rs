@@ -16,6 +16,7 @@ use burn_megatron::parallel::ReduceOp;
 use burn_megatron::tensor_parallel::{
     ColumnParallelLinearConfig, RowParallelLinearConfig, VocabParallelEmbeddingConfig,
     VocabPartition, padded_vocab_size, vocab_parallel_cross_entropy,
+    vocab_parallel_cross_entropy_from_statistics,
 };
 use common::{Device, TestBackend, assert_close, random, tensor_parallel_cluster};
 
@@ -486,7 +487,15 @@ fn vocab_parallel_cross_entropy_matches_the_unsplit_loss() {
         let grads = (loss.clone() * tensor::<2>(&upstream)).sum().backward();
         let (ref_loss, ref_grad) = (loss.into_data(), x.grad(&grads).unwrap().into_data());
 
-        for tp in [1, 2, 4] {
+        for (tp, from_statistics) in [1, 2, 4]
+            .into_iter()
+            .flat_map(|tp| [(tp, false), (tp, true)])
+        {
+            let cross_entropy = if from_statistics {
+                vocab_parallel_cross_entropy_from_statistics::<TestBackend>
+            } else {
+                vocab_parallel_cross_entropy::<TestBackend>
+            };
             let results = tensor_parallel_cluster(tp)
                 .run(|ctx| {
                     let group = ctx.tensor();
@@ -509,13 +518,8 @@ fn vocab_parallel_cross_entropy_matches_the_unsplit_loss() {
                         targets.clone(),
                         &Device::default(),
                     );
-                    let loss = vocab_parallel_cross_entropy(
-                        local.clone(),
-                        targets,
-                        &partition,
-                        group,
-                        label_smoothing,
-                    );
+                    let loss =
+                        cross_entropy(local.clone(), targets, &partition, group, label_smoothing);
                     let grads = (loss.clone() * tensor::<2>(&upstream)).sum().backward();
                     Ok::<_, Error>((
                         partition,
@@ -525,7 +529,9 @@ fn vocab_parallel_cross_entropy_matches_the_unsplit_loss() {
                 })
                 .unwrap();
             for (rank, (partition, loss, grad)) in results.iter().enumerate() {
-                let at = format!("tp={tp} smoothing={label_smoothing} rank={rank}");
+                let at = format!(
+                    "tp={tp} statistics={from_statistics} smoothing={label_smoothing} rank={rank}"
+                );
                 assert_close(loss, &ref_loss, TOLERANCE, &format!("{at} loss"));
                 let real = partition.real_len();
                 let grad = Tensor::<Inner, 3>::from_data(grad.clone(), &Device::default());

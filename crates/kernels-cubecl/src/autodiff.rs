@@ -8,11 +8,12 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Int, Tensor, TensorPrimitive};
 
 use crate::{
-    Dropout, FusedKernels, Gelu, NormStatistics, as_rows, reference_bias_dropout_add,
-    reference_bias_gelu, reference_kernels, reference_norm, with_dtype,
+    CrossEntropy, Dropout, FusedKernels, Gelu, LogitStatistics, NormStatistics, as_rows,
+    reference_bias_dropout_add, reference_bias_gelu, reference_cross_entropy_loss,
+    reference_kernels, reference_norm, with_dtype,
 };
 
 type Inner<B, const D: usize> = Tensor<B, D>;
@@ -152,6 +153,37 @@ impl<B: FusedKernels, const N: usize> Backward<B, N> for BiasDropoutAddNode {
     }
 }
 
+/// The cross-entropy node: keeps the logits (no copy: the graph holds them anyway), the
+/// targets and the per-row `log Σ exp`.
+#[derive(Debug)]
+struct CrossEntropyNode;
+
+#[derive(Debug, Clone)]
+struct CrossEntropySaved<B: FusedKernels> {
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    log_sum_exp: Tensor<B, 1>,
+    cross_entropy: CrossEntropy,
+}
+
+impl<B: FusedKernels> Backward<B, 1> for CrossEntropyNode {
+    type State = CrossEntropySaved<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = consume::<B, 1, 1, _>(&ops, grads);
+        let [parent] = parent_ids(&ops);
+        let CrossEntropySaved {
+            logits,
+            targets,
+            log_sum_exp,
+            cross_entropy,
+        } = ops.state;
+        let logits_grad =
+            B::cross_entropy_backward(logits, targets, log_sum_exp, grad, cross_entropy);
+        register::<B, 2>(grads, &parent, logits_grad);
+    }
+}
+
 /// The norm of `[rows, width]` rows as one node over the norm kernels.
 fn fused_norm<B: FusedKernels, C: CheckpointStrategy>(
     input: Tensor<Autodiff<B, C>, 2>,
@@ -275,6 +307,48 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedKernels for Autodiff<B, C> {
                 )
             }
         }
+    }
+
+    fn logit_statistics(
+        logits: Tensor<Self, 2>,
+        targets: Tensor<Self, 1, Int>,
+        real_width: usize,
+    ) -> LogitStatistics<Self> {
+        // Statistics carry no gradient: computed on the inner backend.
+        let inner = B::logit_statistics(logits.inner(), targets.inner(), real_width);
+        LogitStatistics {
+            max: Tensor::from_inner(inner.max),
+            sum_exp: Tensor::from_inner(inner.sum_exp),
+            target: Tensor::from_inner(inner.target),
+            sum: Tensor::from_inner(inner.sum),
+        }
+    }
+
+    fn cross_entropy_loss(
+        logits: Tensor<Self, 2>,
+        targets: Tensor<Self, 1, Int>,
+        log_sum_exp: Tensor<Self, 1>,
+        loss: Tensor<Self, 1>,
+        cross_entropy: CrossEntropy,
+    ) -> Tensor<Self, 1> {
+        if !fused::<B>() {
+            return reference_cross_entropy_loss(logits, targets, log_sum_exp, loss, cross_entropy);
+        }
+        let (logits, nodes) = detach_inner!(logits);
+        let state = || CrossEntropySaved {
+            logits,
+            targets: targets.inner(),
+            log_sum_exp: log_sum_exp.inner(),
+            cross_entropy,
+        };
+        finish(
+            CrossEntropyNode
+                .prepare::<C>(nodes)
+                .compute_bound()
+                .stateful(),
+            state,
+            loss.inner(),
+        )
     }
 
     fn bias_dropout_add(

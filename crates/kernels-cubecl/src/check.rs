@@ -4,13 +4,14 @@
 //! kernels` on a GPU both run them.
 
 use burn::backend::Autodiff;
-use burn::tensor::{Bool, Distribution, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData, backend::Backend};
 use burn::tensor::{DType, ElementConversion, Shape};
 
 use crate::{
-    Dropout, FusedKernels, Gelu, reference_bias_dropout_add, reference_bias_gelu,
-    reference_bias_gelu_backward, reference_kernels, reference_norm, reference_softmax,
-    reference_softmax_backward, with_dtype,
+    CrossEntropy, Dropout, FusedKernels, Gelu, reference_bias_dropout_add, reference_bias_gelu,
+    reference_bias_gelu_backward, reference_cross_entropy_backward, reference_kernels,
+    reference_logit_statistics, reference_norm, reference_softmax, reference_softmax_backward,
+    with_dtype,
 };
 
 /// One comparison: a quantity of a kernel against the reference.
@@ -121,6 +122,20 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
         ([2, 1, 130, 130], true, false),
     ] {
         checks.extend(check_softmax::<B>(device, dtype, shape, causal, padded));
+    }
+    for (shape, real_width, label_smoothing) in [
+        ([4, 256], 256, 0.0),
+        ([3, 1000], 997, 0.1),
+        ([17, 77], 70, 0.0),
+        ([33, 520], 512, 0.1),
+    ] {
+        checks.extend(check_cross_entropy::<B>(
+            device,
+            dtype,
+            shape,
+            real_width,
+            label_smoothing,
+        ));
     }
     checks
 }
@@ -408,4 +423,91 @@ fn check_softmax<B: FusedKernels>(
         row(kernel, &shape, dtype, "probabilities", fused, expected),
         row(kernel, &shape, dtype, "d_scores", d_fused, d_expected),
     ]
+}
+
+/// The cross-entropy kernels on a vocabulary slice whose last columns are padding: the
+/// four row statistics, and the logits' gradient through the autodiff node. Targets cover
+/// real columns, padding columns and ids outside the slice (negative or past its end).
+fn check_cross_entropy<B: FusedKernels>(
+    device: &B::Device,
+    dtype: DType,
+    [rows, width]: [usize; 2],
+    real_width: usize,
+    label_smoothing: f64,
+) -> Vec<Check> {
+    let kernel = if label_smoothing > 0.0 {
+        "cross_entropy_smooth"
+    } else {
+        "cross_entropy"
+    };
+    let shape = [rows, width];
+    let cross_entropy = CrossEntropy {
+        real_width,
+        vocab_size: 2 * real_width,
+        label_smoothing,
+    };
+    let logits = strided::<B>(shape, device, dtype, 8.0, 0.0);
+    let columns: Vec<i64> = (0..rows)
+        .map(|row| (row * 7919 % (width + 4)) as i64 - 2)
+        .collect();
+    let targets =
+        || Tensor::<B, 1, Int>::from_data(TensorData::new(columns.clone(), [rows]), device);
+
+    let fused = B::logit_statistics(logits.clone(), targets(), real_width);
+    let expected = reference_logit_statistics(wide(logits.clone()), targets(), real_width);
+    let mut checks = vec![
+        row(
+            kernel,
+            &shape,
+            dtype,
+            "max",
+            fused.max,
+            expected.max.clone(),
+        ),
+        row(
+            kernel,
+            &shape,
+            dtype,
+            "sum_exp",
+            fused.sum_exp,
+            expected.sum_exp.clone(),
+        ),
+        row(
+            kernel,
+            &shape,
+            dtype,
+            "target_logit",
+            fused.target,
+            expected.target.clone(),
+        ),
+        row(kernel, &shape, dtype, "logit_sum", fused.sum, expected.sum),
+    ];
+
+    // The gradient through the autodiff node, for the whole vocabulary's log-sum-exp
+    // (here the slice's own) and a random upstream gradient.
+    let log_sum_exp = expected.max + expected.sum_exp.log();
+    let loss = log_sum_exp.clone() - expected.target;
+    let upstream = random::<B, 1>([rows], device, DType::F32, 1.0);
+    let tracked = Tensor::<Ad<B>, 2>::from_inner(logits.clone()).require_grad();
+    let joined = Ad::<B>::cross_entropy_loss(
+        tracked.clone(),
+        Tensor::from_inner(targets()),
+        Tensor::from_inner(log_sum_exp.clone()),
+        Tensor::from_inner(loss.clone()),
+        cross_entropy,
+    );
+    let grads = (joined.clone() * Tensor::from_inner(upstream.clone()))
+        .sum()
+        .backward();
+    let d_logits = tracked.grad(&grads).expect("the logits' gradient");
+    let e_logits = reference_cross_entropy_backward(
+        wide(logits),
+        targets(),
+        log_sum_exp,
+        upstream,
+        cross_entropy,
+    );
+    checks.push(row(kernel, &shape, dtype, "loss", joined.inner(), loss));
+    checks.push(row(kernel, &shape, dtype, "d_logits", d_logits, e_logits));
+    checks
 }

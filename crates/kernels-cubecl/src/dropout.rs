@@ -64,22 +64,31 @@ pub fn dropout<B: Backend, const D: usize>(
     tensor * mask
 }
 
-/// Whether the element at flat position `global` of the full tensor survives: its 53-bit
-/// draw `mix(seed ^ mix(global)) >> 11` is at least `threshold` ([`keep_threshold`]).
-/// The GPU kernels compute the same hash, so masks agree bit for bit across backends.
-pub fn kept(seed: u64, global: u64, threshold: u64) -> bool {
-    (mix(seed ^ mix(global)) >> 11) >= threshold
+/// Whether the element at flat position `global` of the full tensor survives. Elements
+/// come in groups of four consecutive positions; group `g` draws one 64-bit SplitMix64
+/// value `mix(seed + g · γ)` and its element `i` takes the 16-bit field `i` of it. The
+/// element is kept when its field is at least `threshold` ([`keep_threshold`]). One hash
+/// per four elements keeps the GPU kernels memory-bound; they compute the same hash, so
+/// masks agree bit for bit across backends.
+pub fn kept(seed: u64, global: u64, threshold: u32) -> bool {
+    let hash = mix(seed.wrapping_add((global / 4).wrapping_mul(GOLDEN_GAMMA)));
+    ((hash >> (16 * (global % 4))) & 0xFFFF) as u32 >= threshold
 }
 
-/// The smallest 53-bit draw that survives dropout with probability `p`: a draw `d` is
-/// kept when `d / 2^53 >= p`, that is when `d >= ceil(p * 2^53)` (exact in f64).
-pub fn keep_threshold(p: f64) -> u64 {
-    (p * (1u64 << 53) as f64).ceil() as u64
+/// The smallest 16-bit draw that survives dropout with probability `p`: a draw `d` is
+/// kept when `d / 2^16 >= p`, that is when `d >= ceil(p · 2^16)`. The drop probability is
+/// thus `p` rounded up to a multiple of 2^-16 (0.1 becomes 0.100006); survivors are
+/// scaled by `1 / (1 - p)` as given.
+pub fn keep_threshold(p: f64) -> u32 {
+    (p * 65536.0).ceil() as u32
 }
 
-/// SplitMix64's finalizer.
+/// SplitMix64's increment, `2^64 / φ`.
+pub const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output function: the increment added, then the finalizer.
 pub fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = x.wrapping_add(GOLDEN_GAMMA);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     x ^ (x >> 31)

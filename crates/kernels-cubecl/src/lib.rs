@@ -11,7 +11,11 @@
 //!   sequence-parallel ranks drop what the single-rank run drops, and the backward
 //!   regenerates the mask instead of storing it), and the residual add;
 //! - [`FusedKernels::scaled_masked_softmax`] and its backward: attention scores scaled,
-//!   causal and padding masks applied, softmax in fp32, in one pass over each row.
+//!   causal and padding masks applied, softmax in fp32, in one pass over each row;
+//! - [`FusedKernels::logit_statistics`], [`FusedKernels::cross_entropy_loss`] and
+//!   [`FusedKernels::cross_entropy_backward`]: cross-entropy over a vocabulary slice of
+//!   logits (a tensor-parallel rank's) from per-row statistics that ranks combine, one pass
+//!   over the logits forward and one backward, fp32 arithmetic on logits of any float type.
 //!
 //! Every operation has a reference in plain Burn ops, the default of each method, which
 //! runs on every backend. CubeCL backends (CUDA, and wgpu for the tests on a CPU through
@@ -33,10 +37,11 @@ mod reference;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use burn::tensor::{Bool, DType, Tensor, backend::Backend};
+use burn::tensor::{Bool, DType, Int, Tensor, backend::Backend};
 
 pub use reference::{
     attention_mask, reference_bias_dropout_add, reference_bias_gelu, reference_bias_gelu_backward,
+    reference_cross_entropy_backward, reference_cross_entropy_loss, reference_logit_statistics,
     reference_norm, reference_norm_backward, reference_norm_forward, reference_softmax,
     reference_softmax_backward, softmax_dtype,
 };
@@ -111,6 +116,33 @@ pub struct NormStatistics<B: Backend> {
     pub mean: Tensor<B, 1>,
     /// `1 / sqrt(variance + epsilon)` of each row (of the mean square for RMSNorm).
     pub rstd: Tensor<B, 1>,
+}
+
+/// Per-row statistics of a vocabulary slice of logits (`[rows, width]`) over its real
+/// columns, all fp32 `[rows]`. Ranks holding other slices combine them into the statistics
+/// of the whole vocabulary (maximum of the maxima, exp-shifted sum of the sums).
+#[derive(Debug, Clone)]
+pub struct LogitStatistics<B: Backend> {
+    /// The largest real logit of each row (`f32::MIN` when the slice has no real column).
+    pub max: Tensor<B, 1>,
+    /// `Σ exp(logit - max)` over the real columns.
+    pub sum_exp: Tensor<B, 1>,
+    /// The target's logit where the target is one of this slice's real columns, else 0.
+    pub target: Tensor<B, 1>,
+    /// `Σ logit` over the real columns (for label smoothing).
+    pub sum: Tensor<B, 1>,
+}
+
+/// The cross-entropy of a vocabulary slice, as its backward needs it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CrossEntropy {
+    /// The slice's columns that are real tokens, the first ones (the rest is vocabulary
+    /// padding: no probability mass, no gradient).
+    pub real_width: usize,
+    /// The real vocabulary over all slices (label smoothing spreads over it).
+    pub vocab_size: usize,
+    /// Label smoothing ε: the loss is `(1 - ε) · nll + ε · mean_k(-log p_k)`.
+    pub label_smoothing: f64,
 }
 
 /// `tensor` as `[rows, last dimension]`, and its shape to restore.
@@ -232,6 +264,48 @@ pub trait FusedKernels: Backend {
         dtype: DType,
     ) -> Tensor<Self, 4> {
         reference_softmax_backward(probabilities, grad, scale, causal, padding, dtype)
+    }
+
+    /// [`LogitStatistics`] of `logits` (`[rows, width]`, any float type) over their first
+    /// `real_width` columns, with `targets` (`[rows]`) the target columns in this slice
+    /// (any other value for a target outside it).
+    fn logit_statistics(
+        logits: Tensor<Self, 2>,
+        targets: Tensor<Self, 1, Int>,
+        real_width: usize,
+    ) -> LogitStatistics<Self> {
+        reference_logit_statistics(logits, targets, real_width)
+    }
+
+    /// `loss` (`[rows]`, computed from the combined statistics, no graph of its own) joined
+    /// to the graph of `logits`: its gradient with respect to them is
+    /// [`cross_entropy_backward`](Self::cross_entropy_backward) with `log_sum_exp`, the
+    /// whole vocabulary's `log Σ exp(logit)` per row. The logits are not stored twice:
+    /// the backward reads them again.
+    fn cross_entropy_loss(
+        logits: Tensor<Self, 2>,
+        targets: Tensor<Self, 1, Int>,
+        log_sum_exp: Tensor<Self, 1>,
+        loss: Tensor<Self, 1>,
+        cross_entropy: CrossEntropy,
+    ) -> Tensor<Self, 1> {
+        // Without autodiff there is no graph to join (Autodiff overrides this).
+        let _ = (logits, targets, log_sum_exp, cross_entropy);
+        loss
+    }
+
+    /// The gradient of the cross-entropy with respect to the slice's logits given the
+    /// loss's gradient `grad` (`[rows]`): `grad · (p - (1 - ε) · onehot(target) - ε / V)`
+    /// on real columns with `p = exp(logit - log_sum_exp)`, zero on padding; in the
+    /// logits' dtype.
+    fn cross_entropy_backward(
+        logits: Tensor<Self, 2>,
+        targets: Tensor<Self, 1, Int>,
+        log_sum_exp: Tensor<Self, 1>,
+        grad: Tensor<Self, 1>,
+        cross_entropy: CrossEntropy,
+    ) -> Tensor<Self, 2> {
+        reference_cross_entropy_backward(logits, targets, log_sum_exp, grad, cross_entropy)
     }
 
     /// `tensor` with the elements that `dropout` drops zeroed and the rest scaled by

@@ -3,9 +3,12 @@
 //! without kernels.
 
 use burn::tensor::activation::{gelu, gelu_approximate, softmax};
-use burn::tensor::{Bool, DType, Tensor, backend::Backend};
+use burn::tensor::{Bool, DType, Int, Tensor, backend::Backend};
 
-use crate::{Dropout, Gelu, NormGradients, NormStatistics, dropout, with_dtype};
+use crate::{
+    CrossEntropy, Dropout, Gelu, LogitStatistics, NormGradients, NormStatistics, dropout,
+    with_dtype,
+};
 
 /// LayerNorm (with `bias`) or RMSNorm (without) over the last dimension, statistics in
 /// fp32, the normalized values cast back to the input's dtype before the weight and bias
@@ -233,6 +236,125 @@ pub fn reference_softmax_backward<B: Backend>(
         grad_scores = grad_scores.mask_fill(mask, 0.0);
     }
     with_dtype(grad_scores, dtype) * scale
+}
+
+/// [`LogitStatistics`] in plain Burn ops, in fp32.
+///
+/// # Panics
+///
+/// When `real_width` exceeds the logits' width.
+pub fn reference_logit_statistics<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    real_width: usize,
+) -> LogitStatistics<B> {
+    let [rows, width] = logits.dims();
+    assert!(
+        real_width <= width,
+        "{real_width} real columns in logits {width} wide"
+    );
+    let device = logits.device();
+    let filled = |value: f32| Tensor::<B, 1>::full([rows], value, (&device, DType::F32));
+    if real_width == 0 {
+        return LogitStatistics {
+            max: filled(f32::MIN),
+            sum_exp: filled(0.0),
+            target: filled(0.0),
+            sum: filled(0.0),
+        };
+    }
+    let real = with_dtype(logits, DType::F32).narrow(1, 0, real_width);
+    let (inside, index) = targets_in_slice(targets, real_width);
+    let target = real
+        .clone()
+        .gather(1, index.reshape([rows, 1]))
+        .reshape([rows])
+        .mask_fill(inside.bool_not(), 0.0);
+    let max = real.clone().max_dim(1);
+    LogitStatistics {
+        sum_exp: (real.clone() - max.clone())
+            .exp()
+            .sum_dim(1)
+            .reshape([rows]),
+        max: max.reshape([rows]),
+        target,
+        sum: real.sum_dim(1).reshape([rows]),
+    }
+}
+
+/// Whether each target is a real column of the slice, and the targets with the others
+/// replaced by column 0 (for gathers).
+fn targets_in_slice<B: Backend>(
+    targets: Tensor<B, 1, Int>,
+    real_width: usize,
+) -> (Tensor<B, 1, Bool>, Tensor<B, 1, Int>) {
+    let inside = targets
+        .clone()
+        .greater_equal_elem(0)
+        .bool_and(targets.clone().lower_elem(real_width as i64));
+    let index = targets.mask_fill(inside.clone().bool_not(), 0);
+    (inside, index)
+}
+
+/// The cross-entropy's gradient with respect to a slice's logits in plain Burn ops (see
+/// [`FusedKernels::cross_entropy_backward`](crate::FusedKernels::cross_entropy_backward)).
+pub fn reference_cross_entropy_backward<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    log_sum_exp: Tensor<B, 1>,
+    grad: Tensor<B, 1>,
+    cross_entropy: CrossEntropy,
+) -> Tensor<B, 2> {
+    let [rows, width] = logits.dims();
+    let (dtype, device) = (logits.dtype(), logits.device());
+    let CrossEntropy {
+        real_width,
+        vocab_size,
+        label_smoothing,
+    } = cross_entropy;
+    let shift = with_dtype(log_sum_exp, DType::F32).reshape([rows, 1]);
+    let probabilities = (with_dtype(logits, DType::F32) - shift).exp();
+    let (inside, index) = targets_in_slice(targets, real_width);
+    let columns = Tensor::<B, 1, Int>::arange(0..width as i64, &device)
+        .reshape([1, width])
+        .expand([rows, width]);
+    let is_target = columns
+        .clone()
+        .equal(index.reshape([rows, 1]).expand([rows, width]))
+        .bool_and(inside.reshape([rows, 1]).expand([rows, width]));
+    let target_weight = with_dtype(is_target.float(), DType::F32) * (1.0 - label_smoothing);
+    let coefficient = (probabilities - target_weight)
+        .sub_scalar(label_smoothing / vocab_size.max(1) as f64)
+        .mask_fill(columns.greater_equal_elem(real_width as i64), 0.0);
+    with_dtype(
+        coefficient * with_dtype(grad, DType::F32).reshape([rows, 1]),
+        dtype,
+    )
+}
+
+/// `loss` joined to the graph of `logits` in plain Burn ops: `loss + Σ_columns c · (logit -
+/// logit)` with `c` the per-logit gradient of [`reference_cross_entropy_backward`], held
+/// constant. Its value is `loss`, its gradient with respect to the logits is `c` times the
+/// loss's gradient. (Without autodiff it is `loss`.)
+pub fn reference_cross_entropy_loss<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    log_sum_exp: Tensor<B, 1>,
+    loss: Tensor<B, 1>,
+    cross_entropy: CrossEntropy,
+) -> Tensor<B, 1> {
+    let [rows, _] = logits.dims();
+    let ones = Tensor::<B, 1>::ones([rows], (&logits.device(), DType::F32));
+    let coefficient = reference_cross_entropy_backward(
+        logits.clone().detach(),
+        targets,
+        log_sum_exp.detach(),
+        ones,
+        cross_entropy,
+    );
+    let zero = with_dtype(logits.clone() - logits.detach(), DType::F32);
+    let attached = (zero * with_dtype(coefficient, DType::F32)).sum_dim(1);
+    with_dtype(loss.detach(), DType::F32) + attached.reshape([rows])
 }
 
 #[cfg(test)]

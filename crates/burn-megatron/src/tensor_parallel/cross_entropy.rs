@@ -1,6 +1,7 @@
 //! Cross-entropy over logits whose vocabulary is split across the tensor-parallel ranks.
 
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
+use burn_megatron_kernels::{CrossEntropy, reference_kernels, with_dtype};
 
 use super::embedding::VocabPartition;
 use super::mappings::reduce_from_tensor_parallel_region;
@@ -15,6 +16,10 @@ use crate::parallel::{Group, ParallelBackend, ReduceOp};
 /// With `label_smoothing` ε > 0 the loss is `(1 - ε) * nll + ε * mean_k(-log p_k)` over
 /// the real vocabulary (PyTorch's and HF's definition).
 ///
+/// Arithmetic is fp32 whatever the logits' type. On backends with the fused kernels
+/// ([`vocab_parallel_cross_entropy_from_statistics`]) the logits are read once forward and
+/// once backward and never copied; elsewhere plain Burn ops on an fp32 copy.
+///
 /// # Panics
 ///
 /// When a collective fails (see [`mappings`](super::mappings)) or the logits' last
@@ -26,13 +31,18 @@ pub fn vocab_parallel_cross_entropy<B: ParallelBackend>(
     group: &Group,
     label_smoothing: f64,
 ) -> Tensor<B, 2> {
+    check_width(&logits, partition);
+    if B::has_fused_kernels() && !reference_kernels() {
+        return vocab_parallel_cross_entropy_from_statistics(
+            logits,
+            targets,
+            partition,
+            group,
+            label_smoothing,
+        );
+    }
+    let logits = with_dtype(logits, DType::F32);
     let [batch, seq, width] = logits.dims();
-    assert_eq!(
-        width,
-        partition.len(),
-        "logits have {width} vocabulary entries but this rank's partition has {}",
-        partition.len()
-    );
     let device = logits.device();
     let padding = (partition.real_len() < width).then(|| {
         let columns: Vec<bool> = (0..width).map(|c| c >= partition.real_len()).collect();
@@ -87,4 +97,82 @@ pub fn vocab_parallel_cross_entropy<B: ParallelBackend>(
         nll
     };
     loss.squeeze_dim(2)
+}
+
+fn check_width<B: ParallelBackend>(logits: &Tensor<B, 3>, partition: &VocabPartition) {
+    let [_, _, width] = logits.dims();
+    assert_eq!(
+        width,
+        partition.len(),
+        "logits have {width} vocabulary entries but this rank's partition has {}",
+        partition.len()
+    );
+}
+
+/// [`vocab_parallel_cross_entropy`] from per-row statistics of each rank's slice
+/// ([`FusedKernels::logit_statistics`](burn_megatron_kernels::FusedKernels::logit_statistics):
+/// maximum, `Σ exp(x - max)`, target logit, `Σ x`), combined across the group in two
+/// all-reduces of `[batch · seq]` values; the gradient is one pass over the logits
+/// ([`FusedKernels::cross_entropy_backward`](burn_megatron_kernels::FusedKernels::cross_entropy_backward)).
+/// What runs with the fused kernels; on other backends the statistics come from plain
+/// Burn ops (for tests: the same loss as the unsplit logits).
+///
+/// # Panics
+///
+/// As [`vocab_parallel_cross_entropy`].
+pub fn vocab_parallel_cross_entropy_from_statistics<B: ParallelBackend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    partition: &VocabPartition,
+    group: &Group,
+    label_smoothing: f64,
+) -> Tensor<B, 2> {
+    check_width(&logits, partition);
+    let [batch, seq, width] = logits.dims();
+    let rows = batch * seq;
+    let logits = logits.reshape([rows, width]);
+    let targets = targets.reshape([rows]);
+    // Target columns in this slice; -1 where the target is another rank's.
+    let outside = targets
+        .clone()
+        .lower_elem(partition.start as i64)
+        .bool_or(targets.clone().greater_equal_elem(partition.end as i64));
+    let local_targets = (targets - partition.start as i64).mask_fill(outside, -1);
+    let statistics = B::logit_statistics(
+        logits.clone().detach(),
+        local_targets.clone(),
+        partition.real_len(),
+    );
+
+    let all_reduce = |tensor: Tensor<B, 1>, op: ReduceOp, what: &str| {
+        group
+            .all_reduce(tensor, op)
+            .unwrap_or_else(|error| panic!("cross-entropy {what}: {error}"))
+    };
+    let max = all_reduce(statistics.max.clone(), ReduceOp::Max, "maximum");
+    // Each slice's sum of exponentials rescaled to the global maximum, the target's logit
+    // (from the one slice holding it) and the sum of logits, in one all-reduce.
+    let rescaled = statistics.sum_exp * (statistics.max - max.clone()).exp();
+    let sums = all_reduce(
+        Tensor::cat(vec![rescaled, statistics.target, statistics.sum], 0),
+        ReduceOp::Sum,
+        "sums",
+    );
+    let [sum_exp, target, logit_sum] =
+        [0, 1, 2].map(|part| sums.clone().narrow(0, part * rows, rows));
+    let log_sum_exp = max + sum_exp.log();
+    let nll = log_sum_exp.clone() - target;
+    let loss = if label_smoothing > 0.0 {
+        let mean_neg_log_prob = log_sum_exp.clone() - logit_sum / partition.vocab_size as f64;
+        nll * (1.0 - label_smoothing) + mean_neg_log_prob * label_smoothing
+    } else {
+        nll
+    };
+    let cross_entropy = CrossEntropy {
+        real_width: partition.real_len(),
+        vocab_size: partition.vocab_size,
+        label_smoothing,
+    };
+    B::cross_entropy_loss(logits, local_targets, log_sum_exp, loss, cross_entropy)
+        .reshape([batch, seq])
 }

@@ -13,7 +13,9 @@ mod linear;
 pub mod mappings;
 
 pub use burn_megatron_kernels::dropout::dropout;
-pub use cross_entropy::vocab_parallel_cross_entropy;
+pub use cross_entropy::{
+    vocab_parallel_cross_entropy, vocab_parallel_cross_entropy_from_statistics,
+};
 pub use embedding::{
     VocabParallelEmbedding, VocabParallelEmbeddingConfig, VocabPartition, padded_vocab_size,
 };

@@ -86,14 +86,36 @@ fn row_slot(rows: u32, width: u32) -> RowSlot {
     }
 }
 
-/// LayerNorm (`centered`) or RMSNorm of this unit's row: writes the output and the row's
-/// mean and reciprocal standard deviation.
+/// The sum of a vector's lanes.
+#[cube]
+fn lanes_sum<N: Size>(vector: Vector<f32, N>) -> f32 {
+    let mut total = 0.0f32;
+    #[unroll]
+    for lane in 0..vector.vector_size() {
+        total += vector[lane];
+    }
+    total
+}
+
+/// The largest of a vector's lanes.
+#[cube]
+fn lanes_max<N: Size>(vector: Vector<f32, N>) -> f32 {
+    let mut largest = f32::new(MASKED);
+    #[unroll]
+    for lane in 0..vector.vector_size() {
+        largest = f32::max(largest, vector[lane]);
+    }
+    largest
+}
+
+/// LayerNorm (`centered`) or RMSNorm of this unit's row, read in vectors of `N`
+/// elements: writes the output and the row's mean and reciprocal standard deviation.
 #[cube(launch)]
-pub(super) fn norm_forward<F: Float>(
-    input: &Tensor<F>,
-    weight: &Tensor<F>,
-    bias: &Tensor<F>,
-    output: &mut Tensor<F>,
+pub(super) fn norm_forward<F: Float, N: Size>(
+    input: &Tensor<Vector<F, N>>,
+    weight: &Tensor<Vector<F, N>>,
+    bias: &Tensor<Vector<F, N>>,
+    output: &mut Tensor<Vector<F, N>>,
     mean: &mut Tensor<f32>,
     rstd: &mut Tensor<f32>,
     rows: u32,
@@ -103,43 +125,57 @@ pub(super) fn norm_forward<F: Float>(
     #[comptime] plane: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let slot = row_slot(rows, width);
+    let lanes = input.vector_size();
+    let slot = row_slot(rows, width / lanes as u32);
     let row = slot.row;
-    let columns = slot.columns;
+    let vectors = slot.columns;
     let mut shared = SharedMemory::<f32>::new(256usize);
-    let start = row * input.stride(0);
-    let output_start = row * output.stride(0);
+    let start = row * input.stride(0) / lanes;
+    let output_start = row * output.stride(0) / lanes;
     let step = CUBE_DIM_X as usize;
     let count = f32::cast_from(width);
 
+    // One pass for Σx and Σx²; the variance `E[x²] - mean²` is exact enough unless the
+    // mean dominates the spread, and then a second pass sums `(x - mean)²`.
+    let mut sum = Vector::<f32, N>::new(0.0f32);
+    let mut squares = Vector::<f32, N>::new(0.0f32);
+    let mut vector = UNIT_POS_X as usize;
+    while vector < vectors {
+        let x = Vector::<f32, N>::cast_from(input[start + vector]);
+        sum += x;
+        squares += x * x;
+        vector += step;
+    }
     let mut row_mean = 0.0f32;
     if centered {
-        let mut sum = 0.0f32;
-        let mut column = UNIT_POS_X as usize;
-        while column < columns {
-            sum += f32::cast_from(input[start + column]);
-            column += step;
+        row_mean = group_sum(lanes_sum(sum), &mut shared, plane) / count;
+    }
+    let mean_vector = Vector::<f32, N>::new(row_mean);
+    let mut variance =
+        group_sum(lanes_sum(squares), &mut shared, plane) / count - row_mean * row_mean;
+    if centered && row_mean * row_mean > variance {
+        let mut squares = Vector::<f32, N>::new(0.0f32);
+        let mut vector = UNIT_POS_X as usize;
+        while vector < vectors {
+            let centered_value = Vector::<f32, N>::cast_from(input[start + vector]) - mean_vector;
+            squares += centered_value * centered_value;
+            vector += step;
         }
-        row_mean = group_sum(sum, &mut shared, plane) / count;
+        variance = group_sum(lanes_sum(squares), &mut shared, plane) / count;
     }
-    let mut squares = 0.0f32;
-    let mut column = UNIT_POS_X as usize;
-    while column < columns {
-        let centered_value = f32::cast_from(input[start + column]) - row_mean;
-        squares += centered_value * centered_value;
-        column += step;
-    }
-    let row_rstd = 1.0f32 / f32::sqrt(group_sum(squares, &mut shared, plane) / count + epsilon);
+    let row_rstd = 1.0f32 / f32::sqrt(f32::max(variance, 0.0f32) + epsilon);
+    let rstd_vector = Vector::<f32, N>::new(row_rstd);
 
-    let mut column = UNIT_POS_X as usize;
-    while column < columns {
-        let normalized = (f32::cast_from(input[start + column]) - row_mean) * row_rstd;
-        let mut value = normalized * f32::cast_from(weight[column]);
+    let mut vector = UNIT_POS_X as usize;
+    while vector < vectors {
+        let normalized =
+            (Vector::<f32, N>::cast_from(input[start + vector]) - mean_vector) * rstd_vector;
+        let mut value = normalized * Vector::<f32, N>::cast_from(weight[vector]);
         if centered {
-            value += f32::cast_from(bias[column]);
+            value += Vector::<f32, N>::cast_from(bias[vector]);
         }
-        output[output_start + column] = F::cast_from(value);
-        column += step;
+        output[output_start + vector] = Vector::cast_from(value);
+        vector += step;
     }
     if slot.active && UNIT_POS_X == 0 {
         mean[row] = row_mean;
@@ -147,81 +183,90 @@ pub(super) fn norm_forward<F: Float>(
     }
 }
 
-/// The input gradient of the norm for this unit's row:
+/// The input gradient of the norm for this unit's row, in vectors of `N` elements:
 /// `rstd · (g - mean(g) - x̂ · mean(g · x̂))` with `g = grad · weight` (no `mean(g)` for
 /// RMSNorm).
 #[cube(launch)]
-pub(super) fn norm_backward_input<F: Float>(
-    grad: &Tensor<F>,
-    input: &Tensor<F>,
-    weight: &Tensor<F>,
+pub(super) fn norm_backward_input<F: Float, N: Size>(
+    grad: &Tensor<Vector<F, N>>,
+    input: &Tensor<Vector<F, N>>,
+    weight: &Tensor<Vector<F, N>>,
     mean: &Tensor<f32>,
     rstd: &Tensor<f32>,
-    input_grad: &mut Tensor<F>,
+    input_grad: &mut Tensor<Vector<F, N>>,
     rows: u32,
     width: u32,
     #[comptime] centered: bool,
     #[comptime] plane: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let slot = row_slot(rows, width);
+    let lanes = input.vector_size();
+    let slot = row_slot(rows, width / lanes as u32);
     let row = slot.row;
-    let columns = slot.columns;
+    let vectors = slot.columns;
     let mut shared = SharedMemory::<f32>::new(256usize);
-    let start = row * input.stride(0);
-    let grad_start = row * grad.stride(0);
+    let start = row * input.stride(0) / lanes;
+    let grad_start = row * grad.stride(0) / lanes;
+    let output_start = row * input_grad.stride(0) / lanes;
     let step = CUBE_DIM_X as usize;
     let count = f32::cast_from(width);
-    let row_mean = mean[row];
+    let mean_vector = Vector::<f32, N>::new(mean[row]);
     let row_rstd = rstd[row];
+    let rstd_vector = Vector::<f32, N>::new(row_rstd);
 
-    let mut scaled_sum = 0.0f32;
-    let mut projection = 0.0f32;
-    let mut column = UNIT_POS_X as usize;
-    while column < columns {
-        let scaled = f32::cast_from(grad[grad_start + column]) * f32::cast_from(weight[column]);
-        let normalized = (f32::cast_from(input[start + column]) - row_mean) * row_rstd;
+    let mut scaled_sum = Vector::<f32, N>::new(0.0f32);
+    let mut projection = Vector::<f32, N>::new(0.0f32);
+    let mut vector = UNIT_POS_X as usize;
+    while vector < vectors {
+        let scaled = Vector::<f32, N>::cast_from(grad[grad_start + vector])
+            * Vector::<f32, N>::cast_from(weight[vector]);
+        let normalized =
+            (Vector::<f32, N>::cast_from(input[start + vector]) - mean_vector) * rstd_vector;
         scaled_sum += scaled;
         projection += scaled * normalized;
-        column += step;
+        vector += step;
     }
     let mut scaled_mean = 0.0f32;
     if centered {
-        scaled_mean = group_sum(scaled_sum, &mut shared, plane) / count;
+        scaled_mean = group_sum(lanes_sum(scaled_sum), &mut shared, plane) / count;
     }
-    let projection_mean = group_sum(projection, &mut shared, plane) / count;
+    let scaled_mean = Vector::<f32, N>::new(scaled_mean);
+    let projection_mean =
+        Vector::<f32, N>::new(group_sum(lanes_sum(projection), &mut shared, plane) / count);
 
-    let mut column = UNIT_POS_X as usize;
-    while column < columns {
-        let scaled = f32::cast_from(grad[grad_start + column]) * f32::cast_from(weight[column]);
-        let normalized = (f32::cast_from(input[start + column]) - row_mean) * row_rstd;
-        let value = row_rstd * (scaled - scaled_mean - normalized * projection_mean);
-        input_grad[row * input_grad.stride(0) + column] = F::cast_from(value);
-        column += step;
+    let mut vector = UNIT_POS_X as usize;
+    while vector < vectors {
+        let scaled = Vector::<f32, N>::cast_from(grad[grad_start + vector])
+            * Vector::<f32, N>::cast_from(weight[vector]);
+        let normalized =
+            (Vector::<f32, N>::cast_from(input[start + vector]) - mean_vector) * rstd_vector;
+        let value = rstd_vector * (scaled - scaled_mean - normalized * projection_mean);
+        input_grad[output_start + vector] = Vector::cast_from(value);
+        vector += step;
     }
 }
 
-/// Partial weight and bias gradients of the norm: unit `column` of cube
-/// `(CUBE_POS_X, chunk = CUBE_POS_Y)` sums `grad · x̂` and `grad` over the chunk's rows
-/// into `[chunks, width]` fp32 partials (summed over chunks afterwards). Adjacent units
-/// read adjacent columns.
+/// Partial weight and bias gradients of the norm: unit `vector` of cube
+/// `(CUBE_POS_X, chunk = CUBE_POS_Y)` sums `grad · x̂` and `grad` over the chunk's rows for
+/// `N` adjacent columns into `[chunks, width]` fp32 partials (summed over chunks
+/// afterwards). Adjacent units read adjacent vectors.
 #[cube(launch)]
-pub(super) fn norm_backward_parameters<F: Float>(
-    grad: &Tensor<F>,
-    input: &Tensor<F>,
+pub(super) fn norm_backward_parameters<F: Float, N: Size>(
+    grad: &Tensor<Vector<F, N>>,
+    input: &Tensor<Vector<F, N>>,
     mean: &Tensor<f32>,
     rstd: &Tensor<f32>,
-    weight_partial: &mut Tensor<f32>,
-    bias_partial: &mut Tensor<f32>,
+    weight_partial: &mut Tensor<Vector<f32, N>>,
+    bias_partial: &mut Tensor<Vector<f32, N>>,
     rows: u32,
     width: u32,
     rows_per_chunk: u32,
     #[comptime] centered: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let column = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
-    let columns = width as usize;
-    if column >= columns {
+    let lanes = grad.vector_size();
+    let vector = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+    if vector >= width as usize / lanes {
         terminate!();
     }
     let chunk = CUBE_POS_Y as usize;
@@ -230,20 +275,20 @@ pub(super) fn norm_backward_parameters<F: Float>(
     if end > rows as usize {
         end = rows as usize;
     }
-    let mut weight_sum = 0.0f32;
-    let mut bias_sum = 0.0f32;
+    let mut weight_sum = Vector::<f32, N>::new(0.0f32);
+    let mut bias_sum = Vector::<f32, N>::new(0.0f32);
     let mut row = first;
     while row < end {
-        let upstream = f32::cast_from(grad[row * grad.stride(0) + column]);
-        let normalized =
-            (f32::cast_from(input[row * input.stride(0) + column]) - mean[row]) * rstd[row];
+        let upstream = Vector::<f32, N>::cast_from(grad[row * grad.stride(0) / lanes + vector]);
+        let x = Vector::<f32, N>::cast_from(input[row * input.stride(0) / lanes + vector]);
+        let normalized = (x - Vector::new(mean[row])) * Vector::new(rstd[row]);
         weight_sum += upstream * normalized;
         bias_sum += upstream;
         row += 1;
     }
-    weight_partial[chunk * weight_partial.stride(0) + column] = weight_sum;
+    weight_partial[chunk * weight_partial.stride(0) / lanes + vector] = weight_sum;
     if centered {
-        bias_partial[chunk * bias_partial.stride(0) + column] = bias_sum;
+        bias_partial[chunk * bias_partial.stride(0) / lanes + vector] = bias_sum;
     }
 }
 
@@ -366,7 +411,7 @@ fn wide_xor_shift(x: Wide, #[comptime] shift: u32) -> Wide {
     }
 }
 
-/// SplitMix64's finalizer (`dropout::mix`).
+/// SplitMix64's output function (`dropout::mix`): the increment added, then the finalizer.
 #[cube]
 fn wide_mix(x: Wide) -> Wide {
     let x = wide_add(
@@ -393,11 +438,39 @@ fn wide_mix(x: Wide) -> Wide {
     wide_xor_shift(x, 31u32)
 }
 
-/// `residual + dropout(input + bias)` for element `ABSOLUTE_POS` of a `[batch, seq,
-/// width]` tensor, the part at `offset_*` of a `[_, full_seq, full_width]` one (each part optional at compile time; without residual and bias it is
-/// the dropout's backward; 64-bit values come as high and low halves). An element is kept when the top 53 bits of
-/// `mix(seed ^ mix(global))` reach the threshold, `global` being its flat position in the
-/// full tensor (`dropout::kept`).
+/// `x >> 2`.
+#[cube]
+fn wide_quarter(x: Wide) -> Wide {
+    Wide {
+        high: x.high >> 2u32,
+        low: (x.low >> 2u32) | (x.high << 30u32),
+    }
+}
+
+/// The 64-bit draw of element group `group` (`dropout::kept`): `mix(seed + group · γ)`.
+#[cube]
+fn group_hash(seed: Wide, group: Wide) -> Wide {
+    let gamma = Wide {
+        high: 0x9E37_79B9u32,
+        low: 0x7F4A_7C15u32,
+    };
+    wide_mix(wide_add(seed, wide_multiply(group, gamma)))
+}
+
+/// 16-bit field `field` (0 to 3, from the least significant) of `hash`.
+#[cube]
+fn sixteen_bits(hash: Wide, field: u32) -> u32 {
+    let word = select(field >= 2u32, hash.high, hash.low);
+    (word >> ((field % 2u32) * 16u32)) & 0xFFFFu32
+}
+
+/// `residual + dropout(input + bias)` for vector `ABSOLUTE_POS` (`N` elements of one
+/// token) of a `[batch, seq, width]` tensor, the part at `offset_*` of a
+/// `[_, full_seq, full_width]` one (each part optional at compile time; without residual
+/// and bias it is the dropout's backward; the seed comes as high and low halves). Elements
+/// are kept as `dropout::kept` decides from their flat position in the full tensor; with
+/// `grouped` (vectors of a multiple of four elements starting at multiples of four in the
+/// full tensor) one hash serves four lanes.
 #[cube(launch)]
 pub(super) fn bias_dropout_add<F: Float, N: Size>(
     input: &Tensor<Vector<F, N>>,
@@ -414,12 +487,12 @@ pub(super) fn bias_dropout_add<F: Float, N: Size>(
     offset_column: u32,
     seed_high: u32,
     seed_low: u32,
-    threshold_high: u32,
-    threshold_low: u32,
+    threshold: u32,
     scale: f32,
     #[comptime] has_bias: bool,
     #[comptime] has_residual: bool,
     #[comptime] has_dropout: bool,
+    #[comptime] grouped: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let position = ABSOLUTE_POS;
@@ -442,31 +515,50 @@ pub(super) fn bias_dropout_add<F: Float, N: Size>(
         value += Vector::<f32, N>::cast_from(bias[column as usize / lanes]);
     }
     if has_dropout {
+        let seed = Wide {
+            high: seed_high,
+            low: seed_low,
+        };
         let full_row = (token / seq + offset_batch) * full_seq + token % seq + offset_seq;
+        // The flat position of the vector's first element in the full tensor.
+        let first = wide_add(
+            Wide {
+                high: u32::mul_hi(full_row, full_width),
+                low: full_row * full_width,
+            },
+            Wide {
+                high: 0u32,
+                low: column + offset_column,
+            },
+        );
         let mut mask = RuntimeCell::<Vector<f32, N>>::new(Vector::new(0.0f32));
-        #[unroll]
-        for lane in 0..lanes {
-            let global = wide_add(
-                Wide {
-                    high: u32::mul_hi(full_row, full_width),
-                    low: full_row * full_width,
-                },
-                Wide {
+        if grouped {
+            // Lanes of one group hash the same value: the compiler keeps one per group.
+            let first_group = wide_quarter(first);
+            #[unroll]
+            for lane in 0..lanes {
+                let group = Wide {
                     high: 0u32,
-                    low: column + lane as u32 + offset_column,
-                },
-            );
-            let mixed = wide_mix(global);
-            let hash = wide_mix(Wide {
-                high: seed_high ^ mixed.high,
-                low: seed_low ^ mixed.low,
-            });
-            // The top 53 bits, compared with the 53-bit threshold.
-            let draw_high = hash.high >> 11u32;
-            let draw_low = (hash.low >> 11u32) | (hash.high << 21u32);
-            let kept = draw_high > threshold_high
-                || (draw_high == threshold_high && draw_low >= threshold_low);
-            mask.store_at(lane, select(kept, scale, 0.0f32));
+                    low: (lane / 4) as u32,
+                };
+                let hash = group_hash(seed, wide_add(first_group, group));
+                let kept = sixteen_bits(hash, (lane % 4) as u32) >= threshold;
+                mask.store_at(lane, select(kept, scale, 0.0f32));
+            }
+        } else {
+            #[unroll]
+            for lane in 0..lanes {
+                let global = wide_add(
+                    first,
+                    Wide {
+                        high: 0u32,
+                        low: lane as u32,
+                    },
+                );
+                let hash = group_hash(seed, wide_quarter(global));
+                let kept = sixteen_bits(hash, global.low % 4u32) >= threshold;
+                mask.store_at(lane, select(kept, scale, 0.0f32));
+            }
         }
         value *= mask.consume();
     }
@@ -478,6 +570,10 @@ pub(super) fn bias_dropout_add<F: Float, N: Size>(
     output[(batch * output.stride(0) + step * output.stride(1) + within) / lanes] =
         Vector::cast_from(value);
 }
+
+// The kernels with exponentials compile with fast math: CUDA's `__expf` (within a few
+// ulp; Megatron's fused softmax is built with `--use_fast_math` too). Their values are
+// finite: masked scores are `MASKED`, not infinities.
 
 /// What a masked score becomes (as the reference's `mask_fill(f32::MIN)`): a fully masked
 /// row comes out uniform.
@@ -527,13 +623,40 @@ fn row_start<E: CubePrimitive>(tensor: &Tensor<E>, at: AttentionRow) -> usize {
     at.batch * tensor.stride(0) + at.head * tensor.stride(1) + at.query * tensor.stride(2)
 }
 
-/// Softmax of this unit's row of `scores · scale` over the keys, masked keys at
-/// [`MASKED`]; fp32 probabilities.
-#[cube(launch)]
-pub(super) fn softmax_forward<F: Float>(
-    scores: &Tensor<F>,
+/// This row's scores of key vector `vector` times `scale`, masked keys at [`MASKED`].
+#[cube]
+fn scaled_scores<F: Float, N: Size>(
+    scores: &Tensor<Vector<F, N>>,
     padding: &Tensor<f32>,
-    probabilities: &mut Tensor<f32>,
+    start: usize,
+    vector: usize,
+    at: AttentionRow,
+    scale: f32,
+    #[comptime] causal: bool,
+    #[comptime] has_padding: bool,
+) -> Vector<f32, N> {
+    let lanes = scores.vector_size();
+    let mut values = Vector::<f32, N>::cast_from(scores[start + vector]) * Vector::new(scale);
+    if causal || has_padding {
+        let mut masked = RuntimeCell::<Vector<f32, N>>::new(values);
+        #[unroll]
+        for lane in 0..lanes {
+            let key = vector * lanes + lane;
+            let hidden = hidden_key(padding, at.batch, at.query, key, causal, has_padding);
+            masked.store_at(lane, select(hidden, f32::new(MASKED), values[lane]));
+        }
+        values = masked.consume();
+    }
+    values
+}
+
+/// Softmax of this unit's row of `scores · scale` over the keys, masked keys at
+/// [`MASKED`], in vectors of `N` keys; fp32 probabilities.
+#[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+pub(super) fn softmax_forward<F: Float, N: Size>(
+    scores: &Tensor<Vector<F, N>>,
+    padding: &Tensor<f32>,
+    probabilities: &mut Tensor<Vector<f32, N>>,
     rows: u32,
     heads: u32,
     queries: u32,
@@ -544,59 +667,67 @@ pub(super) fn softmax_forward<F: Float>(
     #[comptime] plane: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let slot = row_slot(rows, keys);
+    let lanes = scores.vector_size();
+    let slot = row_slot(rows, keys / lanes as u32);
     let row = slot.row;
-    let columns = slot.columns;
+    let vectors = slot.columns;
     let mut shared = SharedMemory::<f32>::new(256usize);
     let at = attention_row(row, heads, queries);
-    let (batch, query) = (at.batch, at.query);
-    let start = row_start::<F>(scores, at);
-    let out_start = row_start::<f32>(probabilities, at);
+    let start = row_start::<Vector<F, N>>(scores, at) / lanes;
+    let out_start = row_start::<Vector<f32, N>>(probabilities, at) / lanes;
     let step = CUBE_DIM_X as usize;
 
+    // One pass for the maximum and the sum of exponentials (the sum rescaled whenever the
+    // maximum grows), one to write.
     let mut largest = f32::new(MASKED);
-    let mut key = UNIT_POS_X as usize;
-    while key < columns {
-        let mut value = f32::cast_from(scores[start + key]) * scale;
-        if hidden_key(padding, batch, query, key, causal, has_padding) {
-            value = f32::new(MASKED);
-        }
-        largest = f32::max(largest, value);
-        key += step;
+    let mut sum = 0.0f32;
+    let mut vector = UNIT_POS_X as usize;
+    while vector < vectors {
+        let values = scaled_scores(
+            scores,
+            padding,
+            start,
+            vector,
+            at,
+            scale,
+            causal,
+            has_padding,
+        );
+        let grown = f32::max(largest, lanes_max(values));
+        sum = sum * f32::exp(largest - grown) + lanes_sum(Vector::exp(values - Vector::new(grown)));
+        largest = grown;
+        vector += step;
     }
     let row_max = group_max(largest, &mut shared, plane);
+    let total = group_sum(sum * f32::exp(largest - row_max), &mut shared, plane);
+    let row_max = Vector::<f32, N>::new(row_max);
+    let reciprocal = Vector::<f32, N>::new(1.0f32 / total);
 
-    let mut sum = 0.0f32;
-    let mut key = UNIT_POS_X as usize;
-    while key < columns {
-        let mut value = f32::cast_from(scores[start + key]) * scale;
-        if hidden_key(padding, batch, query, key, causal, has_padding) {
-            value = f32::new(MASKED);
-        }
-        sum += f32::exp(value - row_max);
-        key += step;
-    }
-    let total = group_sum(sum, &mut shared, plane);
-
-    let mut key = UNIT_POS_X as usize;
-    while key < columns {
-        let mut value = f32::cast_from(scores[start + key]) * scale;
-        if hidden_key(padding, batch, query, key, causal, has_padding) {
-            value = f32::new(MASKED);
-        }
-        probabilities[out_start + key] = f32::exp(value - row_max) / total;
-        key += step;
+    let mut vector = UNIT_POS_X as usize;
+    while vector < vectors {
+        let values = scaled_scores(
+            scores,
+            padding,
+            start,
+            vector,
+            at,
+            scale,
+            causal,
+            has_padding,
+        );
+        probabilities[out_start + vector] = Vector::exp(values - row_max) * reciprocal;
+        vector += step;
     }
 }
 
-/// The scores' gradient for this unit's row: `scale · p · (dp - Σ p·dp)`, zero where
-/// masked.
+/// The scores' gradient for this unit's row, in vectors of `N` keys:
+/// `scale · p · (dp - Σ p·dp)`, zero where masked.
 #[cube(launch)]
-pub(super) fn softmax_backward<F: Float>(
-    probabilities: &Tensor<f32>,
-    grad: &Tensor<f32>,
+pub(super) fn softmax_backward<F: Float, N: Size>(
+    probabilities: &Tensor<Vector<f32, N>>,
+    grad: &Tensor<Vector<f32, N>>,
     padding: &Tensor<f32>,
-    grad_scores: &mut Tensor<F>,
+    grad_scores: &mut Tensor<Vector<F, N>>,
     rows: u32,
     heads: u32,
     queries: u32,
@@ -607,33 +738,175 @@ pub(super) fn softmax_backward<F: Float>(
     #[comptime] plane: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let slot = row_slot(rows, keys);
+    let lanes = probabilities.vector_size();
+    let slot = row_slot(rows, keys / lanes as u32);
     let row = slot.row;
-    let columns = slot.columns;
+    let vectors = slot.columns;
     let mut shared = SharedMemory::<f32>::new(256usize);
     let at = attention_row(row, heads, queries);
-    let (batch, query) = (at.batch, at.query);
-    let p_start = row_start::<f32>(probabilities, at);
-    let g_start = row_start::<f32>(grad, at);
-    let out_start = row_start::<F>(grad_scores, at);
+    let p_start = row_start::<Vector<f32, N>>(probabilities, at) / lanes;
+    let g_start = row_start::<Vector<f32, N>>(grad, at) / lanes;
+    let out_start = row_start::<Vector<F, N>>(grad_scores, at) / lanes;
     let step = CUBE_DIM_X as usize;
 
-    let mut weighted = 0.0f32;
-    let mut key = UNIT_POS_X as usize;
-    while key < columns {
-        weighted += probabilities[p_start + key] * grad[g_start + key];
-        key += step;
+    let mut weighted = Vector::<f32, N>::new(0.0f32);
+    let mut vector = UNIT_POS_X as usize;
+    while vector < vectors {
+        weighted += probabilities[p_start + vector] * grad[g_start + vector];
+        vector += step;
     }
-    let total = group_sum(weighted, &mut shared, plane);
+    let total = Vector::<f32, N>::new(group_sum(lanes_sum(weighted), &mut shared, plane));
+    let scale_vector = Vector::<f32, N>::new(scale);
 
-    let mut key = UNIT_POS_X as usize;
-    while key < columns {
-        let p = probabilities[p_start + key];
-        let mut value = p * (grad[g_start + key] - total) * scale;
-        if hidden_key(padding, batch, query, key, causal, has_padding) {
-            value = 0.0f32;
+    let mut vector = UNIT_POS_X as usize;
+    while vector < vectors {
+        let p = probabilities[p_start + vector];
+        let mut value = p * (grad[g_start + vector] - total) * scale_vector;
+        if causal || has_padding {
+            let mut masked = RuntimeCell::<Vector<f32, N>>::new(value);
+            #[unroll]
+            for lane in 0..lanes {
+                let key = vector * lanes + lane;
+                let hidden = hidden_key(padding, at.batch, at.query, key, causal, has_padding);
+                masked.store_at(lane, select(hidden, 0.0f32, value[lane]));
+            }
+            value = masked.consume();
         }
-        grad_scores[out_start + key] = F::cast_from(value);
-        key += step;
+        grad_scores[out_start + vector] = Vector::cast_from(value);
+        vector += step;
     }
+}
+
+/// The statistics of this unit's row of logits over its first `real_width` columns (see
+/// `LogitStatistics`): the maximum, `Σ exp(x - max)` (each unit keeps a running maximum
+/// and rescales its sum, so the row is read once), `Σ x`, and the logit of column
+/// `targets[row]` when it is a real one (else 0).
+#[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+pub(super) fn logit_statistics<F: Float, N: Size>(
+    logits: &Tensor<Vector<F, N>>,
+    targets: &Tensor<i32>,
+    max: &mut Tensor<f32>,
+    sum_exp: &mut Tensor<f32>,
+    target: &mut Tensor<f32>,
+    sum: &mut Tensor<f32>,
+    rows: u32,
+    real_width: u32,
+    #[comptime] plane: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let lanes = logits.vector_size();
+    let real = real_width as usize;
+    let slot = row_slot(rows, ((real + lanes - 1) / lanes) as u32);
+    let row = slot.row;
+    let start = row * logits.stride(0) / lanes;
+    let mut shared = SharedMemory::<f32>::new(256usize);
+
+    let step = CUBE_DIM_X as usize;
+    // Whole vectors of real columns without per-column checks...
+    let whole = select(slot.active, real / lanes, 0usize);
+    let mut largest = f32::new(MASKED);
+    let mut exponentials = 0.0f32;
+    let mut logit_sums = Vector::<f32, N>::new(0.0f32);
+    let mut vector = UNIT_POS_X as usize;
+    while vector < whole {
+        let values = Vector::<f32, N>::cast_from(logits[start + vector]);
+        let grown = f32::max(largest, lanes_max(values));
+        exponentials = exponentials * f32::exp(largest - grown)
+            + lanes_sum(Vector::exp(values - Vector::new(grown)));
+        largest = grown;
+        logit_sums += values;
+        vector += step;
+    }
+    let mut logit_sum = lanes_sum(logit_sums);
+    // ...then the vector holding the last real columns and padding, by the unit whose
+    // turn it is.
+    if vector == whole && whole < slot.columns {
+        let values = Vector::<f32, N>::cast_from(logits[start + vector]);
+        let first = vector * lanes;
+        let mut grown = largest;
+        #[unroll]
+        for lane in 0..lanes {
+            if first + lane < real {
+                grown = f32::max(grown, values[lane]);
+            }
+        }
+        let mut added = 0.0f32;
+        #[unroll]
+        for lane in 0..lanes {
+            if first + lane < real {
+                added += f32::exp(values[lane] - grown);
+                logit_sum += values[lane];
+            }
+        }
+        exponentials = exponentials * f32::exp(largest - grown) + added;
+        largest = grown;
+    }
+    let row_max = group_max(largest, &mut shared, plane);
+    let row_exponentials = group_sum(
+        exponentials * f32::exp(largest - row_max),
+        &mut shared,
+        plane,
+    );
+    let row_sum = group_sum(logit_sum, &mut shared, plane);
+    if slot.active && UNIT_POS_X == 0 {
+        let column = targets[row];
+        let mut picked = 0.0f32;
+        if column >= 0 && column < real_width as i32 {
+            let column = column as usize;
+            let values = logits[start + column / lanes];
+            picked = f32::cast_from(values[column % lanes]);
+        }
+        max[row] = row_max;
+        sum_exp[row] = row_exponentials;
+        target[row] = picked;
+        sum[row] = row_sum;
+    }
+}
+
+/// The cross-entropy's gradient for logit vector `ABSOLUTE_POS` (`N` columns of one row):
+/// `grad · (exp(x - log_sum_exp) - target_weight · [column = target] - smoothing_share)`
+/// on the first `real_width` columns, zero on the padding after them.
+#[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+pub(super) fn cross_entropy_backward<F: Float, N: Size>(
+    logits: &Tensor<Vector<F, N>>,
+    targets: &Tensor<i32>,
+    log_sum_exp: &Tensor<f32>,
+    grad: &Tensor<f32>,
+    grad_logits: &mut Tensor<Vector<F, N>>,
+    vectors: u32,
+    row_vectors: u32,
+    real_width: u32,
+    target_weight: f32,
+    smoothing_share: f32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let position = ABSOLUTE_POS;
+    if position >= vectors as usize {
+        terminate!();
+    }
+    let lanes = logits.vector_size();
+    let index = position as u32;
+    let row = (index / row_vectors) as usize;
+    let vector = (index % row_vectors) as usize;
+    let shift = Vector::<f32, N>::new(log_sum_exp[row]);
+    let x = Vector::<f32, N>::cast_from(logits[row * logits.stride(0) / lanes + vector]);
+    let probabilities = Vector::exp(x - shift);
+    let upstream = grad[row];
+    let target_column = targets[row];
+    let first = vector * lanes;
+    let mut gradient = RuntimeCell::<Vector<f32, N>>::new(Vector::new(0.0f32));
+    #[unroll]
+    for lane in 0..lanes {
+        let column = first + lane;
+        let mut coefficient = probabilities[lane] - smoothing_share;
+        if i32::cast_from(column) == target_column {
+            coefficient -= target_weight;
+        }
+        gradient.store_at(
+            lane,
+            select(column < real_width as usize, coefficient * upstream, 0.0f32),
+        );
+    }
+    grad_logits[row * grad_logits.stride(0) / lanes + vector] =
+        Vector::cast_from(gradient.consume());
 }

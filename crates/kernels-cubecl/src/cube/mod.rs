@@ -3,7 +3,7 @@
 
 mod kernels;
 
-use burn::tensor::{Bool, DType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{Bool, DType, Int, IntDType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -13,16 +13,18 @@ use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise, tensor_vector_si
 use crate::as_rows;
 use crate::dropout::keep_threshold;
 use crate::{
-    Dropout, FusedKernels, Gelu, NormGradients, NormStatistics, reference_bias_dropout_add,
-    reference_bias_gelu, reference_bias_gelu_backward, reference_kernels, reference_norm_backward,
-    reference_norm_forward, reference_softmax, reference_softmax_backward, with_dtype,
+    CrossEntropy, Dropout, FusedKernels, Gelu, LogitStatistics, NormGradients, NormStatistics,
+    reference_bias_dropout_add, reference_bias_gelu, reference_bias_gelu_backward,
+    reference_cross_entropy_backward, reference_kernels, reference_logit_statistics,
+    reference_norm_backward, reference_norm_forward, reference_softmax, reference_softmax_backward,
+    with_dtype,
 };
 use kernels::{GROUP_UNITS, ROW_GROUPS};
 
 /// Units per cube of the element-wise kernels.
 const ELEMENT_UNITS: u32 = 256;
 /// Row chunks of the norm's weight-gradient partials (at most; fewer for short inputs).
-const PARAMETER_CHUNKS: usize = 128;
+const PARAMETER_CHUNKS: usize = 256;
 
 type Backend<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
@@ -38,6 +40,23 @@ fn primitive<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, co
         tensor
     } else {
         into_contiguous(tensor)
+    }
+}
+
+/// Integer indices as a dense i32 tensor's primitive (what the kernels read).
+fn index_primitive<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    indices: Tensor<Backend<R, F, I, BT>, 1, Int>,
+) -> CubeTensor<R> {
+    let indices = indices.cast(IntDType::I32).into_primitive();
+    if indices
+        .meta
+        .strides()
+        .last()
+        .is_none_or(|&stride| stride == 1)
+    {
+        indices
+    } else {
+        into_contiguous(indices)
     }
 }
 
@@ -154,6 +173,7 @@ where
                 &input.client,
                 row_cubes(&input, rows),
                 row_cube_dim(),
+                vector_lanes(&[&input, &weight, &bias, &output]),
                 input.clone().into_tensor_arg(),
                 weight.into_tensor_arg(),
                 bias.into_tensor_arg(),
@@ -207,6 +227,7 @@ where
                 &input.client,
                 row_cubes(&input, rows),
                 row_cube_dim(),
+                vector_lanes(&[&grad, &input, &weight, &input_grad]),
                 grad.clone().into_tensor_arg(),
                 input.clone().into_tensor_arg(),
                 weight.into_tensor_arg(),
@@ -219,14 +240,16 @@ where
                 rows_are_planes(&input),
                 dtype.into(),
             );
+            let lanes = vector_lanes(&[&grad, &input, &weight_partial, &bias_partial]);
             kernels::norm_backward_parameters::launch::<R>(
                 &input.client,
                 CubeCount::Static(
-                    width.div_ceil(ELEMENT_UNITS as usize) as u32,
+                    (width / lanes).div_ceil(ELEMENT_UNITS as usize) as u32,
                     chunks as u32,
                     1,
                 ),
                 CubeDim::new_1d(ELEMENT_UNITS),
+                lanes,
                 grad.into_tensor_arg(),
                 input.clone().into_tensor_arg(),
                 mean.into_tensor_arg(),
@@ -310,6 +333,7 @@ where
                 &scores.client,
                 row_cubes(&scores, rows),
                 row_cube_dim(),
+                vector_lanes(&[&scores, &probabilities]),
                 scores.clone().into_tensor_arg(),
                 padding.into_tensor_arg(),
                 probabilities.clone().into_tensor_arg(),
@@ -351,6 +375,7 @@ where
                 &probabilities.client,
                 row_cubes(&probabilities, rows),
                 row_cube_dim(),
+                vector_lanes(&[&probabilities, &grad, &grad_scores]),
                 probabilities.clone().into_tensor_arg(),
                 grad.into_tensor_arg(),
                 padding.into_tensor_arg(),
@@ -367,6 +392,99 @@ where
             );
         }
         tensor(grad_scores)
+    }
+
+    fn logit_statistics(
+        logits: Tensor<Self, 2>,
+        targets: Tensor<Self, 1, Int>,
+        real_width: usize,
+    ) -> LogitStatistics<Self> {
+        if reference_kernels() || logits.dtype() == DType::F64 {
+            return reference_logit_statistics(logits, targets, real_width);
+        }
+        let [rows, width] = logits.dims();
+        assert!(
+            real_width <= width,
+            "{real_width} real columns in logits {width} wide"
+        );
+        let dtype = logits.dtype();
+        let logits = primitive(logits);
+        let targets = index_primitive(targets);
+        let [max, sum_exp, target, sum] =
+            [(); 4].map(|_| empty_like(&logits, Shape::new([rows]), DType::F32));
+        if rows > 0 {
+            kernels::logit_statistics::launch::<R>(
+                &logits.client,
+                row_cubes(&logits, rows),
+                row_cube_dim(),
+                vector_lanes(&[&logits]),
+                logits.clone().into_tensor_arg(),
+                targets.into_tensor_arg(),
+                max.clone().into_tensor_arg(),
+                sum_exp.clone().into_tensor_arg(),
+                target.clone().into_tensor_arg(),
+                sum.clone().into_tensor_arg(),
+                u32_of(rows, "rows"),
+                u32_of(real_width, "vocabulary slice"),
+                rows_are_planes(&logits),
+                dtype.into(),
+            );
+        }
+        LogitStatistics {
+            max: tensor(max),
+            sum_exp: tensor(sum_exp),
+            target: tensor(target),
+            sum: tensor(sum),
+        }
+    }
+
+    fn cross_entropy_backward(
+        logits: Tensor<Self, 2>,
+        targets: Tensor<Self, 1, Int>,
+        log_sum_exp: Tensor<Self, 1>,
+        grad: Tensor<Self, 1>,
+        cross_entropy: CrossEntropy,
+    ) -> Tensor<Self, 2> {
+        if reference_kernels() || logits.dtype() == DType::F64 {
+            return reference_cross_entropy_backward(
+                logits,
+                targets,
+                log_sum_exp,
+                grad,
+                cross_entropy,
+            );
+        }
+        let [rows, width] = logits.dims();
+        let dtype = logits.dtype();
+        let logits = primitive(logits);
+        let targets = index_primitive(targets);
+        let log_sum_exp = primitive(with_dtype(log_sum_exp, DType::F32));
+        let grad = primitive(with_dtype(grad, DType::F32));
+        let output = empty_like(&logits, Shape::new([rows, width]), dtype);
+        let lanes = vector_lanes(&[&logits, &output]);
+        let vectors = rows * width / lanes;
+        let smoothing = cross_entropy.label_smoothing;
+        if vectors > 0 {
+            let cube_dim = CubeDim::new_1d(ELEMENT_UNITS);
+            kernels::cross_entropy_backward::launch::<R>(
+                &logits.client,
+                calculate_cube_count_elemwise(&logits.client, vectors, cube_dim),
+                cube_dim,
+                lanes,
+                logits.clone().into_tensor_arg(),
+                targets.into_tensor_arg(),
+                log_sum_exp.into_tensor_arg(),
+                grad.into_tensor_arg(),
+                output.clone().into_tensor_arg(),
+                u32_of(vectors, "logits"),
+                u32_of(width / lanes, "width"),
+                u32_of(cross_entropy.real_width, "vocabulary slice"),
+                (1.0 - smoothing) as f32,
+                (smoothing / cross_entropy.vocab_size.max(1) as f64) as f32,
+                dtype.into(),
+            );
+        }
+        tensor(output)
     }
 
     fn dropout_mask_apply(tensor: Tensor<Self, 3>, dropout: Dropout) -> Tensor<Self, 3> {
@@ -493,12 +611,12 @@ fn launch_bias_dropout_add<R: CubeRuntime, F: FloatElement, I: IntElement, BT: B
             site.offsets[2] as u32,
             (site.seed >> 32) as u32,
             site.seed as u32,
-            (threshold >> 32) as u32,
-            threshold as u32,
+            threshold,
             (1.0 / (1.0 - site.p)) as f32,
             has_bias,
             has_residual,
             has_dropout,
+            lanes % 4 == 0 && site.full[2] % 4 == 0 && site.offsets[2] % 4 == 0,
             dtype.into(),
         );
     }

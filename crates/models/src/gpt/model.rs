@@ -584,8 +584,7 @@ impl<B: ParallelBackend> GptModel<B> {
         labels: Tensor<B, 2, Int>,
         loss_mask: Tensor<B, 2>,
     ) -> Tensor<B, 1> {
-        // Cross-entropy in fp32 whatever the activations' type.
-        let logits = with_dtype(logits, DType::F32);
+        // Cross-entropy computes in fp32 whatever the logits' type.
         let loss_mask = with_dtype(loss_mask, DType::F32);
         let losses = vocab_parallel_cross_entropy(logits, labels, &self.vocab, &self.group, 0.0);
         (losses * loss_mask.clone()).sum() / loss_mask.sum().clamp_min(1.0)
