@@ -84,7 +84,7 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
          BURN_MEGATRON_REFERENCE_OPS, use a CubeCL backend)"
     );
     let mut checks = check_dropout_seeds::<B>(device, dtype);
-    for shape in [[4, 256], [3, 1000], [17, 77], [2, 5]] {
+    for shape in [[4, 256], [3, 1000], [17, 77], [2, 5], [3, 1100]] {
         for centered in [true, false] {
             checks.extend(check_norm::<B>(device, dtype, shape, centered));
         }
@@ -120,6 +120,7 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
         ([2, 2, 7, 7], true, true),
         ([1, 2, 33, 300], false, true),
         ([2, 1, 130, 130], true, false),
+        ([1, 2, 3, 1100], true, true),
     ] {
         checks.extend(check_softmax::<B>(device, dtype, shape, causal, padded));
     }

@@ -23,6 +23,11 @@ use kernels::{GROUP_UNITS, ROW_GROUPS};
 
 /// Units per cube of the element-wise kernels.
 const ELEMENT_UNITS: u32 = 256;
+/// The most vectors of its row that a unit of the backward row kernels (norm, softmax) keeps
+/// in registers between passes
+/// (beyond, the later passes read the rest again).
+const CACHED_VECTORS: usize = 8;
+
 /// Row chunks of the norm's weight-gradient partials (at most; fewer for short inputs).
 const PARAMETER_CHUNKS: usize = 256;
 
@@ -118,6 +123,12 @@ fn vector_lanes<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> usize {
         .unwrap_or(1)
 }
 
+/// How many of its row's vectors a unit of a backward row kernel caches: all of them
+/// (`vectors / GROUP_UNITS`, rounded up) up to [`CACHED_VECTORS`].
+fn cached_vectors(vectors: usize) -> usize {
+    vectors.div_ceil(GROUP_UNITS as usize).min(CACHED_VECTORS)
+}
+
 /// Checked narrowing of a size the kernels index with 32-bit integers.
 fn u32_of(value: usize, what: &str) -> u32 {
     u32::try_from(value).unwrap_or_else(|_| {
@@ -168,12 +179,13 @@ where
         let output = empty_like(&input, Shape::new([rows, width]), dtype);
         let mean = empty_like(&input, Shape::new([rows]), DType::F32);
         let rstd = empty_like(&input, Shape::new([rows]), DType::F32);
+        let lanes = vector_lanes(&[&input, &weight, &bias, &output]);
         if rows > 0 {
             kernels::norm_forward::launch::<R>(
                 &input.client,
                 row_cubes(&input, rows),
                 row_cube_dim(),
-                vector_lanes(&[&input, &weight, &bias, &output]),
+                lanes,
                 input.clone().into_tensor_arg(),
                 weight.into_tensor_arg(),
                 bias.into_tensor_arg(),
@@ -223,11 +235,12 @@ where
         };
         if rows > 0 && width > 0 {
             let (rows32, width32) = (u32_of(rows, "rows"), u32_of(width, "width"));
+            let lanes = vector_lanes(&[&grad, &input, &weight, &input_grad]);
             kernels::norm_backward_input::launch::<R>(
                 &input.client,
                 row_cubes(&input, rows),
                 row_cube_dim(),
-                vector_lanes(&[&grad, &input, &weight, &input_grad]),
+                lanes,
                 grad.clone().into_tensor_arg(),
                 input.clone().into_tensor_arg(),
                 weight.into_tensor_arg(),
@@ -238,6 +251,7 @@ where
                 width32,
                 has_bias,
                 rows_are_planes(&input),
+                cached_vectors(width / lanes),
                 dtype.into(),
             );
             let lanes = vector_lanes(&[&grad, &input, &weight_partial, &bias_partial]);
@@ -371,11 +385,12 @@ where
         let [batch, heads, queries, keys] = shape;
         let rows = batch * heads * queries;
         if rows > 0 {
+            let lanes = vector_lanes(&[&probabilities, &grad, &grad_scores]);
             kernels::softmax_backward::launch::<R>(
                 &probabilities.client,
                 row_cubes(&probabilities, rows),
                 row_cube_dim(),
-                vector_lanes(&[&probabilities, &grad, &grad_scores]),
+                lanes,
                 probabilities.clone().into_tensor_arg(),
                 grad.into_tensor_arg(),
                 padding.into_tensor_arg(),
@@ -388,6 +403,7 @@ where
                 causal,
                 has_padding,
                 plane,
+                cached_vectors(keys / lanes),
                 dtype.into(),
             );
         }
