@@ -324,12 +324,25 @@ pub trait FusedKernels: Backend {
 #[cfg(feature = "cuda")]
 impl<B: burn_fusion::FusionBackend + FusedKernels> FusedKernels for burn_fusion::Fusion<B> {}
 
-impl<E, I, Q> FusedKernels for burn_ndarray::NdArray<E, I, Q>
-where
-    E: burn_ndarray::FloatNdArrayElement,
-    I: burn_ndarray::IntNdArrayElement,
-    Q: burn_ndarray::QuantElement,
-    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<E>>,
-    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<I>>,
-{
+impl_for_ndarray!(FusedKernels);
+
+/// Implements a backend extension trait whose methods all have defaults for every NdArray
+/// backend, with the bounds NdArray's element types need written once:
+/// `burn_megatron_kernels::impl_for_ndarray!(MyOps);`.
+#[macro_export]
+macro_rules! impl_for_ndarray {
+    ($extension:path) => {
+        impl<E, I, Q> $extension for $crate::__ndarray::NdArray<E, I, Q>
+        where
+            E: $crate::__ndarray::FloatNdArrayElement,
+            I: $crate::__ndarray::IntNdArrayElement,
+            Q: $crate::__ndarray::QuantElement,
+            $crate::__ndarray::NdArrayTensor: From<$crate::__ndarray::SharedArray<E>>,
+            $crate::__ndarray::NdArrayTensor: From<$crate::__ndarray::SharedArray<I>>,
+        {
+        }
+    };
 }
+
+#[doc(hidden)]
+pub use burn_ndarray as __ndarray;

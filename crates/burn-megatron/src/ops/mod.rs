@@ -64,15 +64,7 @@ pub trait MegatronOps: burn_megatron_kernels::FusedKernels {
     }
 }
 
-impl<E, I, Q> MegatronOps for burn_ndarray::NdArray<E, I, Q>
-where
-    E: burn_ndarray::FloatNdArrayElement,
-    I: burn_ndarray::IntNdArrayElement,
-    Q: burn_ndarray::QuantElement,
-    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<E>>,
-    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<I>>,
-{
-}
+burn_megatron_kernels::impl_for_ndarray!(MegatronOps);
 
 #[cfg(feature = "cuda")]
 impl<B: burn_fusion::FusionBackend + MegatronOps> MegatronOps for burn_fusion::Fusion<B> {}

@@ -84,15 +84,7 @@ pub trait ParallelBackend: crate::ops::MegatronOps {
     }
 }
 
-impl<E, I, Q> ParallelBackend for burn_ndarray::NdArray<E, I, Q>
-where
-    E: burn_ndarray::FloatNdArrayElement,
-    I: burn_ndarray::IntNdArrayElement,
-    Q: burn_ndarray::QuantElement,
-    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<E>>,
-    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<I>>,
-{
-}
+burn_megatron_kernels::impl_for_ndarray!(ParallelBackend);
 
 /// CUDA tensors: on NCCL when the group has a communicator (processes of a launched
 /// job), else through the group's transport.
