@@ -855,7 +855,8 @@ fn unmasked<N: Size>(
     result
 }
 
-/// The statistics of this unit's row of logits over its first `real_width` columns (see
+/// The statistics of this unit's row of logits over its first `real_width` columns (in
+/// `real_vectors` vectors, the last one possibly part padding; see
 /// `LogitStatistics`): the maximum, `Σ exp(x - max)` (each unit keeps a running maximum
 /// and rescales its sum, so the row is read once), `Σ x`, and the logit of column
 /// `targets[row]` when it is a real one (else 0).
@@ -869,12 +870,13 @@ pub(super) fn logit_statistics<F: Float, N: Size>(
     sum: &mut Tensor<f32>,
     rows: u32,
     real_width: u32,
+    real_vectors: u32,
     #[comptime] plane: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let lanes = logits.vector_size();
     let real = real_width as usize;
-    let slot = row_slot(rows, ((real + lanes - 1) / lanes) as u32);
+    let slot = row_slot(rows, real_vectors);
     let row = slot.row;
     let start = row * logits.stride(0) / lanes;
     let mut shared = SharedMemory::<f32>::new(256usize);

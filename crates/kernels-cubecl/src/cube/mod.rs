@@ -428,12 +428,13 @@ where
         let targets = index_primitive(targets);
         let [max, sum_exp, target, sum] =
             [(); 4].map(|_| empty_like(&logits, Shape::new([rows]), DType::F32));
+        let lanes = vector_lanes(&[&logits]);
         if rows > 0 {
             kernels::logit_statistics::launch::<R>(
                 &logits.client,
                 row_cubes(&logits, rows),
                 row_cube_dim(),
-                vector_lanes(&[&logits]),
+                lanes,
                 logits.clone().into_tensor_arg(),
                 targets.into_tensor_arg(),
                 max.clone().into_tensor_arg(),
@@ -442,6 +443,7 @@ where
                 sum.clone().into_tensor_arg(),
                 u32_of(rows, "rows"),
                 u32_of(real_width, "vocabulary slice"),
+                u32_of(real_width.div_ceil(lanes), "vocabulary slice"),
                 rows_are_planes(&logits),
                 dtype.into(),
             );
@@ -632,7 +634,9 @@ fn launch_bias_dropout_add<R: CubeRuntime, F: FloatElement, I: IntElement, BT: B
             has_bias,
             has_residual,
             has_dropout,
-            lanes % 4 == 0 && site.full[2] % 4 == 0 && site.offsets[2] % 4 == 0,
+            lanes.is_multiple_of(4)
+                && site.full[2].is_multiple_of(4)
+                && site.offsets[2].is_multiple_of(4),
             dtype.into(),
         );
     }
