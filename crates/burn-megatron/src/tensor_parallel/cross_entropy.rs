@@ -31,7 +31,6 @@ pub fn vocab_parallel_cross_entropy<B: ParallelBackend>(
     group: &Group,
     label_smoothing: f64,
 ) -> Tensor<B, 2> {
-    check_width(&logits, partition);
     if B::has_fused_kernels() && !reference_kernels() {
         return vocab_parallel_cross_entropy_from_statistics(
             logits,
@@ -41,6 +40,7 @@ pub fn vocab_parallel_cross_entropy<B: ParallelBackend>(
             label_smoothing,
         );
     }
+    check_width(&logits, partition);
     let logits = with_dtype(logits, DType::F32);
     let [batch, seq, width] = logits.dims();
     let device = logits.device();

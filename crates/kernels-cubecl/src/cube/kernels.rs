@@ -672,19 +672,16 @@ fn scaled_scores<F: Float, N: Size>(
     #[comptime] causal: bool,
     #[comptime] has_padding: bool,
 ) -> Vector<f32, N> {
-    let lanes = scores.vector_size();
-    let mut values = Vector::<f32, N>::cast_from(scores[start + vector]) * Vector::new(scale);
-    if causal || has_padding {
-        let mut masked = RuntimeCell::<Vector<f32, N>>::new(values);
-        #[unroll]
-        for lane in 0..lanes {
-            let key = vector * lanes + lane;
-            let hidden = hidden_key(padding, at.batch, at.query, key, causal, has_padding);
-            masked.store_at(lane, select(hidden, f32::new(MASKED), values[lane]));
-        }
-        values = masked.consume();
-    }
-    values
+    let values = Vector::<f32, N>::cast_from(scores[start + vector]) * Vector::new(scale);
+    with_masked_keys(
+        values,
+        f32::new(MASKED),
+        padding,
+        at,
+        vector,
+        causal,
+        has_padding,
+    )
 }
 
 /// Softmax of this unit's row of `scores · scale` over the keys, masked keys at
@@ -816,24 +813,40 @@ pub(super) fn softmax_backward<F: Float, N: Size>(
         let vector = lane + i * step;
         if vector < vectors {
             let value = p_cache[i] * (g_cache[i] - total) * scale_vector;
-            grad_scores[out_start + vector] =
-                Vector::cast_from(unmasked(value, padding, at, vector, causal, has_padding));
+            grad_scores[out_start + vector] = Vector::cast_from(with_masked_keys(
+                value,
+                0.0f32,
+                padding,
+                at,
+                vector,
+                causal,
+                has_padding,
+            ));
         }
     }
     let mut vector = lane + cached * step;
     while vector < vectors {
         let value =
             probabilities[p_start + vector] * (grad[g_start + vector] - total) * scale_vector;
-        grad_scores[out_start + vector] =
-            Vector::cast_from(unmasked(value, padding, at, vector, causal, has_padding));
+        grad_scores[out_start + vector] = Vector::cast_from(with_masked_keys(
+            value,
+            0.0f32,
+            padding,
+            at,
+            vector,
+            causal,
+            has_padding,
+        ));
         vector += step;
     }
 }
 
-/// `value` (the keys of vector `vector` of an attention row) with the masked keys zeroed.
+/// `value` (the keys of vector `vector` of an attention row) with the masked keys set to
+/// `fill`.
 #[cube]
-fn unmasked<N: Size>(
+fn with_masked_keys<N: Size>(
     value: Vector<f32, N>,
+    fill: f32,
     padding: &Tensor<f32>,
     at: AttentionRow,
     vector: usize,
@@ -848,7 +861,7 @@ fn unmasked<N: Size>(
         for lane in 0..lanes {
             let key = vector * lanes + lane;
             let hidden = hidden_key(padding, at.batch, at.query, key, causal, has_padding);
-            masked.store_at(lane, select(hidden, 0.0f32, value[lane]));
+            masked.store_at(lane, select(hidden, fill, value[lane]));
         }
         result = masked.consume();
     }
