@@ -1,15 +1,22 @@
 //! Raw buffers of burn-cuda tensors, for the libraries Burn does not call itself (NCCL in
 //! `parallel`, cuBLASLt in `ops`).
 //!
-//! cubecl 0.10 exposes neither its stream nor a way to order work with another stream,
-//! so an external call on Burn's buffers follows one protocol: [`wait_for_burn`] (all
-//! work Burn has queued is done), resolve each buffer's [`address`], queue the call on
-//! our own stream, and wait for that stream before Burn touches the buffers again.
+//! cubecl 0.10 exposes neither its stream nor a way to order work with another stream.
+//! Two ways to run an external call on Burn's buffers:
+//! - on the host: [`wait_for_burn`] (all work Burn has queued is done), resolve each
+//!   buffer's [`address`], queue the call on our own stream, and wait for that stream
+//!   before Burn touches the buffers again (NCCL, whose waits poll with a timeout);
+//! - on the device: a [`Handoff`] queues the same order on the two streams through
+//!   counters in device memory, and the host never waits (cuBLASLt).
 
 use std::ffi::c_void;
+use std::sync::{Arc, OnceLock};
 
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::tensor::CubeTensor;
+use burn_megatron_kernels::handoff::{CUBECL_DONE, HandoffCounters, OTHER_DONE};
+use cudarc::driver::sys;
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
 /// The device address of a tensor's data, valid while the tensor lives.
 ///
@@ -31,4 +38,130 @@ pub(crate) fn address(tensor: &CubeTensor<CudaRuntime>) -> Result<*mut c_void, S
 /// When the device reports an error (its message).
 pub(crate) fn wait_for_burn(tensor: &CubeTensor<CudaRuntime>) -> Result<(), String> {
     burn_cubecl::cubecl::future::block_on(tensor.client.sync()).map_err(|e| format!("CUDA: {e:?}"))
+}
+
+/// Whether [`Handoff::run`] waits on the host instead (`BURN_MEGATRON_HOST_SYNC=1`: for
+/// diagnosing a suspected ordering problem, and to measure what the hand-off saves).
+fn host_sync() -> bool {
+    static HOST_SYNC: OnceLock<bool> = OnceLock::new();
+    *HOST_SYNC
+        .get_or_init(|| std::env::var("BURN_MEGATRON_HOST_SYNC").is_ok_and(|value| value == "1"))
+}
+
+/// A kernel of our stream that returns once the counter at `counter` has reached `ticket`
+/// (modulo 2^32, as in [`burn_megatron_kernels::handoff`]). `cuStreamWaitValue32` would do
+/// without a kernel, but refuses cubecl's stream-ordered (pool) allocations.
+const AWAIT_COUNTER: &str = r#"
+extern "C" __global__ void await_counter(const volatile unsigned int* counter, unsigned int ticket) {
+    while (*counter - ticket >= 0x80000000u) {}
+}
+"#;
+
+/// Orders work queued on one of our streams between the work Burn queues before and after
+/// it, on the device ([`burn_megatron_kernels::handoff`]): Burn's stream signals a ticket,
+/// our stream waits for it (a one-thread kernel of ours), runs, and writes the ticket back
+/// (a memset, which runs once the work before it is done), which Burn's stream waits for
+/// before its next kernel. The two streams thus run one after the other in the order the
+/// host queued their work, so a buffer Burn frees after the call is reused only once the
+/// call is done. One per thread: each thread queues on its own Burn stream.
+///
+/// A kernel that spins may only wait for work already handed to the driver: a call that
+/// synchronizes the whole device (a module load, a synchronous free) would otherwise wait
+/// for the spinning kernel while the work it waits for is still held on the host.
+pub(crate) struct Handoff {
+    counters: HandoffCounters<CudaRuntime>,
+    /// Device address of the counters.
+    address: sys::CUdeviceptr,
+    ticket: u32,
+    await_counter: CudaFunction,
+}
+
+impl Handoff {
+    /// Counters on the device of `like` (and on its client), for work on `stream`.
+    ///
+    /// # Errors
+    ///
+    /// When cubecl cannot resolve the counters' buffer, or the waiting kernel does not
+    /// compile or load.
+    pub(crate) fn new(
+        like: &CubeTensor<CudaRuntime>,
+        stream: &Arc<CudaStream>,
+    ) -> Result<Self, String> {
+        let counters = HandoffCounters::new(&like.client, &like.device);
+        let address = address(counters.buffer())? as sys::CUdeviceptr;
+        let ptx = cudarc::nvrtc::compile_ptx(AWAIT_COUNTER)
+            .map_err(|e| format!("NVRTC (hand-off kernel): {e:?}"))?;
+        let await_counter = stream
+            .context()
+            .load_module(ptx)
+            .and_then(|module| module.load_function("await_counter"))
+            .map_err(|e| format!("CUDA module (hand-off kernel): {e:?}"))?;
+        Ok(Self {
+            counters,
+            address,
+            ticket: 0,
+            await_counter,
+        })
+    }
+
+    /// Runs `queue`, which queues work on `stream`, after all the work Burn has queued on
+    /// the calling thread, and has Burn's later work wait for it.
+    ///
+    /// # Errors
+    ///
+    /// `queue`'s error, or the driver's when it refuses our wait or write (Burn's stream
+    /// is released in every case).
+    pub(crate) fn run<T>(
+        &mut self,
+        stream: &CudaStream,
+        queue: impl FnOnce() -> Result<T, String>,
+    ) -> Result<T, String> {
+        if host_sync() {
+            wait_for_burn(self.counters.buffer())?;
+            let output = queue()?;
+            stream
+                .synchronize()
+                .map_err(|e| format!("CUDA stream: {e:?}"))?;
+            return Ok(output);
+        }
+        self.ticket = self.ticket.wrapping_add(1);
+        let ticket = self.ticket;
+        self.counters.signal(CUBECL_DONE, ticket);
+        // cubecl hands launches to its device thread, which may hold them in a queue. Our
+        // waiting kernel must not spin before the signal is launched: a synchronizing call
+        // there (loading a freshly compiled kernel) would wait for it forever. A blocking
+        // request to that thread returns once everything queued before it was launched.
+        address(self.counters.buffer())?;
+        let burn_done = self.address + 4 * CUBECL_DONE as sys::CUdeviceptr;
+        let mut launch = stream.launch_builder(&self.await_counter);
+        launch.arg(&burn_done).arg(&ticket);
+        // Safety: the kernel reads one u32 of the counters, which live as long as `self`.
+        let waited = unsafe {
+            launch.launch(LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (1, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map(drop)
+        .map_err(|e| format!("CUDA hand-off wait on Burn's work: {e:?}"));
+        let output = waited.and_then(|()| queue());
+        let other_done = self.address + 4 * OTHER_DONE as sys::CUdeviceptr;
+        // Safety: as above, one u32 of the counters.
+        let written =
+            match unsafe { sys::cuMemsetD32Async(other_done, ticket, 1, stream.cu_stream()) } {
+                sys::CUresult::CUDA_SUCCESS => {
+                    self.counters.wait(OTHER_DONE, ticket);
+                    Ok(())
+                }
+                error => {
+                    // Burn's stream cannot wait for a refused write: order on the host.
+                    let _ = stream.synchronize();
+                    Err(format!("CUDA hand-off write for Burn: {error:?}"))
+                }
+            };
+        let output = output?;
+        written?;
+        Ok(output)
+    }
 }

@@ -32,6 +32,8 @@ pub mod check;
 #[cfg(feature = "cubecl")]
 mod cube;
 pub mod dropout;
+#[cfg(feature = "cubecl")]
+pub mod handoff;
 mod reference;
 
 use std::sync::OnceLock;

@@ -1,9 +1,8 @@
 //! cuBLASLt GEMMs on the device buffers of burn-cuda tensors.
 //!
-//! A GEMM follows the protocol of [`crate::cuda`]: wait for Burn's work, run on our own
-//! stream, wait for it. Descriptors,
-//! layouts and the chosen algorithm are cached per shape; the heuristic runs once per
-//! shape. Strided operands are read in place: a row stride becomes the leading dimension,
+//! A GEMM runs on our own stream, ordered with Burn's stream on the device by a
+//! [`Handoff`] (the host does not wait). Descriptors, layouts and the chosen algorithm are
+//! cached per shape; the heuristic runs once per shape. Strided operands are read in place: a row stride becomes the leading dimension,
 //! a transposed view flips the transpose flag; anything else is made contiguous first.
 
 use std::collections::HashMap;
@@ -19,7 +18,7 @@ use cudarc::cublaslt::{result as lt, sys};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
 use super::{MegatronOps, reference_gemm, reference_ops};
-use crate::cuda::{address, wait_for_burn};
+use crate::cuda::{Handoff, address};
 
 static TF32: AtomicBool = AtomicBool::new(false);
 
@@ -170,6 +169,9 @@ struct Device {
     _workspace: CudaSlice<u8>,
     workspace_address: u64,
     plans: HashMap<PlanKey, Plan>,
+    /// One per thread that ran a GEMM here (each thread has its own Burn stream), made
+    /// with its first GEMM's output.
+    handoffs: HashMap<std::thread::ThreadId, Handoff>,
 }
 
 // Safety: used under the mutex of `devices()` only.
@@ -206,15 +208,17 @@ impl Device {
             _workspace: workspace,
             workspace_address,
             plans: HashMap::new(),
+            handoffs: HashMap::new(),
         })
     }
 
-    fn plan(&mut self, key: PlanKey) -> Result<&Plan, String> {
+    /// Makes the plan of `key` unless made before.
+    fn ensure_plan(&mut self, key: PlanKey) -> Result<(), String> {
         if !self.plans.contains_key(&key) {
             let plan = Plan::new(self.handle, key)?;
             self.plans.insert(key, plan);
         }
-        Ok(&self.plans[&key])
+        Ok(())
     }
 }
 
@@ -348,7 +352,7 @@ fn library_version() -> String {
     format!("cuBLASLt {version} (CUDA runtime {cudart}) from {path}")
 }
 
-/// `output = op(a) · op(b)` once Burn's queued work is done; returns when it is.
+/// Queues `output = op(a) · op(b)` after Burn's queued work, before Burn's next.
 fn run(
     a: &Operand,
     b: &Operand,
@@ -356,7 +360,6 @@ fn run(
     [m, n, k]: [usize; 3],
 ) -> Result<(), String> {
     let ldd = output.meta.strides()[0].max(n);
-    wait_for_burn(output)?;
     let [pa, pb, pd] = [address(&a.tensor)?, address(&b.tensor)?, address(output)?];
     // The largest power of two (up to 256) dividing each address.
     let alignment = |address: *mut c_void| 1u32 << (address as usize).trailing_zeros().min(8);
@@ -381,34 +384,41 @@ fn run(
         .bind_to_thread()
         .map_err(|e| format!("CUDA context: {e:?}"))?;
     let workspace = device.workspace_address;
-    let plan = device.plan(key)?;
+    device.ensure_plan(key)?;
+    let handoff = match device.handoffs.entry(std::thread::current().id()) {
+        std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+        std::collections::hash_map::Entry::Vacant(entry) => {
+            entry.insert(Handoff::new(output, &stream)?)
+        }
+    };
     let (alpha, beta) = (1f32, 0f32);
+    let plan = &device.plans[&key];
     // Safety: the pointers address live buffers of the sizes the layouts describe; the
-    // workspace is ours; Burn's work on the inputs is done and the output is fresh.
-    unsafe {
-        lt::matmul(
-            handle,
-            plan.desc,
-            &alpha as *const f32 as *const c_void,
-            &beta as *const f32 as *const c_void,
-            pb,
-            plan.layouts[0],
-            pa,
-            plan.layouts[1],
-            pd,
-            plan.layouts[2],
-            pd,
-            plan.layouts[2],
-            &plan.algo,
-            workspace as *mut c_void,
-            WORKSPACE_BYTES,
-            stream.cu_stream() as sys::cudaStream_t,
-        )
-    }
-    .map_err(|e| {
-        format!("cuBLASLt matmul: {e:?} (plan {key:?}, addresses {pa:?} {pb:?} {pd:?})")
-    })?;
-    stream
-        .synchronize()
-        .map_err(|e| format!("CUDA stream: {e:?}"))
+    // workspace is ours; the hand-off runs the call after Burn's work on the inputs and
+    // before Burn's next use of the output.
+    handoff.run(&stream, || {
+        unsafe {
+            lt::matmul(
+                handle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                pb,
+                plan.layouts[0],
+                pa,
+                plan.layouts[1],
+                pd,
+                plan.layouts[2],
+                pd,
+                plan.layouts[2],
+                &plan.algo,
+                workspace as *mut c_void,
+                WORKSPACE_BYTES,
+                stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| {
+            format!("cuBLASLt matmul: {e:?} (plan {key:?}, addresses {pa:?} {pb:?} {pd:?})")
+        })
+    })
 }
