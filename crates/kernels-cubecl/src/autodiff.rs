@@ -64,20 +64,23 @@ struct NormSaved<B: FusedKernels> {
     input: Tensor<B, 2>,
     weight: Tensor<B, 1>,
     statistics: NormStatistics<B>,
+    has_bias: bool,
 }
 
-impl<B: FusedKernels, const N: usize> Backward<B, N> for NormNode {
+/// Parents: input, weight, bias (or [`absent`]).
+impl<B: FusedKernels> Backward<B, 3> for NormNode {
     type State = NormSaved<B>;
 
-    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let grad = consume::<B, N, 2, _>(&ops, grads);
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = consume::<B, 3, 2, _>(&ops, grads);
         let parents = parent_ids(&ops);
         let NormSaved {
             input,
             weight,
             statistics,
+            has_bias,
         } = ops.state;
-        let gradients = B::norm_backward(grad, input, weight, N == 3, statistics);
+        let gradients = B::norm_backward(grad, input, weight, has_bias, statistics);
         register::<B, 2>(grads, &parents[0], gradients.input);
         register::<B, 1>(grads, &parents[1], gradients.weight);
         if let Some(bias) = gradients.bias {
@@ -97,11 +100,12 @@ struct BiasGeluSaved<B: FusedKernels> {
     gelu: Gelu,
 }
 
-impl<B: FusedKernels, const N: usize> Backward<B, N> for BiasGeluNode {
+/// Parents: input, bias (or [`absent`]).
+impl<B: FusedKernels> Backward<B, 2> for BiasGeluNode {
     type State = BiasGeluSaved<B>;
 
-    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let grad = consume::<B, N, 2, _>(&ops, grads);
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = consume::<B, 2, 2, _>(&ops, grads);
         let parents = parent_ids(&ops);
         let BiasGeluSaved { input, bias, gelu } = ops.state;
         let bias_dtype = bias.as_ref().map(|b| b.dtype());
@@ -126,11 +130,12 @@ struct BiasDropoutAddSaved {
     bias_dtype: Option<DType>,
 }
 
-impl<B: FusedKernels, const N: usize> Backward<B, N> for BiasDropoutAddNode {
+/// Parents: input, residual, bias (or [`absent`]).
+impl<B: FusedKernels> Backward<B, 3> for BiasDropoutAddNode {
     type State = BiasDropoutAddSaved;
 
-    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let grad = consume::<B, N, 3, _>(&ops, grads);
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = consume::<B, 3, 3, _>(&ops, grads);
         let parents = parent_ids(&ops);
         let BiasDropoutAddSaved {
             dropout,
@@ -195,39 +200,35 @@ fn fused_norm<B: FusedKernels, C: CheckpointStrategy>(
     // its own, so their gradients come back in their own dtype.
     let dtype = input.dtype();
     let weight = with_dtype(weight, dtype);
-    match bias {
-        Some(bias) => {
-            let bias = with_dtype(bias, dtype);
-            let (input, weight, bias, nodes) = detach_inner!(input, weight, bias);
-            let (output, statistics) =
-                B::norm_forward(input.clone(), weight.clone(), Some(bias), epsilon);
-            let state = || NormSaved {
-                input,
-                weight,
-                statistics,
-            };
-            finish(
-                NormNode.prepare::<C>(nodes).compute_bound().stateful(),
-                state,
-                output,
-            )
-        }
-        None => {
-            let (input, weight, nodes) = detach_inner!(input, weight);
-            let (output, statistics) =
-                B::norm_forward(input.clone(), weight.clone(), None, epsilon);
-            let state = || NormSaved {
-                input,
-                weight,
-                statistics,
-            };
-            finish(
-                NormNode.prepare::<C>(nodes).compute_bound().stateful(),
-                state,
-                output,
-            )
-        }
-    }
+    let has_bias = bias.is_some();
+    let bias = bias.map_or_else(|| absent(&input.device()), |bias| with_dtype(bias, dtype));
+    let (input, weight, bias, nodes) = detach_inner!(input, weight, bias);
+    let (output, statistics) = B::norm_forward(
+        input.clone(),
+        weight.clone(),
+        has_bias.then_some(bias),
+        epsilon,
+    );
+    let state = || NormSaved {
+        input,
+        weight,
+        statistics,
+        has_bias,
+    };
+    finish(
+        NormNode.prepare::<C>(nodes).compute_bound().stateful(),
+        state,
+        output,
+    )
+}
+
+/// The autodiff tensor in the place of an absent optional input (a bias): it does not
+/// require a gradient, so the node's backward sees no parent there. Its value is never
+/// read.
+fn absent<B: FusedKernels, C: CheckpointStrategy>(
+    device: &burn::tensor::Device<Autodiff<B, C>>,
+) -> Tensor<Autodiff<B, C>, 1> {
+    Tensor::empty([1], device)
 }
 
 /// Finishes a fused node (`kind`, prepared from its parents): tracked, it keeps `state`
@@ -277,36 +278,17 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedKernels for Autodiff<B, C> {
         if !fused::<B>() {
             return reference_bias_gelu(input, bias, gelu);
         }
-        match bias {
-            Some(bias) => {
-                let (input, bias, nodes) = detach_inner!(input, bias);
-                let output = B::bias_gelu(input.clone(), Some(bias.clone()), gelu);
-                let state = || BiasGeluSaved {
-                    input,
-                    bias: Some(bias),
-                    gelu,
-                };
-                finish(
-                    BiasGeluNode.prepare::<C>(nodes).compute_bound().stateful(),
-                    state,
-                    output,
-                )
-            }
-            None => {
-                let (input, nodes) = detach_inner!(input);
-                let output = B::bias_gelu(input.clone(), None, gelu);
-                let state = || BiasGeluSaved {
-                    input,
-                    bias: None,
-                    gelu,
-                };
-                finish(
-                    BiasGeluNode.prepare::<C>(nodes).compute_bound().stateful(),
-                    state,
-                    output,
-                )
-            }
-        }
+        let has_bias = bias.is_some();
+        let bias = bias.unwrap_or_else(|| absent(&input.device()));
+        let (input, bias, nodes) = detach_inner!(input, bias);
+        let bias = has_bias.then_some(bias);
+        let output = B::bias_gelu(input.clone(), bias.clone(), gelu);
+        let state = || BiasGeluSaved { input, bias, gelu };
+        finish(
+            BiasGeluNode.prepare::<C>(nodes).compute_bound().stateful(),
+            state,
+            output,
+        )
     }
 
     fn logit_statistics(
@@ -360,40 +342,22 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedKernels for Autodiff<B, C> {
         if !fused::<B>() {
             return reference_bias_dropout_add(input, bias, residual, dropout);
         }
-        match bias {
-            Some(bias) => {
-                let bias_dtype = Some(bias.dtype());
-                let (input, residual, bias, nodes) = detach_inner!(input, residual, bias);
-                let output = B::bias_dropout_add(input, Some(bias), residual, dropout);
-                let state = || BiasDropoutAddSaved {
-                    dropout,
-                    bias_dtype,
-                };
-                finish(
-                    BiasDropoutAddNode
-                        .prepare::<C>(nodes)
-                        .compute_bound()
-                        .stateful(),
-                    state,
-                    output,
-                )
-            }
-            None => {
-                let (input, residual, nodes) = detach_inner!(input, residual);
-                let output = B::bias_dropout_add(input, None, residual, dropout);
-                let state = || BiasDropoutAddSaved {
-                    dropout,
-                    bias_dtype: None,
-                };
-                finish(
-                    BiasDropoutAddNode
-                        .prepare::<C>(nodes)
-                        .compute_bound()
-                        .stateful(),
-                    state,
-                    output,
-                )
-            }
-        }
+        let bias_dtype = bias.as_ref().map(|bias| bias.dtype());
+        let bias = bias.unwrap_or_else(|| absent(&input.device()));
+        let (input, residual, bias, nodes) = detach_inner!(input, residual, bias);
+        let bias = bias_dtype.map(|_| bias);
+        let output = B::bias_dropout_add(input, bias, residual, dropout);
+        let state = || BiasDropoutAddSaved {
+            dropout,
+            bias_dtype,
+        };
+        finish(
+            BiasDropoutAddNode
+                .prepare::<C>(nodes)
+                .compute_bound()
+                .stateful(),
+            state,
+            output,
+        )
     }
 }

@@ -89,7 +89,9 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
             checks.extend(check_norm::<B>(device, dtype, shape, centered));
         }
         for gelu in [Gelu::Exact, Gelu::Tanh] {
-            checks.extend(check_bias_gelu::<B>(device, dtype, shape, gelu));
+            for bias in [true, false] {
+                checks.extend(check_bias_gelu::<B>(device, dtype, shape, gelu, bias));
+            }
         }
     }
     for (shape, dropout) in [
@@ -113,7 +115,11 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
             }),
         ),
     ] {
-        checks.extend(check_bias_dropout_add::<B>(device, dtype, shape, dropout));
+        for bias in [true, false] {
+            checks.extend(check_bias_dropout_add::<B>(
+                device, dtype, shape, dropout, bias,
+            ));
+        }
     }
     for (shape, causal, padded) in [
         ([2, 3, 5, 5], true, false),
@@ -263,10 +269,13 @@ fn check_bias_gelu<B: FusedKernels>(
     dtype: DType,
     [rows, width]: [usize; 2],
     gelu: Gelu,
+    with_bias: bool,
 ) -> Vec<Check> {
-    let kernel = match gelu {
-        Gelu::Exact => "bias_gelu",
-        Gelu::Tanh => "bias_gelu_tanh",
+    let kernel = match (gelu, with_bias) {
+        (Gelu::Exact, true) => "bias_gelu",
+        (Gelu::Tanh, true) => "bias_gelu_tanh",
+        (Gelu::Exact, false) => "gelu",
+        (Gelu::Tanh, false) => "gelu_tanh",
     };
     let inputs = [
         strided::<B>([rows, width], device, dtype, 4.0, 0.0),
@@ -275,7 +284,7 @@ fn check_bias_gelu<B: FusedKernels>(
     let upstream = random::<B, 2>([rows, width], device, dtype, 1.0);
     let forward = |fused: bool| {
         move |t: &[Tensor<Ad<B>, 2>; 2]| {
-            let bias = Some(t[1].clone().reshape([width]));
+            let bias = with_bias.then(|| t[1].clone().reshape([width]));
             if fused {
                 Ad::<B>::bias_gelu(t[0].clone(), bias, gelu)
             } else {
@@ -288,15 +297,18 @@ fn check_bias_gelu<B: FusedKernels>(
     let (expected, _) = run(&inputs, &wide(upstream.clone()), forward(false));
     // The gradient's reference is the explicit derivative in plain Burn ops: Burn's own
     // `gelu` backward is the tanh approximation's derivative even for the exact GeLU.
-    let bias = inputs[1].clone().reshape([width]);
-    let e_input = reference_bias_gelu_backward(wide(upstream), inputs[0].clone(), Some(bias), gelu);
+    let bias = with_bias.then(|| inputs[1].clone().reshape([width]));
+    let e_input = reference_bias_gelu_backward(wide(upstream), inputs[0].clone(), bias, gelu);
     let e_bias = with_dtype(e_input.clone(), DType::F32).sum_dim(0);
     let shape = [rows, width];
-    vec![
+    let mut checks = vec![
         row(kernel, &shape, dtype, "output", output, expected),
         row(kernel, &shape, dtype, "d_input", d_input, e_input),
-        row(kernel, &shape, dtype, "d_bias", d_bias, e_bias),
-    ]
+    ];
+    if with_bias {
+        checks.push(row(kernel, &shape, dtype, "d_bias", d_bias, e_bias));
+    }
+    checks
 }
 
 fn check_bias_dropout_add<B: FusedKernels>(
@@ -304,10 +316,13 @@ fn check_bias_dropout_add<B: FusedKernels>(
     dtype: DType,
     [batch, seq, width]: [usize; 3],
     dropout: Option<Dropout>,
+    with_bias: bool,
 ) -> Vec<Check> {
-    let kernel = match dropout {
-        Some(_) => "bias_dropout_add",
-        None => "bias_add",
+    let kernel = match (&dropout, with_bias) {
+        (Some(_), true) => "bias_dropout_add",
+        (None, true) => "bias_add",
+        (Some(_), false) => "dropout_add",
+        (None, false) => "add",
     };
     let rows = batch * seq;
     let inputs = [
@@ -320,7 +335,7 @@ fn check_bias_dropout_add<B: FusedKernels>(
         move |t: &[Tensor<Ad<B>, 2>; 3]| {
             let input = t[0].clone().reshape([batch, seq, width]);
             let residual = t[1].clone().reshape([batch, seq, width]);
-            let bias = Some(t[2].clone().reshape([width]));
+            let bias = with_bias.then(|| t[2].clone().reshape([width]));
             if fused {
                 Ad::<B>::bias_dropout_add(input, bias, residual, dropout)
             } else {
@@ -332,12 +347,15 @@ fn check_bias_dropout_add<B: FusedKernels>(
     let (expected, [e_input, e_residual, e_bias]) =
         run(&inputs.map(wide), &wide(upstream), forward(false));
     let shape = [batch, seq, width];
-    vec![
+    let mut checks = vec![
         row(kernel, &shape, dtype, "output", output, expected),
         row(kernel, &shape, dtype, "d_input", d_input, e_input),
         row(kernel, &shape, dtype, "d_residual", d_residual, e_residual),
-        row(kernel, &shape, dtype, "d_bias", d_bias, e_bias),
-    ]
+    ];
+    if with_bias {
+        checks.push(row(kernel, &shape, dtype, "d_bias", d_bias, e_bias));
+    }
+    checks
 }
 
 /// The dropout kernel's mask: the same for the same seed (`reproducible`: the error is the
