@@ -1050,7 +1050,16 @@ fn selective_recompute_trains_like_storing_everything() {
 
 #[test]
 fn bench_ops_checks_the_reference_paths_on_cpu() {
-    let (ok, stdout, stderr) = burn_megatron(&["bench", "ops", "--device", "cpu"]);
+    let out = tempfile::tempdir().unwrap();
+    let output = out.path().join("ops.jsonl");
+    let (ok, stdout, stderr) = burn_megatron(&[
+        "bench",
+        "ops",
+        "--device",
+        "cpu",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
     assert!(ok, "{stderr}");
     let rows: Vec<&str> = stdout
         .lines()
@@ -1059,4 +1068,15 @@ fn bench_ops_checks_the_reference_paths_on_cpu() {
     // 5 GEMM paths and 8 attention outputs/gradients, every one within its limit.
     assert_eq!(rows.len(), 13, "{stdout}");
     assert!(rows.iter().all(|row| row.ends_with(" ok")), "{stdout}");
+    // The same rows as JSON lines.
+    let json = std::fs::read_to_string(&output).unwrap();
+    let checks: Vec<&str> = json
+        .lines()
+        .filter(|l| l.contains("\"kind\": \"check\""))
+        .collect();
+    assert_eq!(checks.len(), 13, "{json}");
+    assert!(
+        checks.iter().all(|l| l.ends_with("\"ok\": true}")),
+        "{json}"
+    );
 }

@@ -2,7 +2,8 @@
 //! checked against their plain-Burn references on fresh random inputs, and GEMM
 //! throughput next to Burn's own matmul.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::backend::Autodiff;
@@ -29,7 +30,8 @@ pub struct OpsArgs {
     /// (selective recompute against storing everything).
     #[arg(long, value_delimiter = ',', default_values_t = ["speed".to_string(), "gemm".to_string(), "attention".to_string()])]
     parts: Vec<String>,
-    /// Also write the rows as JSON lines here.
+    /// Also write the rows as JSON lines here (each part's rows once it is done, so a run
+    /// cut short keeps what it measured).
     #[arg(long)]
     output: Option<PathBuf>,
 }
@@ -98,10 +100,13 @@ struct Speed {
 
 /// Runs `bench ops`.
 pub fn run(args: &OpsArgs) -> Result<()> {
-    let (checks, speeds) = match args.device.as_str() {
+    if let Some(path) = &args.output {
+        std::fs::write(path, "").map_err(|e| Error::io(path, e))?;
+    }
+    let checks = match args.device.as_str() {
         #[cfg(feature = "cuda")]
-        "cuda" => measure::<super::train::CudaBackend>(args, &Default::default(), false),
-        "cpu" => measure::<burn_ndarray::NdArray<f32>>(args, &Default::default(), true),
+        "cuda" => measure::<super::train::CudaBackend>(args, &Default::default(), false)?,
+        "cpu" => measure::<burn_ndarray::NdArray<f32>>(args, &Default::default(), true)?,
         other => {
             return Err(Error::InvalidConfig(format!(
                 "--device {other}: use cpu{}",
@@ -113,22 +118,6 @@ pub fn run(args: &OpsArgs) -> Result<()> {
             )));
         }
     };
-    let mut json = String::new();
-    for check in &checks {
-        json.push_str(&format!(
-            "{{\"kind\": \"check\", \"op\": \"{}\", \"dtype\": \"{}\", \"error\": {:e}, \"limit\": {:e}, \"ok\": {}}}\n",
-            check.what, check.dtype, check.error, check.limit, check.error <= check.limit
-        ));
-    }
-    for speed in &speeds {
-        json.push_str(&format!(
-            "{{\"kind\": \"gemm\", \"size\": {}, \"dtype\": \"{}\", \"ours_tflops\": {:.1}, \"burn_tflops\": {:.1}}}\n",
-            speed.size, speed.dtype, speed.ours, speed.burn
-        ));
-    }
-    if let Some(path) = &args.output {
-        std::fs::write(path, json).map_err(|e| Error::io(path, e))?;
-    }
     let failed = checks.iter().filter(|c| c.error > c.limit).count();
     if failed > 0 {
         return Err(Error::InvalidData(format!(
@@ -137,6 +126,43 @@ pub fn run(args: &OpsArgs) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Appends `rows` as JSON lines to `output`, if given.
+fn append(output: Option<&Path>, rows: impl IntoIterator<Item = String>) -> Result<()> {
+    let Some(path) = output else {
+        return Ok(());
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    for row in rows {
+        writeln!(file, "{row}").map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
+
+impl Check {
+    fn json(&self) -> String {
+        format!(
+            "{{\"kind\": \"check\", \"op\": \"{}\", \"dtype\": \"{}\", \"error\": {:e}, \"limit\": {:e}, \"ok\": {}}}",
+            self.what,
+            self.dtype,
+            self.error,
+            self.limit,
+            self.error <= self.limit
+        )
+    }
+}
+
+impl Speed {
+    fn json(&self) -> String {
+        format!(
+            "{{\"kind\": \"gemm\", \"size\": {}, \"dtype\": \"{}\", \"ours_tflops\": {:.1}, \"burn_tflops\": {:.1}}}",
+            self.size, self.dtype, self.ours, self.burn
+        )
+    }
 }
 
 /// A float type checked: name, dtype, TF32 allowed, error limit.
@@ -150,35 +176,35 @@ const DTYPES: [DtypeCase; 4] = [
     ("f16", DType::F16, false, 1e-2),
 ];
 
-/// The checks and timings; `cpu`: f32 and small shapes only, no timing.
-/// The parts asked for; `cpu`: f32 and small shapes only, no timing.
-fn measure<B: MegatronOps>(
-    args: &OpsArgs,
-    device: &B::Device,
-    cpu: bool,
-) -> (Vec<Check>, Vec<Speed>) {
+/// The parts asked for (`cpu`: f32 and small shapes only, no timing), each written to
+/// `--output` once done; returns the checks.
+fn measure<B: MegatronOps>(args: &OpsArgs, device: &B::Device, cpu: bool) -> Result<Vec<Check>> {
+    let output = args.output.as_deref();
     let part = |name: &str| args.parts.iter().any(|p| p == name);
     let dtypes: Vec<_> = DTYPES
         .into_iter()
         .filter(|(name, ..)| !cpu || *name == "f32")
         .collect();
-    let speeds = if part("speed") && !cpu {
-        gemm_speeds::<B>(&args.sizes, args.iters, device)
-    } else {
-        Vec::new()
-    };
+    if part("speed") && !cpu {
+        let speeds = gemm_speeds::<B>(&args.sizes, args.iters, device);
+        append(output, speeds.iter().map(Speed::json))?;
+    }
     println!(
         "{:<52} {:>6} {:>11} {:>9}  check",
         "op", "dtype", "rel. error", "limit"
     );
     let mut checks = Vec::new();
     if part("gemm") {
-        checks.extend(gemm_checks::<B>(&dtypes, cpu, device));
+        let gemm = gemm_checks::<B>(&dtypes, cpu, device);
+        append(output, gemm.iter().map(Check::json))?;
+        checks.extend(gemm);
     }
     if part("attention") {
-        checks.extend(attention_checks::<B>(&dtypes, cpu, device));
+        let attention = attention_checks::<B>(&dtypes, cpu, device);
+        append(output, attention.iter().map(Check::json))?;
+        checks.extend(attention);
     }
-    (checks, speeds)
+    Ok(checks)
 }
 
 fn random<B: Backend, const D: usize>(
