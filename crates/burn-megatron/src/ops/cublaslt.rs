@@ -2,8 +2,9 @@
 //!
 //! A GEMM runs on our own stream, ordered with Burn's stream on the device by a
 //! [`Handoff`] (the host does not wait). Descriptors, layouts and the chosen algorithm are
-//! cached per shape; the heuristic runs once per shape. Strided operands are read in place: a row stride becomes the leading dimension,
-//! a transposed view flips the transpose flag; anything else is made contiguous first.
+//! cached per shape; the heuristic runs once per shape. Strided operands are read in
+//! place: a row stride becomes the leading dimension, a transposed view flips the
+//! transpose flag; anything else is made contiguous first.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
