@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The fast path's benchmarks in one command on one GPU, next to PyTorch measured in the
+# same command: GEMM TFLOP/s at 4096 and 8192 (ours, Burn's matmul, PyTorch's matmul), and
+# a GPT-2 774M bf16 8 x 1024 training step (tokens/s, model TFLOP/s, peak GPU memory) with
+# selective recompute, with everything stored, and in PyTorch eager (HF transformers).
+#
+#   cargo build --release --features cuda
+#   benches/gpu_step.sh [path/to/burn-megatron]      # logs under $OUT (default bench-out)
+#
+# STEPS (default 8) sets the training steps per run; the medians skip the first two.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=${1:-target/release/burn-megatron}
+OUT=${OUT:-bench-out}
+STEPS=${STEPS:-8}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+
+# Peak GPU memory (MiB) while a command runs, from nvidia-smi every 200 ms.
+with_peak_memory() {
+    local log=$1
+    shift
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$log.mem" 2>/dev/null &
+    local smi=$!
+    "$@" > "$log" 2>&1
+    local rc=$?
+    kill $smi 2>/dev/null
+    wait $smi 2>/dev/null
+    echo "$(sort -n "$log.mem" | tail -1)" > "$log.peak"
+    return $rc
+}
+
+echo "== GEMMs"
+"$BIN" bench ops --device cuda --parts speed --output "$OUT/ops.jsonl" > "$OUT/ops.log" 2>&1 \
+    || echo "bench ops failed: see $OUT/ops.log"
+python3 benches/torch_ops.py "$OUT/ops.jsonl" 2>&1 | tee "$OUT/gemm_table.txt"
+
+echo "== GPT-2 774M bf16 8 x 1024"
+python3 benches/torch_gpt2.py --layers 36 --hidden 1280 --heads 20 --precision bf16 \
+    --steps "$STEPS" > "$OUT/torch_gpt2.log" 2>&1 || echo "PyTorch failed: see $OUT/torch_gpt2.log"
+TRAIN=(train --device cuda --precision bf16 --tp 1 --dp 1 --preset gpt2-774m --seq-length 1024
+    --micro-batch-size 8 --global-batch-size 8 --steps "$STEPS" --log-interval 1
+    --eval-interval 100000 --eval-iters 1)
+with_peak_memory "$OUT/selective.log" "$BIN" "${TRAIN[@]}" \
+    || echo "selective recompute failed: see $OUT/selective.log"
+with_peak_memory "$OUT/store_all.log" "$BIN" "${TRAIN[@]}" --recompute-granularity none \
+    || echo "storing everything failed: see $OUT/store_all.log"
+
+# "throughput (...): N tokens/s, X model TFLOP/s ..." -> "N X"
+ours() { sed -n 's/^throughput[^:]*: \([0-9.]*\) tokens\/s, \([0-9.]*\) model TFLOP\/s.*/\1 \2/p' "$1"; }
+torch=$(sed -n 's/.*median \([0-9.]*\) tokens\/s, \([0-9.]*\) model TFLOP\/s, peak memory \([0-9.]*\) GiB.*/\1 \2 \3/p' \
+    "$OUT/torch_gpt2.log")
+printf '\n%-34s %12s %12s %18s\n' "GPT-2 774M bf16 8 x 1024" "tokens/s" "TFLOP/s" "peak memory"
+for run in selective store_all; do
+    read -r rate tflops <<< "$(ours "$OUT/$run.log")"
+    peak=$(cat "$OUT/$run.log.peak" 2>/dev/null)
+    printf '%-34s %12s %12s %14s MiB\n' "ours, $run" "${rate:-failed}" "${tflops:--}" "${peak:--}"
+done
+read -r rate tflops gib <<< "$torch"
+printf '%-34s %12s %12s %14s GiB (allocated)\n' "PyTorch eager (autocast, AdamW)" \
+    "${rate:-failed}" "${tflops:--}" "${gib:--}"
