@@ -16,7 +16,7 @@ use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use burn_megatron_kernels::handoff::{CUBECL_DONE, HandoffCounters, OTHER_DONE};
 use cudarc::driver::sys;
-use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
 /// The device address of a tensor's data, valid while the tensor lives.
 ///
@@ -57,6 +57,21 @@ extern "C" __global__ void await_counter(const volatile unsigned int* counter, u
 }
 "#;
 
+/// Compiles (NVRTC) and loads [`AWAIT_COUNTER`] into `context`: once per device, for all
+/// its [`Handoff`]s.
+///
+/// # Errors
+///
+/// When the kernel does not compile or load (the driver's or NVRTC's message).
+pub(crate) fn load_await_counter(context: &Arc<CudaContext>) -> Result<CudaFunction, String> {
+    let ptx = cudarc::nvrtc::compile_ptx(AWAIT_COUNTER)
+        .map_err(|e| format!("NVRTC (hand-off kernel): {e:?}"))?;
+    context
+        .load_module(ptx)
+        .and_then(|module| module.load_function("await_counter"))
+        .map_err(|e| format!("CUDA module (hand-off kernel): {e:?}"))
+}
+
 /// Orders work queued on one of our streams between the work Burn queues before and after
 /// it, on the device ([`burn_megatron_kernels::handoff`]): Burn's stream signals a ticket,
 /// our stream waits for it (a one-thread kernel of ours), runs, and writes the ticket back
@@ -77,25 +92,18 @@ pub(crate) struct Handoff {
 }
 
 impl Handoff {
-    /// Counters on the device of `like` (and on its client), for work on `stream`.
+    /// Counters on the device of `like` (and on its client); `await_counter` is the
+    /// device's [`load_await_counter`].
     ///
     /// # Errors
     ///
-    /// When cubecl cannot resolve the counters' buffer, or the waiting kernel does not
-    /// compile or load.
+    /// When cubecl cannot resolve the counters' buffer.
     pub(crate) fn new(
         like: &CubeTensor<CudaRuntime>,
-        stream: &Arc<CudaStream>,
+        await_counter: CudaFunction,
     ) -> Result<Self, String> {
         let counters = HandoffCounters::new(&like.client, &like.device);
         let address = address(counters.buffer())? as sys::CUdeviceptr;
-        let ptx = cudarc::nvrtc::compile_ptx(AWAIT_COUNTER)
-            .map_err(|e| format!("NVRTC (hand-off kernel): {e:?}"))?;
-        let await_counter = stream
-            .context()
-            .load_module(ptx)
-            .and_then(|module| module.load_function("await_counter"))
-            .map_err(|e| format!("CUDA module (hand-off kernel): {e:?}"))?;
         Ok(Self {
             counters,
             address,

@@ -16,10 +16,10 @@ use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
 use cudarc::cublaslt::{result as lt, sys};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
 
 use super::{MegatronOps, reference_gemm, reference_ops};
-use crate::cuda::{Handoff, address};
+use crate::cuda::{Handoff, address, load_await_counter};
 
 static TF32: AtomicBool = AtomicBool::new(false);
 
@@ -170,6 +170,8 @@ struct Device {
     _workspace: CudaSlice<u8>,
     workspace_address: u64,
     plans: HashMap<PlanKey, Plan>,
+    /// The hand-offs' waiting kernel, loaded once.
+    await_counter: CudaFunction,
     /// One per thread that ran a GEMM here (each thread has its own Burn stream), made
     /// with its first GEMM's output.
     handoffs: HashMap<std::thread::ThreadId, Handoff>,
@@ -203,12 +205,14 @@ impl Device {
             .bind_to_thread()
             .map_err(|e| format!("CUDA context: {e:?}"))?;
         let handle = lt::create_handle().map_err(|e| format!("cuBLASLt: {e:?}"))?;
+        let await_counter = load_await_counter(&context)?;
         Ok(Self {
             handle,
             stream,
             _workspace: workspace,
             workspace_address,
             plans: HashMap::new(),
+            await_counter,
             handoffs: HashMap::new(),
         })
     }
@@ -389,7 +393,7 @@ fn run(
     let handoff = match device.handoffs.entry(std::thread::current().id()) {
         std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
         std::collections::hash_map::Entry::Vacant(entry) => {
-            entry.insert(Handoff::new(output, &stream)?)
+            entry.insert(Handoff::new(output, device.await_counter.clone())?)
         }
     };
     let (alpha, beta) = (1f32, 0f32);
