@@ -24,8 +24,7 @@ use kernels::{GROUP_UNITS, ROW_GROUPS};
 /// Units per cube of the element-wise kernels.
 const ELEMENT_UNITS: u32 = 256;
 /// The most vectors of its row that a unit of the backward row kernels (norm, softmax) keeps
-/// in registers between passes
-/// (beyond, the later passes read the rest again).
+/// in registers between passes (beyond, the later passes read the rest again).
 const CACHED_VECTORS: usize = 8;
 
 /// Row chunks of the norm's weight-gradient partials (at most; fewer for short inputs).
