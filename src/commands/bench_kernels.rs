@@ -320,8 +320,8 @@ fn bandwidths<B: FusedKernels>(
     push("dropout backward", moved(elements, 2.0), fused, unfused);
 
     // Attention softmax on [batch, heads, seq, seq] scores (heads of 64): reads the scores
-    // in `dtype`, writes fp32 probabilities; the backward reads probabilities and their
-    // gradient (fp32) and writes the scores' gradient.
+    // and writes the probabilities in `dtype`; the backward reads probabilities and their
+    // gradient and writes the scores' gradient, all in `dtype`.
     let seq = tokens.min(1024);
     let shape = [tokens / seq, (hidden / 64).max(1), seq, seq];
     let elements: usize = shape.iter().product();
@@ -331,7 +331,7 @@ fn bandwidths<B: FusedKernels>(
     let unfused = time(&mut || flat(reference_softmax(scores.clone(), 0.125, true, None)));
     push(
         "softmax (causal)",
-        moved(elements, 1.0) + elements as f64 * 4.0,
+        moved(elements, 2.0),
         fused,
         unfused,
     );
@@ -344,7 +344,6 @@ fn bandwidths<B: FusedKernels>(
             0.125,
             true,
             None,
-            dtype,
         ))
     });
     let unfused = time(&mut || {
@@ -354,12 +353,11 @@ fn bandwidths<B: FusedKernels>(
             0.125,
             true,
             None,
-            dtype,
         ))
     });
     push(
         "softmax backward",
-        moved(elements, 1.0) + elements as f64 * 8.0,
+        moved(elements, 3.0),
         fused,
         unfused,
     );

@@ -26,8 +26,9 @@ pub struct OpsArgs {
     #[arg(long, default_value_t = 20)]
     iters: usize,
     /// What to run, comma separated: speed (GEMM TFLOP/s, ours and Burn's matmul in
-    /// bf16), gemm (every GEMM path against an f64 product on the host), attention
-    /// (selective recompute against storing everything).
+    /// bf16), gemm (every GEMM path, 2-D and batched, against an f64 product on the
+    /// host), attention (selective recompute on the fast ops against the plain-Burn
+    /// reference storing everything).
     #[arg(long, value_delimiter = ',', default_values_t = ["speed".to_string(), "gemm".to_string(), "attention".to_string()])]
     parts: Vec<String>,
     /// Also write the rows as JSON lines here (each part's rows once it is done, so a run
@@ -76,7 +77,7 @@ impl Check {
     /// Prints the check's row of the table (as it completes: a long run shows progress).
     fn print(&self) {
         println!(
-            "{:<52} {:>6} {:>11.2e} {:>9.0e}  {}",
+            "{:<64} {:>6} {:>11.2e} {:>9.0e}  {}",
             self.what,
             self.dtype,
             self.error,
@@ -190,12 +191,13 @@ fn measure<B: MegatronOps>(args: &OpsArgs, device: &B::Device, cpu: bool) -> Res
         append(output, speeds.iter().map(Speed::json))?;
     }
     println!(
-        "{:<52} {:>6} {:>11} {:>9}  check",
+        "{:<64} {:>6} {:>11} {:>9}  check",
         "op", "dtype", "rel. error", "limit"
     );
     let mut checks = Vec::new();
     if part("gemm") {
-        let gemm = gemm_checks::<B>(&dtypes, cpu, device);
+        let mut gemm = gemm_checks::<B>(&dtypes, cpu, device);
+        gemm.extend(batched_gemm_checks::<B>(&dtypes, cpu, device));
         append(output, gemm.iter().map(Check::json))?;
         checks.extend(gemm);
     }
@@ -324,8 +326,63 @@ fn gemm_checks<B: MegatronOps>(
     checks
 }
 
-/// Core attention with selective recompute against storing everything, forward and the
-/// three input gradients, causal and causal + padding, on the same backend and dtype.
+/// Attention's batched products: `[batch, heads]` grids of matrices stored one after the
+/// other and as heads inside each token's row (`[batch, seq, heads, dim]` viewed as
+/// `[batch, heads, seq, dim]`), every transpose combination, against the f64 product of
+/// each matrix on the host.
+fn batched_gemm_checks<B: MegatronOps>(
+    dtypes: &[DtypeCase],
+    small: bool,
+    device: &B::Device,
+) -> Vec<Check> {
+    let [batch, heads, m, k, n] = if small {
+        [2, 3, 20, 8, 12]
+    } else {
+        [4, 6, 256, 64, 200]
+    };
+    let mut checks = Vec::new();
+    for &(dtype_name, dtype, tf32, limit) in dtypes {
+        set_tf32(tf32);
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            for interleaved in [false, true] {
+                let operand = |rows: usize, cols: usize| match interleaved {
+                    true => {
+                        random::<B, 4>([batch, rows, heads, cols], dtype, device).swap_dims(1, 2)
+                    }
+                    false => random::<B, 4>([batch, heads, rows, cols], dtype, device),
+                };
+                let a = if ta { operand(k, m) } else { operand(m, k) };
+                let b = if tb { operand(n, k) } else { operand(k, n) };
+                let (host_a, host_b) = (host(a.clone()), host(b.clone()));
+                let want: Vec<f64> = (0..batch * heads)
+                    .flat_map(|g| {
+                        let a = &host_a[g * m * k..(g + 1) * m * k];
+                        let b = &host_b[g * k * n..(g + 1) * k * n];
+                        host_gemm(a, b, [m, k, n], ta, tb)
+                    })
+                    .collect();
+                checks.push(Check::guarded(
+                    format!(
+                        "batched gemm {batch}x{heads}x{m}x{k}x{n} {}{}{}",
+                        if ta { "T" } else { "N" },
+                        if tb { "T" } else { "N" },
+                        if interleaved { " heads in rows" } else { "" }
+                    ),
+                    dtype_name,
+                    limit,
+                    || relative_error(&host(B::batched_gemm(a, b, ta, tb)), &want),
+                ));
+            }
+        }
+    }
+    set_tf32(false);
+    checks
+}
+
+/// Core attention with selective recompute on the fast ops against the plain-Burn
+/// reference storing everything (`use_reference_ops`), forward and the three input
+/// gradients, causal and causal + padding, with Q, K and V stored per head and as heads
+/// inside each token's row, on the same backend and dtype.
 fn attention_checks<B: MegatronOps>(
     dtypes: &[DtypeCase],
     small: bool,
@@ -344,8 +401,16 @@ fn attention_checks<B: MegatronOps>(
             let padding: Vec<bool> = (0..batch * seq)
                 .map(|i| i % seq + 7 * (i / seq) >= seq)
                 .collect();
-            for padded in [false, true] {
-                let inputs = [0, 1, 2].map(|_| random::<B, 4>(shape, dtype, device));
+            for (padded, interleaved) in
+                [(false, false), (true, false), (false, true), (true, true)]
+            {
+                let [_, heads, _, _] = shape;
+                let inputs = [0, 1, 2].map(|_| match interleaved {
+                    true => {
+                        random::<B, 4>([batch, seq, heads, head_dim], dtype, device).swap_dims(1, 2)
+                    }
+                    false => random::<B, 4>(shape, dtype, device),
+                });
                 let weights = random::<B, 4>(shape, dtype, device);
                 let mask = padded.then(|| {
                     Tensor::<A<B>, 2, Bool>::from_data(
@@ -353,7 +418,8 @@ fn attention_checks<B: MegatronOps>(
                         device,
                     )
                 });
-                let run = |recompute: Recompute| {
+                let run = |recompute: Recompute, reference: bool| {
+                    use_reference_ops(reference);
                     let [q, k, v] = inputs
                         .clone()
                         .map(|t| Tensor::<A<B>, 4>::from_inner(t).require_grad());
@@ -372,17 +438,21 @@ fn attention_checks<B: MegatronOps>(
                         .sum()
                         .backward();
                     let grad = |t: &Tensor<A<B>, 4>| t.grad(&grads).expect("gradient");
-                    [out.inner(), grad(&q), grad(&k), grad(&v)]
+                    let results = [out.inner(), grad(&q), grad(&k), grad(&v)];
+                    use_reference_ops(false);
+                    results
                 };
-                let (ours, reference) = (run(Recompute::Selective), run(Recompute::Off));
+                let ours = run(Recompute::Selective, false);
+                let reference = run(Recompute::Off, true);
                 for (name, (got, want)) in ["output", "d query", "d key", "d value"]
                     .iter()
                     .zip(ours.into_iter().zip(reference))
                 {
                     let check = Check {
                         what: format!(
-                            "attention {shape:?} {}: {name}",
-                            if padded { "causal+padding" } else { "causal" }
+                            "attention {shape:?} {}{}: {name}",
+                            if padded { "causal+padding" } else { "causal" },
+                            if interleaved { ", heads in rows" } else { "" }
                         ),
                         dtype: dtype_name,
                         error: relative_error(&host(got), &host(want)),

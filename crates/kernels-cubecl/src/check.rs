@@ -427,17 +427,19 @@ fn check_softmax<B: FusedKernels>(
     let scores = with_dtype(random::<B, 4>(shape, device, DType::F32, 8.0), dtype);
     let fused = B::scaled_masked_softmax(scores.clone(), scale, causal, padding());
     let expected = reference_softmax(wide(scores), scale, causal, padding());
-    let grad = random::<B, 4>(shape, device, DType::F32, 1.0);
+    // The backward's inputs in `dtype`, as the attention hands them over; the reference
+    // computes from the same rounded values in fp32.
+    let probabilities = with_dtype(expected.clone(), dtype);
+    let grad = with_dtype(random::<B, 4>(shape, device, DType::F32, 1.0), dtype);
     let d_fused = B::scaled_masked_softmax_backward(
-        expected.clone(),
+        probabilities.clone(),
         grad.clone(),
         scale,
         causal,
         padding(),
-        dtype,
     );
     let d_expected =
-        reference_softmax_backward(expected.clone(), grad, scale, causal, padding(), DType::F32);
+        reference_softmax_backward(wide(probabilities), wide(grad), scale, causal, padding());
     vec![
         row(kernel, &shape, dtype, "probabilities", fused, expected),
         row(kernel, &shape, dtype, "d_scores", d_fused, d_expected),

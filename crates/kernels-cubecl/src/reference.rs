@@ -202,32 +202,35 @@ pub fn attention_mask<B: Backend>(
 }
 
 /// `softmax(scores · scale)` over the last dimension with the masked scores set to
-/// `f32::MIN` (a fully masked row comes out uniform), in [`softmax_dtype`].
+/// `f32::MIN` (a fully masked row comes out uniform), computed in [`softmax_dtype`],
+/// returned in the scores' type.
 pub fn reference_softmax<B: Backend>(
     scores: Tensor<B, 4>,
     scale: f64,
     causal: bool,
     padding: Option<Tensor<B, 2, Bool>>,
 ) -> Tensor<B, 4> {
-    let wide = softmax_dtype(scores.dtype());
+    let dtype = scores.dtype();
     let device = scores.device();
-    let mut scores = with_dtype(scores * scale, wide);
+    let mut scores = with_dtype(scores * scale, softmax_dtype(dtype));
     if let Some(mask) = attention_mask(scores.dims(), causal, padding, &device) {
         scores = scores.mask_fill(mask, f32::MIN);
     }
-    softmax(scores, 3)
+    with_dtype(softmax(scores, 3), dtype)
 }
 
-/// `scale · p · (dp - Σ p·dp)`, zero where masked (masked scores are constants), in
-/// `dtype`.
+/// `scale · p · (dp - Σ p·dp)`, zero where masked (masked scores are constants),
+/// computed in [`softmax_dtype`], returned in the probabilities' type.
 pub fn reference_softmax_backward<B: Backend>(
     probabilities: Tensor<B, 4>,
     grad: Tensor<B, 4>,
     scale: f64,
     causal: bool,
     padding: Option<Tensor<B, 2, Bool>>,
-    dtype: DType,
 ) -> Tensor<B, 4> {
+    let dtype = probabilities.dtype();
+    let wide = softmax_dtype(dtype);
+    let (probabilities, grad) = (with_dtype(probabilities, wide), with_dtype(grad, wide));
     let device = probabilities.device();
     let shape = probabilities.dims();
     let weighted = (grad.clone() * probabilities.clone()).sum_dim(3);
@@ -235,7 +238,7 @@ pub fn reference_softmax_backward<B: Backend>(
     if let Some(mask) = attention_mask(shape, causal, padding, &device) {
         grad_scores = grad_scores.mask_fill(mask, 0.0);
     }
-    with_dtype(grad_scores, dtype) * scale
+    with_dtype(grad_scores * scale, dtype)
 }
 
 /// [`LogitStatistics`] in plain Burn ops, in fp32.

@@ -1,5 +1,6 @@
 //! Core attention as one operation: scores, scale, ALiBi bias, causal and padding masks,
-//! softmax (in fp32), attention dropout, and the product with the values.
+//! softmax (in fp32), attention dropout, and the product with the values. The products
+//! are [`MegatronOps::batched_gemm`] calls (cuBLASLt on CUDA).
 //!
 //! With [`Recompute::Selective`] (Megatron's selective activation recomputation) the
 //! autodiff op keeps only Q, K, V and the padding mask, and its backward recomputes the
@@ -90,15 +91,16 @@ impl CoreAttention {
         }
     }
 
-    /// Softmax probabilities in fp32 (before dropout), through the fused kernel unless
-    /// there is an ALiBi bias.
-    fn probabilities<B: FusedKernels>(
+    /// Softmax probabilities (before dropout; computed in fp32, returned in the scores'
+    /// type), through the fused kernel unless there is an ALiBi bias.
+    fn probabilities<B: MegatronOps>(
         &self,
         query: Tensor<B, 4>,
         key: Tensor<B, 4>,
         padding: Option<Tensor<B, 2, Bool>>,
     ) -> Tensor<B, 4> {
-        let scores = query.matmul(key.swap_dims(2, 3));
+        let query_dtype = query.dtype();
+        let scores = B::batched_gemm(query, key, false, true);
         let Some(slopes) = &self.alibi_slopes else {
             return B::scaled_masked_softmax(scores, self.scale, self.causal, padding);
         };
@@ -118,27 +120,26 @@ impl CoreAttention {
         {
             scores = scores.mask_fill(mask, f32::MIN);
         }
-        softmax(scores, 3)
+        with_dtype(softmax(scores, 3), query_dtype)
     }
 }
 
 /// Core attention in plain Burn ops (on an autodiff backend every intermediate is kept
 /// for the backward).
-pub fn reference_attention<B: FusedKernels>(
+pub fn reference_attention<B: MegatronOps>(
     query: Tensor<B, 4>,
     key: Tensor<B, 4>,
     value: Tensor<B, 4>,
     padding: Option<Tensor<B, 2, Bool>>,
     spec: &CoreAttention,
 ) -> Tensor<B, 4> {
-    let dtype = value.dtype();
     let probabilities = spec.probabilities(query, key, padding);
-    spec.drop(with_dtype(probabilities, dtype)).matmul(value)
+    B::batched_gemm(spec.drop(probabilities), value, false, false)
 }
 
 /// The gradients of query, key and value given the context's, recomputing the
 /// probabilities.
-fn attention_backward<B: FusedKernels>(
+fn attention_backward<B: MegatronOps>(
     query: Tensor<B, 4>,
     key: Tensor<B, 4>,
     value: Tensor<B, 4>,
@@ -146,15 +147,11 @@ fn attention_backward<B: FusedKernels>(
     spec: &CoreAttention,
     grad: Tensor<B, 4>,
 ) -> [Tensor<B, 4>; 3] {
-    let dtype = value.dtype();
     let probabilities = spec.probabilities(query.clone(), key.clone(), padding.clone());
-    let dropped = spec.drop(with_dtype(probabilities.clone(), dtype));
-    let grad_value = dropped.swap_dims(2, 3).matmul(grad.clone());
+    let dropped = spec.drop(probabilities.clone());
+    let grad_value = B::batched_gemm(dropped, grad.clone(), true, false);
     // Dropout multiplies by a fixed mask: its backward is the same multiplication.
-    let grad_probabilities = with_dtype(
-        spec.drop(grad.matmul(value.swap_dims(2, 3))),
-        softmax_dtype(dtype),
-    );
+    let grad_probabilities = spec.drop(B::batched_gemm(grad, value, false, true));
     // The softmax backward; with ALiBi (a constant added to the scores) it is the same.
     let grad_scores = B::scaled_masked_softmax_backward(
         probabilities,
@@ -162,10 +159,9 @@ fn attention_backward<B: FusedKernels>(
         spec.scale,
         spec.causal,
         padding,
-        dtype,
     );
-    let grad_query = grad_scores.clone().matmul(key);
-    let grad_key = grad_scores.swap_dims(2, 3).matmul(query);
+    let grad_query = B::batched_gemm(grad_scores.clone(), key, false, false);
+    let grad_key = B::batched_gemm(grad_scores, query, true, false);
     [grad_query, grad_key, grad_value]
 }
 
@@ -182,7 +178,7 @@ struct Saved<B: Backend> {
 #[derive(Debug)]
 struct RecomputedAttention;
 
-impl<B: FusedKernels> Backward<B, 3> for RecomputedAttention {
+impl<B: MegatronOps> Backward<B, 3> for RecomputedAttention {
     type State = Saved<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {

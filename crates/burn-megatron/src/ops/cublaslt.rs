@@ -4,7 +4,9 @@
 //! [`Handoff`] (the host does not wait). Descriptors, layouts and the chosen algorithm are
 //! cached per shape; the heuristic runs once per shape. Strided operands are read in
 //! place: a row stride becomes the leading dimension, a transposed view flips the
-//! transpose flag; anything else is made contiguous first.
+//! transpose flag; anything else is made contiguous first. A `[batch, heads]` grid of
+//! products is one strided-batched call, or one call per batch entry when an operand's
+//! batch and head strides do not line up (attention's heads inside each token's row).
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -18,7 +20,7 @@ use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
 use cudarc::cublaslt::{result as lt, sys};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
 
-use super::{MegatronOps, reference_gemm, reference_ops};
+use super::{MegatronOps, reference_batched_gemm, reference_gemm, reference_ops};
 use crate::cuda::{Handoff, address, load_await_counter};
 
 static TF32: AtomicBool = AtomicBool::new(false);
@@ -45,9 +47,28 @@ where
         transpose_a: bool,
         transpose_b: bool,
     ) -> Tensor<Self, 2> {
-        let dtype = a.dtype();
-        if reference_ops() || dtype != b.dtype() || data_type(dtype).is_none() {
+        if reference_ops() {
             return reference_gemm(a, b, transpose_a, transpose_b);
+        }
+        let output = Self::batched_gemm(a.unsqueeze(), b.unsqueeze(), transpose_a, transpose_b);
+        let [_, _, m, n] = output.dims();
+        output.reshape([m, n])
+    }
+
+    fn batched_gemm(
+        a: Tensor<Self, 4>,
+        b: Tensor<Self, 4>,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> Tensor<Self, 4> {
+        let dtype = a.dtype();
+        let [batch, heads, _, _] = a.dims();
+        if reference_ops()
+            || dtype != b.dtype()
+            || data_type(dtype).is_none()
+            || b.dims()[..2] != [batch, heads]
+        {
+            return reference_batched_gemm(a, b, transpose_a, transpose_b);
         }
         let a = Operand::new(a.into_primitive().tensor(), transpose_a);
         let b = Operand::new(b.into_primitive().tensor(), transpose_b);
@@ -58,17 +79,21 @@ where
             "gemm: inner dimensions differ ({m}x{k} times {k_b}x{n})"
         );
         let device = a.tensor.device.clone();
-        if m * n * k == 0 {
+        let shape = [batch, heads, m, n];
+        if batch * heads * m * n * k == 0 {
             // An empty inner dimension sums nothing.
-            return Tensor::zeros([m, n], (&device, dtype));
+            return Tensor::zeros(shape, (&device, dtype));
         }
-        let output = Tensor::<Self, 2>::empty([m, n], (&device, dtype))
-            .into_primitive()
-            .tensor();
-        run(&a, &b, &output, [m, n, k]).unwrap_or_else(|error| {
-            panic!("cuBLASLt GEMM {m}x{k} times {k}x{n} ({dtype:?}): {error}")
+        let output = Operand::new(
+            Tensor::<Self, 4>::empty(shape, (&device, dtype))
+                .into_primitive()
+                .tensor(),
+            false,
+        );
+        run(&a, &b, &output, [m, n, k], [batch, heads]).unwrap_or_else(|error| {
+            panic!("cuBLASLt GEMM {batch}x{heads} x ({m}x{k} times {k}x{n}) ({dtype:?}): {error}")
         });
-        Tensor::from_primitive(TensorPrimitive::Float(output))
+        Tensor::from_primitive(TensorPrimitive::Float(output.tensor))
     }
 }
 
@@ -82,48 +107,53 @@ fn data_type(dtype: DType) -> Option<sys::cudaDataType> {
     }
 }
 
-/// A matrix operand as stored: row-major `[rows, cols]` with row stride `ld`, used
-/// transposed or not.
+/// A `[batch, heads]` grid of matrices as stored: each row-major `[rows, cols]` with row
+/// stride `ld`, used transposed or not, `batch_strides` elements apart.
 struct Operand {
     tensor: CubeTensor<CudaRuntime>,
     rows: usize,
     cols: usize,
     ld: usize,
     transposed: bool,
+    batch_strides: [usize; 2],
 }
 
 impl Operand {
+    /// `tensor`: 4-D, `[batch, heads, rows, cols]`.
     fn new(tensor: CubeTensor<CudaRuntime>, transposed: bool) -> Self {
         let shape = tensor.meta.shape().to_vec();
         let strides = tensor.meta.strides().to_vec();
-        let (rows, cols) = (shape[0], shape[1]);
-        if strides[1] == 1 && strides[0] >= cols.max(1) {
-            let ld = strides[0];
+        let (rows, cols) = (shape[2], shape[3]);
+        let batch_strides = [strides[0], strides[1]];
+        if strides[3] == 1 && strides[2] >= cols.max(1) {
             Self {
                 tensor,
                 rows,
                 cols,
-                ld,
+                ld: strides[2],
                 transposed,
+                batch_strides,
             }
-        } else if strides[0] == 1 && strides[1] >= rows.max(1) {
-            // A transposed view of a row-major [cols, rows] matrix.
-            let ld = strides[1];
+        } else if strides[2] == 1 && strides[3] >= rows.max(1) {
+            // Transposed views of row-major [cols, rows] matrices.
             Self {
                 tensor,
                 rows: cols,
                 cols: rows,
-                ld,
+                ld: strides[3],
                 transposed: !transposed,
+                batch_strides,
             }
         } else {
             let tensor = burn_cubecl::kernel::into_contiguous(tensor);
+            let batch_strides = [tensor.meta.strides()[0], tensor.meta.strides()[1]];
             Self {
                 tensor,
                 rows,
                 cols,
                 ld: cols.max(1),
                 transposed,
+                batch_strides,
             }
         }
     }
@@ -134,6 +164,45 @@ impl Operand {
             (self.cols, self.rows)
         } else {
             (self.rows, self.cols)
+        }
+    }
+}
+
+/// How a `[batch, heads]` grid of products is issued: `calls` strided-batched calls of
+/// `count` matrices each; per operand (A, B, D), the elements between the matrices of a
+/// call and between calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Batching {
+    calls: usize,
+    count: usize,
+    strides: [usize; 3],
+    call_strides: [usize; 3],
+}
+
+impl Batching {
+    fn new([batch, heads]: [usize; 2], operands: [&Operand; 3]) -> Self {
+        let strides = operands.map(|o| o.batch_strides);
+        // One call when every operand's grid is evenly spaced.
+        let even = |[outer, inner]: [usize; 2]| batch == 1 || heads == 1 || outer == heads * inner;
+        if strides.iter().all(|&s| even(s)) {
+            let stride = |[outer, inner]: [usize; 2]| match (batch * heads, heads) {
+                (1, _) => 0,
+                (_, 1) => outer,
+                _ => inner,
+            };
+            Self {
+                calls: 1,
+                count: batch * heads,
+                strides: strides.map(stride),
+                call_strides: [0; 3],
+            }
+        } else {
+            Self {
+                calls: batch,
+                count: heads,
+                strides: strides.map(|[_, inner]| if heads == 1 { 0 } else { inner }),
+                call_strides: strides.map(|[outer, _]| outer),
+            }
         }
     }
 }
@@ -157,10 +226,18 @@ impl Drop for Plan {
     }
 }
 
-/// The key of a plan: type, TF32, transposes, sizes, leading dimensions, and the byte
+/// The key of a plan: type, TF32, transposes, sizes, leading dimensions, the byte
 /// alignment of the A, B and D addresses (algorithms may assume more than Burn's buffers
-/// give).
-type PlanKey = (DType, bool, [bool; 2], [usize; 3], [usize; 3], [u32; 3]);
+/// give), and the matrices per call with their strides (A, B, D).
+type PlanKey = (
+    DType,
+    bool,
+    [bool; 2],
+    [usize; 3],
+    [usize; 3],
+    [u32; 3],
+    (usize, [usize; 3]),
+);
 
 /// cuBLASLt on one GPU: handle, stream, workspace and the plans made so far.
 struct Device {
@@ -250,7 +327,15 @@ impl Plan {
     /// read as their column-major transposes.
     fn new(
         handle: sys::cublasLtHandle_t,
-        (dtype, tf32, [ta, tb], [m, n, k], [lda, ldb, ldd], [align_a, align_b, align_d]): PlanKey,
+        (
+            dtype,
+            tf32,
+            [ta, tb],
+            [m, n, k],
+            [lda, ldb, ldd],
+            [align_a, align_b, align_d],
+            (count, [stride_a, stride_b, stride_d]),
+        ): PlanKey,
     ) -> Result<Self, String> {
         let data = data_type(dtype).expect("checked by the caller");
         let compute = match (dtype, tf32) {
@@ -285,8 +370,34 @@ impl Plan {
         let layout = |rows: usize, cols: usize, ld: usize| {
             lt::create_matrix_layout(data, rows as u64, cols as u64, ld as i64).map_err(fail)
         };
-        for (rows, cols, ld) in [(a_rows, a_cols, ldb), (b_rows, b_cols, lda), (n, m, ldd)] {
-            plan.layouts.push(layout(rows, cols, ld)?);
+        for (rows, cols, ld, stride) in [
+            (a_rows, a_cols, ldb, stride_b),
+            (b_rows, b_cols, lda, stride_a),
+            (n, m, ldd, stride_d),
+        ] {
+            let layout = layout(rows, cols, ld)?;
+            plan.layouts.push(layout);
+            if count > 1 {
+                use sys::cublasLtMatrixLayoutAttribute_t as Attribute;
+                let (count, stride) = (count as i32, stride as i64);
+                // Safety: the layout was just created; each value has its attribute's type.
+                unsafe {
+                    lt::set_matrix_layout_attribute(
+                        layout,
+                        Attribute::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                        &count as *const i32 as *const c_void,
+                        std::mem::size_of::<i32>(),
+                    )
+                    .map_err(fail)?;
+                    lt::set_matrix_layout_attribute(
+                        layout,
+                        Attribute::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                        &stride as *const i64 as *const c_void,
+                        std::mem::size_of::<i64>(),
+                    )
+                    .map_err(fail)?;
+                }
+            }
         }
         let layouts = &plan.layouts;
         let pref = lt::create_matmul_pref().map_err(fail)?;
@@ -331,7 +442,7 @@ impl Plan {
             format!(
                 "{error}: no algorithm for {data:?} with {compute:?}, op(A) {} op(B) {}, \
                  A {a_rows}x{a_cols} ld {ldb}, B {b_rows}x{b_cols} ld {lda}, D {n}x{m} ld {ldd} \
-                 (column-major); {}",
+                 (column-major), {count} per call; {}",
                 u8::from(tb),
                 u8::from(ta),
                 library_version()
@@ -357,27 +468,42 @@ fn library_version() -> String {
     format!("cuBLASLt {version} (CUDA runtime {cudart}) from {path}")
 }
 
-/// Queues `output = op(a) · op(b)` after Burn's queued work, before Burn's next.
+/// Queues `output = op(a) · op(b)` for each matrix of the `grid` after Burn's queued
+/// work, before Burn's next.
 fn run(
     a: &Operand,
     b: &Operand,
-    output: &CubeTensor<CudaRuntime>,
+    output: &Operand,
     [m, n, k]: [usize; 3],
+    grid: [usize; 2],
 ) -> Result<(), String> {
-    let ldd = output.meta.strides()[0].max(n);
-    let [pa, pb, pd] = [address(&a.tensor)?, address(&b.tensor)?, address(output)?];
-    // The largest power of two (up to 256) dividing each address.
-    let alignment = |address: *mut c_void| 1u32 << (address as usize).trailing_zeros().min(8);
+    let batching = Batching::new(grid, [a, b, output]);
+    let element = output.tensor.dtype.size();
+    let [pa, pb, pd] = [
+        address(&a.tensor)?,
+        address(&b.tensor)?,
+        address(&output.tensor)?,
+    ];
+    // The largest power of two (up to 256) dividing each address of a call.
+    let alignment = |address: *mut c_void, strides: [usize; 2]| {
+        let offsets = strides.iter().fold(0, |bits, &s| bits | (s * element));
+        1u32 << (address as usize | offsets).trailing_zeros().min(8)
+    };
     let key: PlanKey = (
-        output.dtype,
+        output.tensor.dtype,
         TF32.load(Ordering::Relaxed),
         [a.transposed, b.transposed],
         [m, n, k],
-        [a.ld, b.ld, ldd],
-        [alignment(pa), alignment(pb), alignment(pd)],
+        [a.ld, b.ld, output.ld],
+        [
+            alignment(pa, [batching.strides[0], batching.call_strides[0]]),
+            alignment(pb, [batching.strides[1], batching.call_strides[1]]),
+            alignment(pd, [batching.strides[2], batching.call_strides[2]]),
+        ],
+        (batching.count, batching.strides),
     );
     let mut devices = devices().lock().expect("cuBLASLt devices");
-    let index = output.device.index;
+    let index = output.tensor.device.index;
     let device = match devices.entry(index) {
         std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
         std::collections::hash_map::Entry::Vacant(entry) => entry.insert(Device::new(index)?),
@@ -393,37 +519,44 @@ fn run(
     let handoff = match device.handoffs.entry(std::thread::current().id()) {
         std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
         std::collections::hash_map::Entry::Vacant(entry) => {
-            entry.insert(Handoff::new(output, device.await_counter.clone())?)
+            entry.insert(Handoff::new(&output.tensor, device.await_counter.clone())?)
         }
     };
     let (alpha, beta) = (1f32, 0f32);
     let plan = &device.plans[&key];
+    let at = |address: *mut c_void, operand: usize, call: usize| {
+        (address as usize + call * batching.call_strides[operand] * element) as *mut c_void
+    };
     // Safety: the pointers address live buffers of the sizes the layouts describe; the
-    // workspace is ours; the hand-off runs the call after Burn's work on the inputs and
+    // workspace is ours; the hand-off runs the calls after Burn's work on the inputs and
     // before Burn's next use of the output.
     handoff.run(&stream, || {
-        unsafe {
-            lt::matmul(
-                handle,
-                plan.desc,
-                &alpha as *const f32 as *const c_void,
-                &beta as *const f32 as *const c_void,
-                pb,
-                plan.layouts[0],
-                pa,
-                plan.layouts[1],
-                pd,
-                plan.layouts[2],
-                pd,
-                plan.layouts[2],
-                &plan.algo,
-                workspace as *mut c_void,
-                WORKSPACE_BYTES,
-                stream.cu_stream() as sys::cudaStream_t,
-            )
+        for call in 0..batching.calls {
+            let (pa, pb, pd) = (at(pa, 0, call), at(pb, 1, call), at(pd, 2, call));
+            unsafe {
+                lt::matmul(
+                    handle,
+                    plan.desc,
+                    &alpha as *const f32 as *const c_void,
+                    &beta as *const f32 as *const c_void,
+                    pb,
+                    plan.layouts[0],
+                    pa,
+                    plan.layouts[1],
+                    pd,
+                    plan.layouts[2],
+                    pd,
+                    plan.layouts[2],
+                    &plan.algo,
+                    workspace as *mut c_void,
+                    WORKSPACE_BYTES,
+                    stream.cu_stream() as sys::cudaStream_t,
+                )
+            }
+            .map_err(|e| {
+                format!("cuBLASLt matmul: {e:?} (plan {key:?}, addresses {pa:?} {pb:?} {pd:?})")
+            })?;
         }
-        .map_err(|e| {
-            format!("cuBLASLt matmul: {e:?} (plan {key:?}, addresses {pa:?} {pb:?} {pd:?})")
-        })
+        Ok(())
     })
 }

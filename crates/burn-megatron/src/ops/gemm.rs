@@ -1,6 +1,6 @@
-//! Matrix products for the linear layers: Burn's matmul as the reference, and an autodiff
-//! op whose forward and both gradients go through [`MegatronOps::gemm`], so that on CUDA
-//! all three products of a linear layer run on cuBLASLt.
+//! Matrix products for the linear layers and attention: Burn's matmul as the reference,
+//! and an autodiff op whose forward and both gradients go through
+//! [`MegatronOps::batched_gemm`], so that on CUDA all three products run on cuBLASLt.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -21,6 +21,34 @@ pub fn reference_gemm<B: Backend>(
     let a = if transpose_a { a.transpose() } else { a };
     let b = if transpose_b { b.transpose() } else { b };
     a.matmul(b)
+}
+
+/// `op(a) · op(b)` for each `[batch, heads]` matrix, with Burn's matmul.
+pub fn reference_batched_gemm<B: Backend>(
+    a: Tensor<B, 4>,
+    b: Tensor<B, 4>,
+    transpose_a: bool,
+    transpose_b: bool,
+) -> Tensor<B, 4> {
+    let a = if transpose_a { a.swap_dims(2, 3) } else { a };
+    let b = if transpose_b { b.swap_dims(2, 3) } else { b };
+    a.matmul(b)
+}
+
+/// `op(a) · op(b)` over the last two dimensions of `D`-dimensional (2 to 4) tensors with
+/// equal leading dimensions, through [`MegatronOps::batched_gemm`].
+fn product<B: MegatronOps, const D: usize>(
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
+    transpose_a: bool,
+    transpose_b: bool,
+) -> Tensor<B, D> {
+    assert!((2..=4).contains(&D), "products of 2- to 4-D tensors");
+    let mut shape = a.dims();
+    let output = B::batched_gemm(a.unsqueeze(), b.unsqueeze(), transpose_a, transpose_b);
+    let [_, _, m, n] = output.dims();
+    [shape[D - 2], shape[D - 1]] = [m, n];
+    output.reshape(shape)
 }
 
 /// `x · weight + bias` over the last dimension of `x` (`weight`: `[d_input, d_output]`, as
@@ -46,47 +74,53 @@ pub fn linear<B: MegatronOps, const D: usize>(
     output.reshape(shape)
 }
 
-/// `a · b` on an autodiff backend as one op whose backward is two more
-/// [`MegatronOps::gemm`] calls: `d a = d c · bᵀ`, `d b = aᵀ · d c`.
-pub fn matmul_with_gemm_backward<B: MegatronOps, C: CheckpointStrategy>(
-    a: Tensor<Autodiff<B, C>, 2>,
-    b: Tensor<Autodiff<B, C>, 2>,
-) -> Tensor<Autodiff<B, C>, 2> {
+/// `a · b` (2-D, or batched over equal leading dimensions up to 4-D) on an autodiff
+/// backend as one op whose backward is two more [`MegatronOps::batched_gemm`] calls:
+/// `d a = d c · bᵀ`, `d b = aᵀ · d c`.
+pub fn matmul_with_gemm_backward<B: MegatronOps, C: CheckpointStrategy, const D: usize>(
+    a: Tensor<Autodiff<B, C>, D>,
+    b: Tensor<Autodiff<B, C>, D>,
+) -> Tensor<Autodiff<B, C>, D> {
     let [a, b] = [a, b].map(|t| t.into_primitive().tensor());
     let nodes = [a.node.clone(), b.node.clone()];
     let [a, b] =
-        [a, b].map(|t| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(t.primitive)));
-    let output = B::gemm(a.clone(), b.clone(), false, false)
+        [a, b].map(|t| Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t.primitive)));
+    let output = product(a.clone(), b.clone(), false, false)
         .into_primitive()
         .tensor();
-    let output = match GemmBackward.prepare::<C>(nodes).compute_bound().stateful() {
+    let output = match GemmBackward::<D>
+        .prepare::<C>(nodes)
+        .compute_bound()
+        .stateful()
+    {
         OpsKind::Tracked(prep) => prep.finish((a, b), output),
         OpsKind::UnTracked(prep) => prep.finish(output),
     };
     Tensor::from_primitive(TensorPrimitive::Float(output))
 }
 
+/// The backward of a `D`-dimensional product.
 #[derive(Debug)]
-struct GemmBackward;
+struct GemmBackward<const D: usize>;
 
-impl<B: MegatronOps> Backward<B, 2> for GemmBackward {
-    type State = (Tensor<B, 2>, Tensor<B, 2>);
+impl<B: MegatronOps, const D: usize> Backward<B, 2> for GemmBackward<D> {
+    type State = (Tensor<B, D>, Tensor<B, D>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (a, b) = ops.state;
         let float =
-            |t: B::FloatTensorPrimitive| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(t));
+            |t: B::FloatTensorPrimitive| Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t));
         binary::<B, _, _>(
             ops.parents,
             ops.node,
             grads,
             |grad| {
-                B::gemm(float(grad), b, false, true)
+                product(float(grad), b, false, true)
                     .into_primitive()
                     .tensor()
             },
             |grad| {
-                B::gemm(a, float(grad), true, false)
+                product(a, float(grad), true, false)
                     .into_primitive()
                     .tensor()
             },

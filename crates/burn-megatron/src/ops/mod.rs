@@ -6,6 +6,8 @@
 //!   elsewhere, and whenever [`use_reference_ops`] is set, it is Burn's matmul, which is
 //!   also the oracle in GPU tests. [`linear`] builds the parallel layers' products on it,
 //!   with a backward whose input and weight gradients are GEMMs of the same kind.
+//! - [`MegatronOps::batched_gemm`]: the same over a `[batch, heads]` grid of matrices
+//!   (strided-batched cuBLASLt on CUDA): core attention's products.
 //! - [`MegatronOps::core_attention`]: scaled, masked softmax attention as one op
 //!   ([`CoreAttention`]); with selective recompute its backward recomputes the
 //!   `[batch, heads, seq, seq]` scores from Q and K instead of storing them.
@@ -26,7 +28,7 @@ pub use attention::{AttentionDropout, CoreAttention, Recompute, reference_attent
 pub use burn_megatron_kernels::{reference_ops, use_reference_ops, with_dtype};
 #[cfg(feature = "cuda")]
 pub use cublaslt::allow_tf32;
-pub use gemm::{linear, matmul_with_gemm_backward, reference_gemm};
+pub use gemm::{linear, matmul_with_gemm_backward, reference_batched_gemm, reference_gemm};
 
 /// A backend with the transformer's heavy operations; see the [module](self) docs. The
 /// fused memory-bound kernels between them (norms, bias-GeLU, bias-dropout-add) come with
@@ -48,6 +50,17 @@ pub trait MegatronOps: burn_megatron_kernels::FusedKernels {
         transpose_b: bool,
     ) -> Tensor<Self, 2> {
         reference_gemm(a, b, transpose_a, transpose_b)
+    }
+
+    /// `op(a) · op(b)` for each of the `[batch, heads]` matrices of 4-D `a` and `b` (the
+    /// product over the last two dimensions; `op` transposes those).
+    fn batched_gemm(
+        a: Tensor<Self, 4>,
+        b: Tensor<Self, 4>,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> Tensor<Self, 4> {
+        reference_batched_gemm(a, b, transpose_a, transpose_b)
     }
 
     /// Attention of `query` over `key`/`value` (`[batch, heads, seq, head_dim]`, the key
@@ -86,6 +99,21 @@ impl<B: MegatronOps, C: CheckpointStrategy> MegatronOps for Autodiff<B, C> {
             matmul_with_gemm_backward(a, b)
         } else {
             reference_gemm(a, b, transpose_a, transpose_b)
+        }
+    }
+
+    fn batched_gemm(
+        a: Tensor<Self, 4>,
+        b: Tensor<Self, 4>,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> Tensor<Self, 4> {
+        if B::has_fast_gemm() {
+            let a = if transpose_a { a.swap_dims(2, 3) } else { a };
+            let b = if transpose_b { b.swap_dims(2, 3) } else { b };
+            matmul_with_gemm_backward(a, b)
+        } else {
+            reference_batched_gemm(a, b, transpose_a, transpose_b)
         }
     }
 

@@ -581,18 +581,48 @@ fn sum_slots<B: ParallelBackend>(
 /// The sum of squares of the `counted` elements of `grads`, accumulated in fp64 chunk by
 /// chunk: an fp32 sum over millions of elements is off by about 1e-4 relative, and
 /// differently for each split of the elements, which made the gradient norm (and the
-/// clipping factor) depend on the parallel layout.
+/// clipping factor) depend on the parallel layout. All chunks' sums are queued before one
+/// read (a read per chunk made the host wait for the GPU a few hundred times a step).
 fn squared_norm<B: Backend>(grads: &Tensor<B, 1>, counted: &Tensor<B, 1>) -> f64 {
-    const CHUNK: usize = 1 << 22;
+    squared_norm_in_chunks(grads, counted, 1 << 22, 1 << 12)
+}
+
+/// [`squared_norm`] with chunks of `chunk` elements, each summed as pieces of `piece`
+/// elements (whole chunks when `piece` does not divide `chunk`): the pieces are the rows
+/// of one reduction over all whole chunks (a reduction needs many rows to use the GPU),
+/// then the pieces' sums are summed per chunk.
+fn squared_norm_in_chunks<B: Backend>(
+    grads: &Tensor<B, 1>,
+    counted: &Tensor<B, 1>,
+    chunk: usize,
+    piece: usize,
+) -> f64 {
+    let piece = if chunk % piece == 0 { piece } else { chunk };
     let len = grads.dims()[0];
-    (0..len)
-        .step_by(CHUNK)
-        .map(|start| {
-            let range = start..(start + CHUNK).min(len);
-            let part = grads.clone().slice(range.clone()) * counted.clone().slice(range);
-            super::scalar_value(part.cast(DType::F64).powi_scalar(2).sum())
-        })
-        .sum()
+    let whole = len / chunk;
+    let mut sums = Vec::new();
+    // At most 16 chunks at a time: their fp64 copies are temporary memory.
+    for first in (0..whole).step_by(16) {
+        let chunks = (whole - first).min(16);
+        let range = first * chunk..(first + chunks) * chunk;
+        let pieces = range.len() / piece;
+        let part = grads.clone().slice(range.clone()) * counted.clone().slice(range);
+        let part = part.reshape([pieces, piece]).cast(DType::F64);
+        let piece_sums = (part.clone() * part).sum_dim(1);
+        sums.push(piece_sums.reshape([chunks, chunk / piece]).sum_dim(1).reshape([chunks]));
+    }
+    let tail = whole * chunk..len;
+    if !tail.is_empty() {
+        let part = grads.clone().slice(tail.clone()) * counted.clone().slice(tail);
+        let part = part.cast(DType::F64);
+        sums.push((part.clone() * part).sum().reshape([1]));
+    }
+    if sums.is_empty() {
+        return 0.0;
+    }
+    let data = Tensor::cat(sums, 0).into_data().convert::<f64>();
+    data.as_slice::<f64>()
+        .map_or(f64::NAN, |values| values.iter().sum())
 }
 
 /// An fp32 vector on `device`, whatever the backend's default float type.
@@ -736,5 +766,35 @@ impl LossScaler {
             self.good_steps = 0;
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type B = burn_ndarray::NdArray<f32>;
+
+    #[test]
+    fn squared_norm_counts_each_counted_element_once_whatever_the_chunking() {
+        let device = Default::default();
+        let len = 29;
+        let grads: Vec<f32> = (0..len).map(|i| (i as f32 - 11.5) * 0.37).collect();
+        let counted: Vec<f32> = (0..len).map(|i| f32::from(u8::from(i % 5 != 2))).collect();
+        let want: f64 = grads
+            .iter()
+            .zip(&counted)
+            .map(|(&g, &c)| f64::from(g * c).powi(2))
+            .sum();
+        let (grads, counted) = (fp32::<B>(grads, &device), fp32::<B>(counted, &device));
+        // More than 16 chunks; chunks of pieces and a tail; chunks that are not whole
+        // pieces; one chunk; none.
+        for (chunk, piece) in [(1, 1), (4, 2), (6, 3), (5, 2), (29, 29), (64, 16)] {
+            let got = squared_norm_in_chunks(&grads, &counted, chunk, piece);
+            assert!(
+                (got - want).abs() <= 1e-9 * want,
+                "chunk {chunk}, piece {piece}: {got} vs {want}"
+            );
+        }
     }
 }

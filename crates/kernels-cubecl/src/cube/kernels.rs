@@ -685,12 +685,12 @@ fn scaled_scores<F: Float, N: Size>(
 }
 
 /// Softmax of this unit's row of `scores · scale` over the keys, masked keys at
-/// [`MASKED`], in vectors of `N` keys; fp32 probabilities.
+/// [`MASKED`], in vectors of `N` keys; arithmetic in fp32, probabilities in `F`.
 #[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub(super) fn softmax_forward<F: Float, N: Size>(
     scores: &Tensor<Vector<F, N>>,
     padding: &Tensor<f32>,
-    probabilities: &mut Tensor<Vector<f32, N>>,
+    probabilities: &mut Tensor<Vector<F, N>>,
     rows: u32,
     heads: u32,
     queries: u32,
@@ -708,7 +708,7 @@ pub(super) fn softmax_forward<F: Float, N: Size>(
     let mut shared = SharedMemory::<f32>::new(256usize);
     let at = attention_row(row, heads, queries);
     let start = row_start::<Vector<F, N>>(scores, at) / lanes;
-    let out_start = row_start::<Vector<f32, N>>(probabilities, at) / lanes;
+    let out_start = row_start::<Vector<F, N>>(probabilities, at) / lanes;
     let step = CUBE_DIM_X as usize;
 
     // One pass for the maximum and the sum of exponentials (the sum rescaled whenever the
@@ -749,18 +749,20 @@ pub(super) fn softmax_forward<F: Float, N: Size>(
             causal,
             has_padding,
         );
-        probabilities[out_start + vector] = Vector::exp(values - row_max) * reciprocal;
+        probabilities[out_start + vector] =
+            Vector::cast_from(Vector::exp(values - row_max) * reciprocal);
         vector += step;
     }
 }
 
 /// The scores' gradient for this unit's row, in vectors of `N` keys:
-/// `scale · p · (dp - Σ p·dp)`, zero where masked. The first `cached` vectors of each
+/// `scale · p · (dp - Σ p·dp)`, zero where masked (all three in `F`, arithmetic in fp32).
+/// The first `cached` vectors of each
 /// unit stay in registers between the two passes; the rest are read again.
 #[cube(launch)]
 pub(super) fn softmax_backward<F: Float, N: Size>(
-    probabilities: &Tensor<Vector<f32, N>>,
-    grad: &Tensor<Vector<f32, N>>,
+    probabilities: &Tensor<Vector<F, N>>,
+    grad: &Tensor<Vector<F, N>>,
     padding: &Tensor<f32>,
     grad_scores: &mut Tensor<Vector<F, N>>,
     rows: u32,
@@ -780,8 +782,8 @@ pub(super) fn softmax_backward<F: Float, N: Size>(
     let vectors = slot.columns;
     let mut shared = SharedMemory::<f32>::new(256usize);
     let at = attention_row(row, heads, queries);
-    let p_start = row_start::<Vector<f32, N>>(probabilities, at) / lanes;
-    let g_start = row_start::<Vector<f32, N>>(grad, at) / lanes;
+    let p_start = row_start::<Vector<F, N>>(probabilities, at) / lanes;
+    let g_start = row_start::<Vector<F, N>>(grad, at) / lanes;
     let out_start = row_start::<Vector<F, N>>(grad_scores, at) / lanes;
     let step = CUBE_DIM_X as usize;
     let lane = UNIT_POS_X as usize;
@@ -793,8 +795,8 @@ pub(super) fn softmax_backward<F: Float, N: Size>(
     for i in 0..cached {
         let vector = lane + i * step;
         if vector < vectors {
-            let p = probabilities[p_start + vector];
-            let g = grad[g_start + vector];
+            let p = Vector::<f32, N>::cast_from(probabilities[p_start + vector]);
+            let g = Vector::<f32, N>::cast_from(grad[g_start + vector]);
             p_cache[i] = p;
             g_cache[i] = g;
             weighted += p * g;
@@ -802,7 +804,8 @@ pub(super) fn softmax_backward<F: Float, N: Size>(
     }
     let mut vector = lane + cached * step;
     while vector < vectors {
-        weighted += probabilities[p_start + vector] * grad[g_start + vector];
+        weighted += Vector::<f32, N>::cast_from(probabilities[p_start + vector])
+            * Vector::<f32, N>::cast_from(grad[g_start + vector]);
         vector += step;
     }
     let total = Vector::<f32, N>::new(group_sum(lanes_sum(weighted), &mut shared, plane));
@@ -826,8 +829,9 @@ pub(super) fn softmax_backward<F: Float, N: Size>(
     }
     let mut vector = lane + cached * step;
     while vector < vectors {
-        let value =
-            probabilities[p_start + vector] * (grad[g_start + vector] - total) * scale_vector;
+        let p = Vector::<f32, N>::cast_from(probabilities[p_start + vector]);
+        let g = Vector::<f32, N>::cast_from(grad[g_start + vector]);
+        let value = p * (g - total) * scale_vector;
         grad_scores[out_start + vector] = Vector::cast_from(with_masked_keys(
             value,
             0.0f32,

@@ -336,7 +336,7 @@ where
         let shape = scores.dims();
         let dtype = scores.dtype();
         let scores = primitive(scores);
-        let probabilities = empty_like(&scores, Shape::new(shape), DType::F32);
+        let probabilities = empty_like(&scores, Shape::new(shape), dtype);
         let (padding, has_padding) = padding_mask(&scores, padding);
         let plane = rows_are_planes(&scores);
         let [batch, heads, queries, keys] = shape;
@@ -370,14 +370,14 @@ where
         scale: f64,
         causal: bool,
         padding: Option<Tensor<Self, 2, Bool>>,
-        dtype: DType,
     ) -> Tensor<Self, 4> {
-        if reference_kernels() || probabilities.dtype() != DType::F32 {
-            return reference_softmax_backward(probabilities, grad, scale, causal, padding, dtype);
+        let dtype = probabilities.dtype();
+        if reference_kernels() || dtype == DType::F64 {
+            return reference_softmax_backward(probabilities, grad, scale, causal, padding);
         }
         let shape = probabilities.dims();
         let probabilities = primitive(probabilities);
-        let grad = primitive(with_dtype(grad, DType::F32));
+        let grad = primitive(with_dtype(grad, dtype));
         let grad_scores = empty_like(&probabilities, Shape::new(shape), dtype);
         let (padding, has_padding) = padding_mask(&probabilities, padding);
         let plane = rows_are_planes(&probabilities);
