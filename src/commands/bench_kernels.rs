@@ -329,12 +329,7 @@ fn bandwidths<B: FusedKernels>(
     let flat = |t: Tensor<B, 4>| t.reshape([elements / seq, seq]);
     let fused = time(&mut || flat(B::scaled_masked_softmax(scores.clone(), 0.125, true, None)));
     let unfused = time(&mut || flat(reference_softmax(scores.clone(), 0.125, true, None)));
-    push(
-        "softmax (causal)",
-        moved(elements, 2.0),
-        fused,
-        unfused,
-    );
+    push("softmax (causal)", moved(elements, 2.0), fused, unfused);
     let probabilities = B::scaled_masked_softmax(scores.clone(), 0.125, true, None);
     let grad = probabilities.clone() * 0.5;
     let fused = time(&mut || {
@@ -355,12 +350,7 @@ fn bandwidths<B: FusedKernels>(
             None,
         ))
     });
-    push(
-        "softmax backward",
-        moved(elements, 3.0),
-        fused,
-        unfused,
-    );
+    push("softmax backward", moved(elements, 3.0), fused, unfused);
 
     // Cross-entropy on [tokens, vocab] logits: the statistics read the logits once; the
     // backward reads them and writes their gradient.

@@ -8,10 +8,10 @@ use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData, backend::Backend
 use burn::tensor::{DType, ElementConversion, Shape};
 
 use crate::{
-    CrossEntropy, Dropout, FusedKernels, Gelu, reference_bias_dropout_add, reference_bias_gelu,
-    reference_bias_gelu_backward, reference_cross_entropy_backward, reference_kernels,
-    reference_logit_statistics, reference_norm, reference_softmax, reference_softmax_backward,
-    with_dtype,
+    AdamWState, AdamWStep, CrossEntropy, Dropout, FusedKernels, Gelu, reference_adamw,
+    reference_bias_dropout_add, reference_bias_gelu, reference_bias_gelu_backward,
+    reference_cross_entropy_backward, reference_kernels, reference_logit_statistics,
+    reference_norm, reference_softmax, reference_softmax_backward, with_dtype,
 };
 
 /// One comparison: a quantity of a kernel against the reference.
@@ -144,7 +144,75 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
             label_smoothing,
         ));
     }
+    // The optimizer's buffers are fp32 whatever the model's type.
+    if dtype == DType::F32 {
+        for (len, grad_factor, step) in [(1000, 1.0, 1), (4099, 0.37, 7)] {
+            checks.extend(check_adamw::<B>(device, len, grad_factor, step));
+        }
+    }
     checks
+}
+
+/// An AdamW step on fresh fp32 state (the second moment positive, half the elements
+/// decayed), in place on buffers nothing else holds, against the reference on copies.
+fn check_adamw<B: FusedKernels>(
+    device: &B::Device,
+    len: usize,
+    grad_factor: f64,
+    step: i32,
+) -> Vec<Check> {
+    let state = AdamWState {
+        master: random::<B, 1>([len], device, DType::F32, 1.0),
+        exp_avg: random::<B, 1>([len], device, DType::F32, 0.1),
+        exp_avg_sq: random::<B, 1>([len], device, DType::F32, 0.01).abs(),
+    };
+    let grads = random::<B, 1>([len], device, DType::F32, 0.3);
+    let decay = random::<B, 1>([len], device, DType::F32, 1.0)
+        .greater_elem(0.0)
+        .float();
+    let hyper = AdamWStep {
+        lr: 3e-4,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        grad_factor,
+        step,
+    };
+    let expected = reference_adamw(state.clone(), grads.clone(), decay.clone(), hyper);
+    let fused = B::adamw(state, grads, decay, hyper);
+    let kernel = if grad_factor == 1.0 {
+        "adamw"
+    } else {
+        "adamw_clipped"
+    };
+    let shape = [len];
+    vec![
+        row(
+            kernel,
+            &shape,
+            DType::F32,
+            "master",
+            fused.master,
+            expected.master,
+        ),
+        row(
+            kernel,
+            &shape,
+            DType::F32,
+            "exp_avg",
+            fused.exp_avg,
+            expected.exp_avg,
+        ),
+        row(
+            kernel,
+            &shape,
+            DType::F32,
+            "exp_avg_sq",
+            fused.exp_avg_sq,
+            expected.exp_avg_sq,
+        ),
+    ]
 }
 
 type Ad<B> = Autodiff<B>;

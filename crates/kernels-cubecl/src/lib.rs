@@ -15,7 +15,9 @@
 //! - [`FusedKernels::logit_statistics`], [`FusedKernels::cross_entropy_loss`] and
 //!   [`FusedKernels::cross_entropy_backward`]: cross-entropy over a vocabulary slice of
 //!   logits (a tensor-parallel rank's) from per-row statistics that ranks combine, one pass
-//!   over the logits forward and one backward, fp32 arithmetic on logits of any float type.
+//!   over the logits forward and one backward, fp32 arithmetic on logits of any float type;
+//! - [`FusedKernels::adamw`]: an AdamW step on flat fp32 master weights and moments, one
+//!   pass over the buffers, written in place.
 //!
 //! Every operation has a reference in plain Burn ops, the default of each method, which
 //! runs on every backend. CubeCL backends (CUDA, and wgpu for the tests on a CPU through
@@ -42,10 +44,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use burn::tensor::{Bool, DType, Int, Tensor, backend::Backend};
 
 pub use reference::{
-    attention_mask, reference_bias_dropout_add, reference_bias_gelu, reference_bias_gelu_backward,
-    reference_cross_entropy_backward, reference_cross_entropy_loss, reference_logit_statistics,
-    reference_norm, reference_norm_backward, reference_norm_forward, reference_softmax,
-    reference_softmax_backward, softmax_dtype,
+    attention_mask, reference_adamw, reference_bias_dropout_add, reference_bias_gelu,
+    reference_bias_gelu_backward, reference_cross_entropy_backward, reference_cross_entropy_loss,
+    reference_logit_statistics, reference_norm, reference_norm_backward, reference_norm_forward,
+    reference_softmax, reference_softmax_backward, softmax_dtype,
 };
 
 static REFERENCE_OPS: AtomicBool = AtomicBool::new(false);
@@ -118,6 +120,37 @@ pub struct NormStatistics<B: Backend> {
     pub mean: Tensor<B, 1>,
     /// `1 / sqrt(variance + epsilon)` of each row (of the mean square for RMSNorm).
     pub rstd: Tensor<B, 1>,
+}
+
+/// The fp32 state of AdamW over flat buffers of equal length: master weights and the
+/// two moments.
+#[derive(Debug, Clone)]
+pub struct AdamWState<B: Backend> {
+    /// fp32 master weights.
+    pub master: Tensor<B, 1>,
+    /// First moment (running mean of the gradients).
+    pub exp_avg: Tensor<B, 1>,
+    /// Second moment (running mean of the squared gradients).
+    pub exp_avg_sq: Tensor<B, 1>,
+}
+
+/// The numbers of one AdamW step (PyTorch's `AdamW` with decoupled weight decay).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    /// Learning rate.
+    pub lr: f64,
+    /// Decay of the first moment.
+    pub beta1: f64,
+    /// Decay of the second moment.
+    pub beta2: f64,
+    /// Added to the second moment's root.
+    pub eps: f64,
+    /// Decoupled weight decay (times the per-element decay mask).
+    pub weight_decay: f64,
+    /// Factor on the gradients first (gradient clipping; 1 for none).
+    pub grad_factor: f64,
+    /// The step's number, from 1 (bias correction).
+    pub step: i32,
 }
 
 /// Per-row statistics of a vocabulary slice of logits (`[rows, width]`) over its real
@@ -279,6 +312,20 @@ pub trait FusedKernels: Backend {
         real_width: usize,
     ) -> LogitStatistics<Self> {
         reference_logit_statistics(logits, targets, real_width)
+    }
+
+    /// One AdamW step on `state` with gradients `grads` and per-element weight-decay mask
+    /// `decay` (1 where the element decays, 0 elsewhere), all fp32 and of one length:
+    /// `g = grad_factor · grads`, `m = β₁m + (1-β₁)g`, `v = β₂v + (1-β₂)g²`, `master -=
+    /// lr · (m̂ / (√v̂ + ε) + weight_decay · decay · master)` with the bias-corrected
+    /// `m̂ = m / (1-β₁ᵗ)`, `v̂ = v / (1-β₂ᵗ)`. Returns the new state.
+    fn adamw(
+        state: AdamWState<Self>,
+        grads: Tensor<Self, 1>,
+        decay: Tensor<Self, 1>,
+        step: AdamWStep,
+    ) -> AdamWState<Self> {
+        reference_adamw(state, grads, decay, step)
     }
 
     /// `loss` (`[rows]`, computed from the combined statistics, no graph of its own) joined

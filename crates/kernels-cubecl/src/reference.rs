@@ -6,8 +6,8 @@ use burn::tensor::activation::{gelu, gelu_approximate, softmax};
 use burn::tensor::{Bool, DType, Int, Tensor, backend::Backend};
 
 use crate::{
-    CrossEntropy, Dropout, Gelu, LogitStatistics, NormGradients, NormStatistics, dropout,
-    with_dtype,
+    AdamWState, AdamWStep, CrossEntropy, Dropout, Gelu, LogitStatistics, NormGradients,
+    NormStatistics, dropout, with_dtype,
 };
 
 /// LayerNorm (with `bias`) or RMSNorm (without) over the last dimension, statistics in
@@ -239,6 +239,44 @@ pub fn reference_softmax_backward<B: Backend>(
         grad_scores = grad_scores.mask_fill(mask, 0.0);
     }
     with_dtype(grad_scores * scale, dtype)
+}
+
+/// [`FusedKernels::adamw`](crate::FusedKernels::adamw) in plain Burn ops.
+pub fn reference_adamw<B: Backend>(
+    state: AdamWState<B>,
+    grads: Tensor<B, 1>,
+    decay: Tensor<B, 1>,
+    step: AdamWStep,
+) -> AdamWState<B> {
+    let AdamWStep {
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        grad_factor,
+        step,
+    } = step;
+    let AdamWState {
+        master,
+        exp_avg,
+        exp_avg_sq,
+    } = state;
+    let grads = if grad_factor == 1.0 {
+        grads
+    } else {
+        grads * grad_factor
+    };
+    let exp_avg = exp_avg * beta1 + grads.clone() * (1.0 - beta1);
+    let exp_avg_sq = exp_avg_sq * beta2 + grads.powi_scalar(2) * (1.0 - beta2);
+    let first = exp_avg.clone() / (1.0 - beta1.powi(step));
+    let second = exp_avg_sq.clone() / (1.0 - beta2.powi(step));
+    let update = first / (second.sqrt() + eps) + master.clone() * decay * weight_decay;
+    AdamWState {
+        master: master - update * lr,
+        exp_avg,
+        exp_avg_sq,
+    }
 }
 
 /// [`LogitStatistics`] in plain Burn ops, in fp32.

@@ -15,6 +15,7 @@ use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData};
+use burn_megatron_kernels::{AdamWState, AdamWStep};
 
 use crate::Result;
 use crate::checkpoint::{ScalerState, StateKind};
@@ -251,9 +252,9 @@ pub(crate) struct FlatAdamW<B: Backend> {
     layout: FlatLayout,
     settings: AdamWSettings,
     distributed: bool,
-    master: Tensor<B, 1>,
-    exp_avg: Tensor<B, 1>,
-    exp_avg_sq: Tensor<B, 1>,
+    /// Master weights and moments (this rank's shard with the distributed optimizer);
+    /// `None` only while a step updates them in place.
+    state: Option<AdamWState<B>>,
     decay: Tensor<B, 1>,
     counted: Tensor<B, 1>,
     steps: i32,
@@ -304,9 +305,11 @@ impl<B: ParallelBackend> FlatAdamW<B> {
         let decay = vector(&|slot| f32::from(u8::from(slot.shape.len() >= 2)));
         let counted = vector(&|slot| f32::from(u8::from(slot.role.counted_in_norm)));
         Self {
-            exp_avg: master.zeros_like(),
-            exp_avg_sq: master.zeros_like(),
-            master,
+            state: Some(AdamWState {
+                exp_avg: master.zeros_like(),
+                exp_avg_sq: master.zeros_like(),
+                master,
+            }),
             decay,
             counted,
             layout,
@@ -355,10 +358,11 @@ impl<B: ParallelBackend> FlatAdamW<B> {
                 .into_vec()
                 .expect("f32 optimizer state")
         };
+        let state = self.state();
         let states = [
-            (StateKind::Master, host(&self.master)),
-            (StateKind::ExpAvg, host(&self.exp_avg)),
-            (StateKind::ExpAvgSq, host(&self.exp_avg_sq)),
+            (StateKind::Master, host(&state.master)),
+            (StateKind::ExpAvg, host(&state.exp_avg)),
+            (StateKind::ExpAvgSq, host(&state.exp_avg_sq)),
         ];
         let mut pieces = Vec::new();
         for slot in &self.layout.slots {
@@ -405,9 +409,11 @@ impl<B: ParallelBackend> FlatAdamW<B> {
             true => self.layout.local(full.clone(), shard),
             false => full.clone(),
         };
-        self.master = local(&master);
-        self.exp_avg = local(&exp_avg);
-        self.exp_avg_sq = local(&exp_avg_sq);
+        self.state = Some(AdamWState {
+            master: local(&master),
+            exp_avg: local(&exp_avg),
+            exp_avg_sq: local(&exp_avg_sq),
+        });
         self.steps = steps as i32;
         self.write_params(chunks, &master)
     }
@@ -485,33 +491,45 @@ impl<B: ParallelBackend> FlatAdamW<B> {
             weight_decay,
         } = self.settings;
         self.steps += 1;
-        let grads = if factor == 1.0 {
-            reduced.grads
-        } else {
-            reduced.grads * factor
+        let step = AdamWStep {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            grad_factor: factor,
+            step: self.steps,
         };
-        self.exp_avg = self.exp_avg.clone() * beta1 + grads.clone() * (1.0 - beta1);
-        self.exp_avg_sq = self.exp_avg_sq.clone() * beta2 + grads.powi_scalar(2) * (1.0 - beta2);
-        let first = self.exp_avg.clone() / (1.0 - beta1.powi(self.steps));
-        let second = self.exp_avg_sq.clone() / (1.0 - beta2.powi(self.steps));
-        let update =
-            first / (second.sqrt() + eps) + self.master.clone() * self.decay.clone() * weight_decay;
-        self.master = self.master.clone() - update * lr;
+        let state = self
+            .state
+            .take()
+            .expect("the optimizer state between steps");
+        let state = self
+            .state
+            .insert(B::adamw(state, reduced.grads, self.decay.clone(), step));
+        let master = state.master.clone();
 
         let full = if self.distributed && data.size() > 1 {
             let mut offset = 0;
             let mut buckets = Vec::with_capacity(self.layout.buckets.len());
             for bucket in &self.layout.buckets {
                 let len = bucket.len() / self.layout.shards;
-                let part = self.master.clone().slice(offset..offset + len);
+                let part = master.clone().slice(offset..offset + len);
                 buckets.push(data.all_gather(part, 0)?);
                 offset += len;
             }
             Tensor::cat(buckets, 0)
         } else {
-            self.master.clone()
+            master
         };
         Ok(self.write_params(chunks, &full))
+    }
+
+    /// Master weights and moments.
+    fn state(&self) -> &AdamWState<B> {
+        self.state
+            .as_ref()
+            .expect("the optimizer state, present between steps")
     }
 
     /// `chunks` with their parameters taken from the full flat buffer `full`.
@@ -597,7 +615,7 @@ fn squared_norm_in_chunks<B: Backend>(
     chunk: usize,
     piece: usize,
 ) -> f64 {
-    let piece = if chunk % piece == 0 { piece } else { chunk };
+    let piece = if chunk.is_multiple_of(piece) { piece } else { chunk };
     let len = grads.dims()[0];
     let whole = len / chunk;
     let mut sums = Vec::new();
@@ -609,7 +627,12 @@ fn squared_norm_in_chunks<B: Backend>(
         let part = grads.clone().slice(range.clone()) * counted.clone().slice(range);
         let part = part.reshape([pieces, piece]).cast(DType::F64);
         let piece_sums = (part.clone() * part).sum_dim(1);
-        sums.push(piece_sums.reshape([chunks, chunk / piece]).sum_dim(1).reshape([chunks]));
+        sums.push(
+            piece_sums
+                .reshape([chunks, chunk / piece])
+                .sum_dim(1)
+                .reshape([chunks]),
+        );
     }
     let tail = whole * chunk..len;
     if !tail.is_empty() {

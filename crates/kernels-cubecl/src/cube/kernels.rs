@@ -1007,3 +1007,46 @@ pub(super) fn cross_entropy_backward<F: Float, N: Size>(
     grad_logits[row * grad_logits.stride(0) / lanes + vector] =
         Vector::cast_from(gradient.consume());
 }
+
+/// One AdamW step for this unit's vector of elements, in place on the master weights and
+/// moments (see `FusedKernels::adamw`; `correction1`, `correction2`: `1 - β₁ᵗ`, `1 - β₂ᵗ`):
+/// the plain-Burn reference's operations in its order, each rounded to fp32.
+#[cube(launch)]
+pub(super) fn adamw<N: Size>(
+    master: &mut Tensor<Vector<f32, N>>,
+    exp_avg: &mut Tensor<Vector<f32, N>>,
+    exp_avg_sq: &mut Tensor<Vector<f32, N>>,
+    grads: &Tensor<Vector<f32, N>>,
+    decay: &Tensor<Vector<f32, N>>,
+    vectors: u32,
+    grad_factor: f32,
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    correction1: f32,
+    correction2: f32,
+    eps: f32,
+    weight_decay: f32,
+    lr: f32,
+    #[comptime] scaled: bool,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= vectors as usize {
+        terminate!();
+    }
+    let mut grad = grads[i];
+    if scaled {
+        grad *= Vector::new(grad_factor);
+    }
+    let first = exp_avg[i] * Vector::new(beta1) + grad * Vector::new(one_minus_beta1);
+    let second = exp_avg_sq[i] * Vector::new(beta2) + grad * grad * Vector::new(one_minus_beta2);
+    exp_avg[i] = first;
+    exp_avg_sq[i] = second;
+    let corrected_first = first / Vector::new(correction1);
+    let corrected_second = second / Vector::new(correction2);
+    let weight = master[i];
+    let update = corrected_first / (Vector::sqrt(corrected_second) + Vector::new(eps))
+        + weight * decay[i] * Vector::new(weight_decay);
+    master[i] = weight - update * Vector::new(lr);
+}

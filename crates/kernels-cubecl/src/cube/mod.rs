@@ -13,11 +13,11 @@ use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise, tensor_vector_si
 use crate::as_rows;
 use crate::dropout::keep_threshold;
 use crate::{
-    CrossEntropy, Dropout, FusedKernels, Gelu, LogitStatistics, NormGradients, NormStatistics,
-    reference_bias_dropout_add, reference_bias_gelu, reference_bias_gelu_backward,
-    reference_cross_entropy_backward, reference_kernels, reference_logit_statistics,
-    reference_norm_backward, reference_norm_forward, reference_softmax, reference_softmax_backward,
-    with_dtype,
+    AdamWState, AdamWStep, CrossEntropy, Dropout, FusedKernels, Gelu, LogitStatistics,
+    NormGradients, NormStatistics, reference_adamw, reference_bias_dropout_add,
+    reference_bias_gelu, reference_bias_gelu_backward, reference_cross_entropy_backward,
+    reference_kernels, reference_logit_statistics, reference_norm_backward, reference_norm_forward,
+    reference_softmax, reference_softmax_backward, with_dtype,
 };
 use kernels::{GROUP_UNITS, ROW_GROUPS};
 
@@ -322,6 +322,81 @@ where
             return reference_bias_dropout_add(input, bias, residual, dropout);
         }
         launch_bias_dropout_add(input, bias, Some(residual), dropout)
+    }
+
+    fn adamw(
+        state: AdamWState<Self>,
+        grads: Tensor<Self, 1>,
+        decay: Tensor<Self, 1>,
+        step: AdamWStep,
+    ) -> AdamWState<Self> {
+        let all_fp32 = [
+            &state.master,
+            &state.exp_avg,
+            &state.exp_avg_sq,
+            &grads,
+            &decay,
+        ]
+        .iter()
+        .all(|t| t.dtype() == DType::F32);
+        if reference_kernels() || !all_fp32 {
+            return reference_adamw(state, grads, decay, step);
+        }
+        // Written in place: a buffer another tensor shares is copied first.
+        let owned = |t: Tensor<Self, 1>| {
+            let t = into_contiguous(t.into_primitive().tensor());
+            if t.can_mut() { t } else { t.copy() }
+        };
+        let [master, exp_avg, exp_avg_sq] =
+            [state.master, state.exp_avg, state.exp_avg_sq].map(owned);
+        let [grads, decay] = [grads, decay].map(|t| primitive(t));
+        let len = master.meta.shape()[0];
+        for (name, t) in [
+            ("moment", &exp_avg),
+            ("moment", &exp_avg_sq),
+            ("gradient", &grads),
+            ("decay mask", &decay),
+        ] {
+            assert_eq!(
+                t.meta.shape()[0],
+                len,
+                "adamw: the {name} buffer's length differs from the master weights'"
+            );
+        }
+        let lanes = vector_lanes(&[&master, &exp_avg, &exp_avg_sq, &grads, &decay]);
+        let vectors = len / lanes;
+        if vectors > 0 {
+            let cube_dim = CubeDim::new_1d(ELEMENT_UNITS);
+            let f = |x: f64| x as f32;
+            kernels::adamw::launch::<R>(
+                &master.client,
+                calculate_cube_count_elemwise(&master.client, vectors, cube_dim),
+                cube_dim,
+                lanes,
+                master.clone().into_tensor_arg(),
+                exp_avg.clone().into_tensor_arg(),
+                exp_avg_sq.clone().into_tensor_arg(),
+                grads.into_tensor_arg(),
+                decay.into_tensor_arg(),
+                u32_of(vectors, "optimizer elements"),
+                f(step.grad_factor),
+                f(step.beta1),
+                f(1.0 - step.beta1),
+                f(step.beta2),
+                f(1.0 - step.beta2),
+                f(1.0 - step.beta1.powi(step.step)),
+                f(1.0 - step.beta2.powi(step.step)),
+                f(step.eps),
+                f(step.weight_decay),
+                f(step.lr),
+                step.grad_factor != 1.0,
+            );
+        }
+        AdamWState {
+            master: tensor(master),
+            exp_avg: tensor(exp_avg),
+            exp_avg_sq: tensor(exp_avg_sq),
+        }
     }
 
     fn scaled_masked_softmax(
