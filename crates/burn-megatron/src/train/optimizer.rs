@@ -8,6 +8,7 @@
 //! data-parallel size and cut into buckets whose lengths are multiples of it, so that
 //! each bucket splits into one equal shard per data-parallel rank.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
 
@@ -15,7 +16,7 @@ use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData};
-use burn_megatron_kernels::{AdamWState, AdamWStep};
+use burn_megatron_kernels::{AdamWState, AdamWStep, with_dtype};
 
 use crate::Result;
 use crate::checkpoint::{ScalerState, StateKind};
@@ -238,7 +239,7 @@ impl<B: Backend> MainGrads<B> {
         if parts.is_empty() {
             return;
         }
-        let flat = Tensor::cat(parts, 0);
+        let flat = cat_fp32(parts);
         let slot = &mut self.chunks[chunk];
         *slot = Some(match slot.take() {
             Some(sum) => sum + flat,
@@ -538,6 +539,9 @@ impl<B: ParallelBackend> FlatAdamW<B> {
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
+        // One cast of the whole buffer per parameter type (one kernel instead of one per
+        // parameter); the parameters are views of it.
+        let mut cast = HashMap::new();
         chunks
             .into_iter()
             .enumerate()
@@ -547,6 +551,7 @@ impl<B: ParallelBackend> FlatAdamW<B> {
                     slots: slots.collect(),
                     next: 0,
                     full,
+                    cast: &mut cast,
                 })
             })
             .collect()
@@ -615,7 +620,11 @@ fn squared_norm_in_chunks<B: Backend>(
     chunk: usize,
     piece: usize,
 ) -> f64 {
-    let piece = if chunk.is_multiple_of(piece) { piece } else { chunk };
+    let piece = if chunk.is_multiple_of(piece) {
+        piece
+    } else {
+        chunk
+    };
     let len = grads.dims()[0];
     let whole = len / chunk;
     let mut sums = Vec::new();
@@ -646,6 +655,18 @@ fn squared_norm_in_chunks<B: Backend>(
     let data = Tensor::cat(sums, 0).into_data().convert::<f64>();
     data.as_slice::<f64>()
         .map_or(f64::NAN, |values| values.iter().sum())
+}
+
+/// `parts` concatenated, in fp32: parts of one type are concatenated first and cast once
+/// (one kernel instead of one per part).
+fn cat_fp32<B: Backend>(parts: Vec<Tensor<B, 1>>) -> Tensor<B, 1> {
+    let dtype = parts.first().map(|part| part.dtype());
+    if parts.iter().all(|part| Some(part.dtype()) == dtype) {
+        with_dtype(Tensor::cat(parts, 0), DType::F32)
+    } else {
+        let parts = parts.into_iter().map(|p| with_dtype(p, DType::F32));
+        Tensor::cat(parts.collect(), 0)
+    }
 }
 
 /// An fp32 vector on `device`, whatever the backend's default float type.
@@ -696,8 +717,8 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for FlattenGrads<'_, B> {
             Some(grad) => grad,
             None => param.val().inner().zeros_like(),
         };
-        // Main grads are fp32 whatever the parameters' type.
-        self.parts.push(grad.flatten(0, D - 1).cast(DType::F32));
+        // Main grads are fp32 whatever the parameters' type (cast by `cat_fp32`).
+        self.parts.push(grad.flatten(0, D - 1));
     }
 }
 
@@ -705,6 +726,8 @@ struct WriteParams<'a, B: AutodiffBackend> {
     slots: Vec<&'a Slot>,
     next: usize,
     full: &'a Tensor<B::InnerBackend, 1>,
+    /// `full` in each parameter type met so far.
+    cast: &'a mut HashMap<DType, Tensor<B::InnerBackend, 1>>,
 }
 
 impl<B: AutodiffBackend> ModuleMapper<B> for WriteParams<'_, B> {
@@ -715,12 +738,11 @@ impl<B: AutodiffBackend> ModuleMapper<B> for WriteParams<'_, B> {
         assert_eq!(slot.id, id, "parameters are visited in layout order");
         let shape: [usize; D] = slot.shape.clone().try_into().expect("the slot's rank");
         // The fp32 master value, in the parameter's own type.
-        let value = self
-            .full
-            .clone()
-            .slice(slot.range.clone())
-            .reshape(shape)
-            .cast(tensor.dtype());
+        let full = self
+            .cast
+            .entry(tensor.dtype())
+            .or_insert_with(|| with_dtype(self.full.clone(), tensor.dtype()));
+        let value = full.clone().slice(slot.range.clone()).reshape(shape);
         let mut updated = Tensor::from_inner(value);
         if tensor.is_require_grad() {
             updated = updated.require_grad();
