@@ -167,9 +167,12 @@ fn check_adamw<B: FusedKernels>(
         exp_avg_sq: random::<B, 1>([len], device, DType::F32, 0.01).abs(),
     };
     let grads = random::<B, 1>([len], device, DType::F32, 0.3);
-    let decay = random::<B, 1>([len], device, DType::F32, 1.0)
-        .greater_elem(0.0)
-        .float();
+    let decay = with_dtype(
+        random::<B, 1>([len], device, DType::F32, 1.0)
+            .greater_elem(0.0)
+            .float(),
+        DType::F32,
+    );
     let hyper = AdamWStep {
         lr: 3e-4,
         beta1: 0.9,

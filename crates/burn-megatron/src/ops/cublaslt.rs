@@ -171,7 +171,7 @@ impl Operand {
 /// How a `[batch, heads]` grid of products is issued: `calls` strided-batched calls of
 /// `count` matrices each; per operand (A, B, D), the elements between the matrices of a
 /// call and between calls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy)]
 struct Batching {
     calls: usize,
     count: usize,
@@ -197,10 +197,11 @@ impl Batching {
                 call_strides: [0; 3],
             }
         } else {
+            // Here batch > 1 and heads > 1.
             Self {
                 calls: batch,
                 count: heads,
-                strides: strides.map(|[_, inner]| if heads == 1 { 0 } else { inner }),
+                strides: strides.map(|[_, inner]| inner),
                 call_strides: strides.map(|[outer, _]| outer),
             }
         }

@@ -540,7 +540,7 @@ impl<B: ParallelBackend> FlatAdamW<B> {
         M: AutodiffModule<AB>,
     {
         // One cast of the whole buffer per parameter type (one kernel instead of one per
-        // parameter); the parameters are views of it.
+        // parameter); the parameters are views of it, which keep it alive together.
         let mut cast = HashMap::new();
         chunks
             .into_iter()
