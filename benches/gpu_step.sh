@@ -8,11 +8,14 @@
 #   benches/gpu_step.sh [path/to/burn-megatron]      # logs under $OUT (default bench-out)
 #
 # STEPS (default 8) sets the training steps per run; the medians skip the first two.
+# Each part runs under its own time limit (LIMIT seconds, default 300), so that a part that
+# stalls leaves the others their results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/burn-megatron}
 OUT=${OUT:-bench-out}
 STEPS=${STEPS:-8}
+LIMIT=${LIMIT:-300}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 
@@ -30,20 +33,15 @@ with_peak_memory() {
     return $rc
 }
 
-echo "== GEMMs"
-"$BIN" bench ops --device cuda --parts speed --output "$OUT/ops.jsonl" > "$OUT/ops.log" 2>&1 \
-    || echo "bench ops failed: see $OUT/ops.log"
-python3 benches/torch_ops.py "$OUT/ops.jsonl" 2>&1 | tee "$OUT/gemm_table.txt"
-
 echo "== GPT-2 774M bf16 8 x 1024"
-python3 benches/torch_gpt2.py --layers 36 --hidden 1280 --heads 20 --precision bf16 \
+timeout "$LIMIT" python3 benches/torch_gpt2.py --layers 36 --hidden 1280 --heads 20 --precision bf16 \
     --steps "$STEPS" > "$OUT/torch_gpt2.log" 2>&1 || echo "PyTorch failed: see $OUT/torch_gpt2.log"
 TRAIN=(train --device cuda --precision bf16 --tp 1 --dp 1 --preset gpt2-774m --seq-length 1024
     --micro-batch-size 8 --global-batch-size 8 --steps "$STEPS" --log-interval 1
     --eval-interval 100000 --eval-iters 1)
-with_peak_memory "$OUT/selective.log" "$BIN" "${TRAIN[@]}" \
+with_peak_memory "$OUT/selective.log" timeout "$LIMIT" "$BIN" "${TRAIN[@]}" \
     || echo "selective recompute failed: see $OUT/selective.log"
-with_peak_memory "$OUT/store_all.log" "$BIN" "${TRAIN[@]}" --recompute-granularity none \
+with_peak_memory "$OUT/store_all.log" timeout "$LIMIT" "$BIN" "${TRAIN[@]}" --recompute-granularity none \
     || echo "storing everything failed: see $OUT/store_all.log"
 
 # "throughput (...): N tokens/s, X model TFLOP/s ..." -> "N X"
@@ -59,3 +57,9 @@ done
 read -r rate tflops gib <<< "$torch"
 printf '%-34s %12s %12s %14s GiB (allocated)\n' "PyTorch eager (autocast, AdamW)" \
     "${rate:-failed}" "${tflops:--}" "${gib:--}"
+
+echo
+echo "== GEMMs"
+timeout "$LIMIT" "$BIN" bench ops --device cuda --parts speed --output "$OUT/ops.jsonl" > "$OUT/ops.log" 2>&1 \
+    || echo "bench ops failed: see $OUT/ops.log"
+python3 benches/torch_ops.py "$OUT/ops.jsonl" 2>&1 | tee "$OUT/gemm_table.txt"
