@@ -1063,10 +1063,15 @@ fn bench_ops_checks_the_reference_paths_on_cpu() {
     assert!(ok, "{stderr}");
     let rows: Vec<&str> = stdout
         .lines()
-        .filter(|l| l.starts_with("gemm") || l.starts_with("attention"))
+        .filter(|l| {
+            ["gemm", "batched gemm", "attention"]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
         .collect();
-    // 5 GEMM paths and 8 attention outputs/gradients, every one within its limit.
-    assert_eq!(rows.len(), 13, "{stdout}");
+    // 5 GEMM paths, 8 batched ones (4 transposes, 2 layouts), and 16 attention outputs and
+    // gradients (2 masks, 2 layouts), every one within its limit.
+    assert_eq!(rows.len(), 29, "{stdout}");
     assert!(rows.iter().all(|row| row.ends_with(" ok")), "{stdout}");
     // The same rows as JSON lines.
     let json = std::fs::read_to_string(&output).unwrap();
@@ -1074,7 +1079,7 @@ fn bench_ops_checks_the_reference_paths_on_cpu() {
         .lines()
         .filter(|l| l.contains("\"kind\": \"check\""))
         .collect();
-    assert_eq!(checks.len(), 13, "{json}");
+    assert_eq!(checks.len(), 29, "{json}");
     assert!(
         checks.iter().all(|l| l.ends_with("\"ok\": true}")),
         "{json}"
