@@ -124,37 +124,23 @@ impl Operand {
         let shape = tensor.meta.shape().to_vec();
         let strides = tensor.meta.strides().to_vec();
         let (rows, cols) = (shape[2], shape[3]);
-        let batch_strides = [strides[0], strides[1]];
-        if strides[3] == 1 && strides[2] >= cols.max(1) {
-            Self {
-                tensor,
-                rows,
-                cols,
-                ld: strides[2],
-                transposed,
-                batch_strides,
-            }
+        let (tensor, rows, cols, ld, transposed) = if strides[3] == 1 && strides[2] >= cols.max(1) {
+            (tensor, rows, cols, strides[2], transposed)
         } else if strides[2] == 1 && strides[3] >= rows.max(1) {
             // Transposed views of row-major [cols, rows] matrices.
-            Self {
-                tensor,
-                rows: cols,
-                cols: rows,
-                ld: strides[3],
-                transposed: !transposed,
-                batch_strides,
-            }
+            (tensor, cols, rows, strides[3], !transposed)
         } else {
             let tensor = burn_cubecl::kernel::into_contiguous(tensor);
-            let batch_strides = [tensor.meta.strides()[0], tensor.meta.strides()[1]];
-            Self {
-                tensor,
-                rows,
-                cols,
-                ld: cols.max(1),
-                transposed,
-                batch_strides,
-            }
+            (tensor, rows, cols, cols.max(1), transposed)
+        };
+        let batch_strides = [tensor.meta.strides()[0], tensor.meta.strides()[1]];
+        Self {
+            tensor,
+            rows,
+            cols,
+            ld,
+            transposed,
+            batch_strides,
         }
     }
 
@@ -305,6 +291,24 @@ impl Device {
     }
 }
 
+/// Sets attribute `attribute` of matrix layout `layout` to `value`.
+fn set_layout<T>(
+    layout: sys::cublasLtMatrixLayout_t,
+    attribute: sys::cublasLtMatrixLayoutAttribute_t,
+    value: &T,
+) -> Result<(), String> {
+    // Safety: `value` is a plain value of the attribute's type; `layout` is live.
+    unsafe {
+        lt::set_matrix_layout_attribute(
+            layout,
+            attribute,
+            value as *const T as *const c_void,
+            std::mem::size_of::<T>(),
+        )
+    }
+    .map_err(|e| format!("cuBLASLt layout attribute {attribute:?}: {e:?}"))
+}
+
 /// Sets attribute `attribute` of matmul descriptor `desc` to `value`.
 fn set_desc<T>(
     desc: sys::cublasLtMatmulDesc_t,
@@ -380,24 +384,16 @@ impl Plan {
             plan.layouts.push(layout);
             if count > 1 {
                 use sys::cublasLtMatrixLayoutAttribute_t as Attribute;
-                let (count, stride) = (count as i32, stride as i64);
-                // Safety: the layout was just created; each value has its attribute's type.
-                unsafe {
-                    lt::set_matrix_layout_attribute(
-                        layout,
-                        Attribute::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
-                        &count as *const i32 as *const c_void,
-                        std::mem::size_of::<i32>(),
-                    )
-                    .map_err(fail)?;
-                    lt::set_matrix_layout_attribute(
-                        layout,
-                        Attribute::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
-                        &stride as *const i64 as *const c_void,
-                        std::mem::size_of::<i64>(),
-                    )
-                    .map_err(fail)?;
-                }
+                set_layout(
+                    layout,
+                    Attribute::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                    &(count as i32),
+                )?;
+                set_layout(
+                    layout,
+                    Attribute::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                    &(stride as i64),
+                )?;
             }
         }
         let layouts = &plan.layouts;

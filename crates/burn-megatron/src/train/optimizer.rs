@@ -625,29 +625,32 @@ fn squared_norm_in_chunks<B: Backend>(
     } else {
         chunk
     };
-    let len = grads.dims()[0];
-    let whole = len / chunk;
-    let mut sums = Vec::new();
-    // At most 16 chunks at a time: their fp64 copies are temporary memory.
-    for first in (0..whole).step_by(16) {
-        let chunks = (whole - first).min(16);
-        let range = first * chunk..(first + chunks) * chunk;
+    // The sum of squares of each of `chunks` equal chunks of `range`, reduced as rows of
+    // `piece` elements first.
+    let chunk_sums = |range: Range<usize>, chunks: usize, piece: usize| {
         let pieces = range.len() / piece;
         let part = grads.clone().slice(range.clone()) * counted.clone().slice(range);
         let part = part.reshape([pieces, piece]).cast(DType::F64);
         let piece_sums = (part.clone() * part).sum_dim(1);
-        sums.push(
-            piece_sums
-                .reshape([chunks, chunk / piece])
-                .sum_dim(1)
-                .reshape([chunks]),
-        );
-    }
+        piece_sums
+            .reshape([chunks, pieces / chunks])
+            .sum_dim(1)
+            .reshape([chunks])
+    };
+    let len = grads.dims()[0];
+    let whole = len / chunk;
+    // At most 16 chunks at a time: their fp64 copies are temporary memory.
+    let mut sums: Vec<_> = (0..whole)
+        .step_by(16)
+        .map(|first| {
+            let chunks = (whole - first).min(16);
+            chunk_sums(first * chunk..(first + chunks) * chunk, chunks, piece)
+        })
+        .collect();
     let tail = whole * chunk..len;
     if !tail.is_empty() {
-        let part = grads.clone().slice(tail.clone()) * counted.clone().slice(tail);
-        let part = part.cast(DType::F64);
-        sums.push((part.clone() * part).sum().reshape([1]));
+        let tail_len = tail.len();
+        sums.push(chunk_sums(tail, 1, tail_len));
     }
     if sums.is_empty() {
         return 0.0;
