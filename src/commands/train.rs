@@ -645,6 +645,11 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
             "--tf32 needs a build with the cuda feature (cargo build --features cuda)".to_string(),
         ));
     }
+    #[cfg(feature = "cuda")]
+    if launched.is_none() && layout.world_size() > 1 {
+        // Thread ranks share GPU 0.
+        burn_megatron::ops::queue_gemms_on_device_thread(false);
+    }
     let started = std::time::Instant::now();
     let gpu = launched.as_ref().map_or(0, |env| env.local_rank);
     let precision = args.precision.clone().unwrap_or_else(|| "fp32".to_string());

@@ -42,7 +42,7 @@ pub(crate) fn wait_for_burn(tensor: &CubeTensor<CudaRuntime>) -> Result<(), Stri
 
 /// Whether [`Handoff::run`] waits on the host instead (`BURN_MEGATRON_HOST_SYNC=1`: for
 /// diagnosing a suspected ordering problem, and to measure what the hand-off saves).
-fn host_sync() -> bool {
+pub(crate) fn host_sync() -> bool {
     static HOST_SYNC: OnceLock<bool> = OnceLock::new();
     *HOST_SYNC
         .get_or_init(|| std::env::var("BURN_MEGATRON_HOST_SYNC").is_ok_and(|value| value == "1"))
@@ -78,11 +78,11 @@ pub(crate) fn load_await_counter(context: &Arc<CudaContext>) -> Result<CudaFunct
 /// (a memset, which runs once the work before it is done), which Burn's stream waits for
 /// before its next kernel. The two streams thus run one after the other in the order the
 /// host queued their work, so a buffer Burn frees after the call is reused only once the
-/// call is done. One per thread: each thread queues on its own Burn stream.
+/// call is done. One per cubecl stream (each thread queues on its own).
 ///
 /// A kernel that spins may only wait for work already handed to the driver: a call that
 /// synchronizes the whole device (a module load, a synchronous free) would otherwise wait
-/// for the spinning kernel while the work it waits for is still held on the host.
+/// for the spinning kernel while the work it waits for is still held in cubecl's queue.
 pub(crate) struct Handoff {
     counters: HandoffCounters<CudaRuntime>,
     /// Device address of the counters.
@@ -113,7 +113,9 @@ impl Handoff {
     }
 
     /// Runs `queue`, which queues work on `stream`, after all the work Burn has queued on
-    /// the calling thread, and has Burn's later work wait for it.
+    /// the calling stream, and has Burn's later work wait for it; `on_device_thread`: called
+    /// from cubecl's device thread (then the host never waits, except with
+    /// `BURN_MEGATRON_HOST_SYNC=1`, which is for the calling thread only).
     ///
     /// # Errors
     ///
@@ -122,6 +124,7 @@ impl Handoff {
     pub(crate) fn run<T>(
         &mut self,
         stream: &CudaStream,
+        on_device_thread: bool,
         queue: impl FnOnce() -> Result<T, String>,
     ) -> Result<T, String> {
         if host_sync() {
@@ -135,11 +138,12 @@ impl Handoff {
         self.ticket = self.ticket.wrapping_add(1);
         let ticket = self.ticket;
         self.counters.signal(CUBECL_DONE, ticket);
-        // cubecl hands launches to its device thread, which may hold them in a queue. Our
-        // waiting kernel must not spin before the signal is launched: a synchronizing call
-        // there (loading a freshly compiled kernel) would wait for it forever. A blocking
-        // request to that thread returns once everything queued before it was launched.
-        address(self.counters.buffer())?;
+        if !on_device_thread {
+            // Elsewhere, cubecl hands the signal to its device thread, which may hold it in a
+            // queue; a blocking request to that thread returns once everything queued before
+            // it was launched. (On the device thread, cubecl launches at once.)
+            address(self.counters.buffer())?;
+        }
         let burn_done = self.address + 4 * CUBECL_DONE as sys::CUdeviceptr;
         let mut launch = stream.launch_builder(&self.await_counter);
         launch.arg(&burn_done).arg(&ticket);

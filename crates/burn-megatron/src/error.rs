@@ -39,6 +39,10 @@ pub enum Error {
     #[error("{0}")]
     InvalidData(String),
 
+    /// An operation on the accelerator failed (the library's message).
+    #[error("device: {0}")]
+    Device(String),
+
     /// A rank of a local (thread) run panicked or returned an error.
     #[error("rank {rank} failed: {message}")]
     RankFailed {

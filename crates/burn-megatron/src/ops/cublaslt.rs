@@ -1,7 +1,8 @@
 //! cuBLASLt GEMMs on the device buffers of burn-cuda tensors.
 //!
-//! A GEMM runs on our own stream, ordered with Burn's stream on the device by a
-//! [`Handoff`] (the host does not wait). Descriptors, layouts and the chosen algorithm are
+//! A GEMM is a task queued on cubecl's device thread (behind the Burn launches queued
+//! before it; the calling thread does not wait), which runs it on our own stream, ordered
+//! with Burn's stream on the device by a [`Handoff`]. Descriptors, layouts and the chosen algorithm are
 //! cached per shape; the heuristic runs once per shape. Strided operands are read in
 //! place: a row stride becomes the leading dimension, a transposed view flips the
 //! transpose flag; anything else is made contiguous first. A `[batch, heads]` grid of
@@ -9,19 +10,23 @@
 //! batch and head strides do not line up (attention's heads inside each token's row).
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::cubecl::device::{Device as _, DeviceId, DeviceService, ServerUtilitiesHandle};
+use burn_cubecl::cubecl::device_handle::DeviceHandle;
+use burn_cubecl::cubecl::stream_id::StreamId;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
 use cudarc::cublaslt::{result as lt, sys};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
 
 use super::{MegatronOps, reference_batched_gemm, reference_gemm, reference_ops};
-use crate::cuda::{Handoff, address, load_await_counter};
+use crate::cuda::{Handoff, address, host_sync, load_await_counter};
 
 static TF32: AtomicBool = AtomicBool::new(false);
 
@@ -39,6 +44,10 @@ where
 {
     fn has_fast_gemm() -> bool {
         !reference_ops()
+    }
+
+    fn check_queued_ops() -> Result<(), String> {
+        take_failure()
     }
 
     fn gemm(
@@ -90,10 +99,19 @@ where
                 .tensor(),
             false,
         );
-        run(&a, &b, &output, [m, n, k], [batch, heads]).unwrap_or_else(|error| {
-            panic!("cuBLASLt GEMM {batch}x{heads} x ({m}x{k} times {k}x{n}) ({dtype:?}): {error}")
+        if let Err(error) = take_failure() {
+            panic!("{error}");
+        }
+        let result = output.tensor.clone();
+        dispatch(QueuedGemm {
+            a,
+            b,
+            output,
+            dims: [m, n, k],
+            grid: [batch, heads],
+            tf32: TF32.load(Ordering::Relaxed),
         });
-        Tensor::from_primitive(TensorPrimitive::Float(output.tensor))
+        Tensor::from_primitive(TensorPrimitive::Float(result))
     }
 }
 
@@ -236,21 +254,17 @@ struct Device {
     plans: HashMap<PlanKey, Plan>,
     /// The hand-offs' waiting kernel, loaded once.
     await_counter: CudaFunction,
-    /// One per thread that ran a GEMM here (each thread has its own Burn stream), made
-    /// with its first GEMM's output.
-    handoffs: HashMap<std::thread::ThreadId, Handoff>,
+    /// One per cubecl stream that ran a GEMM here (each thread has its own), made with
+    /// its first GEMM's output.
+    handoffs: HashMap<StreamId, Handoff>,
 }
 
-// Safety: used under the mutex of `devices()` only.
+// Safety: used by one thread at a time (a `GemmQueue` on its device thread, or under the
+// mutex of `run_here`).
 unsafe impl Send for Device {}
 
 /// Hopper's recommended cuBLASLt workspace.
 const WORKSPACE_BYTES: usize = 32 << 20;
-
-fn devices() -> &'static Mutex<HashMap<usize, Device>> {
-    static DEVICES: OnceLock<Mutex<HashMap<usize, Device>>> = OnceLock::new();
-    DEVICES.get_or_init(Default::default)
-}
 
 impl Device {
     fn new(index: usize) -> Result<Self, String> {
@@ -465,95 +479,220 @@ fn library_version() -> String {
     format!("cuBLASLt {version} (CUDA runtime {cudart}) from {path}")
 }
 
-/// Queues `output = op(a) · op(b)` for each matrix of the `grid` after Burn's queued
-/// work, before Burn's next.
-fn run(
-    a: &Operand,
-    b: &Operand,
-    output: &Operand,
-    [m, n, k]: [usize; 3],
+/// One grid of products to queue: `output = op(a) · op(b)` for each matrix of the `grid`
+/// (the operands' buffers stay alive until it is queued).
+struct QueuedGemm {
+    a: Operand,
+    b: Operand,
+    output: Operand,
+    dims: [usize; 3],
     grid: [usize; 2],
-) -> Result<(), String> {
-    let batching = Batching::new(grid, [a, b, output]);
-    let element = output.tensor.dtype.size();
-    let [pa, pb, pd] = [
-        address(&a.tensor)?,
-        address(&b.tensor)?,
-        address(&output.tensor)?,
-    ];
-    // The largest power of two (up to 256) dividing each address of a call.
-    let alignment = |address: *mut c_void, strides: [usize; 2]| {
-        let offsets = strides.iter().fold(0, |bits, &s| bits | (s * element));
-        1u32 << (address as usize | offsets).trailing_zeros().min(8)
-    };
-    let key: PlanKey = (
-        output.tensor.dtype,
-        TF32.load(Ordering::Relaxed),
-        [a.transposed, b.transposed],
-        [m, n, k],
-        [a.ld, b.ld, output.ld],
-        [
-            alignment(pa, [batching.strides[0], batching.call_strides[0]]),
-            alignment(pb, [batching.strides[1], batching.call_strides[1]]),
-            alignment(pd, [batching.strides[2], batching.call_strides[2]]),
-        ],
-        (batching.count, batching.strides),
-    );
-    let mut devices = devices().lock().expect("cuBLASLt devices");
-    let index = output.tensor.device.index;
-    let device = match devices.entry(index) {
-        std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-        std::collections::hash_map::Entry::Vacant(entry) => entry.insert(Device::new(index)?),
-    };
-    let (handle, stream) = (device.handle, device.stream.clone());
-    // cuBLASLt (the heuristic included) works on the thread's current context.
-    stream
-        .context()
-        .bind_to_thread()
-        .map_err(|e| format!("CUDA context: {e:?}"))?;
-    let workspace = device.workspace_address;
-    device.ensure_plan(key)?;
-    let handoff = match device.handoffs.entry(std::thread::current().id()) {
-        std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-        std::collections::hash_map::Entry::Vacant(entry) => {
-            entry.insert(Handoff::new(&output.tensor, device.await_counter.clone())?)
+    tf32: bool,
+}
+
+impl QueuedGemm {
+    /// What failed, with the product's shape.
+    fn failure(&self, error: String) -> String {
+        let [m, n, k] = self.dims;
+        let [batch, heads] = self.grid;
+        let dtype = self.output.tensor.dtype;
+        format!("cuBLASLt GEMM {batch}x{heads} x ({m}x{k} times {k}x{n}) ({dtype:?}): {error}")
+    }
+}
+
+/// The first error of a GEMM that failed on a device thread, until reported.
+static FAILED: Mutex<Option<String>> = Mutex::new(None);
+
+/// Reports (once) the error of a GEMM that failed on a device thread since the last call.
+pub(super) fn take_failure() -> Result<(), String> {
+    match FAILED.lock().expect("cuBLASLt failures").take() {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+static QUEUE: AtomicBool = AtomicBool::new(true);
+
+/// Whether GEMMs are queued on cubecl's device thread (the default: the calling thread
+/// never waits) or run on the calling thread, which waits for that thread to reach them.
+/// Turn queueing off before the first GEMM when several threads drive one GPU (thread
+/// ranks sharing it): queued GEMMs of several streams hung on an H200.
+pub fn queue_gemms_on_device_thread(queue: bool) {
+    QUEUE.store(queue, Ordering::Relaxed);
+}
+
+/// Per GPU: the cubecl stream (thread) that ran its first GEMM, and whether another
+/// stream has run one there since.
+static STREAMS: Mutex<Option<HashMap<DeviceId, (StreamId, bool)>>> = Mutex::new(None);
+
+/// Queues `gemm` on its GPU's device thread ([`GemmQueue`]) while one stream uses the GPU
+/// (one rank per GPU); once several do, or with queueing off
+/// ([`queue_gemms_on_device_thread`]) or `BURN_MEGATRON_HOST_SYNC=1`, runs it on the
+/// calling thread, which waits for cubecl's device thread ([`run_here`]). Queued GEMMs of
+/// several streams on one device thread hung in three of five runs on an H200 (tp 2 x pp 2
+/// as four thread ranks; the cause is not found), so thread ranks turn queueing off before
+/// their first GEMM; the switch here is the fallback for other multi-threaded users.
+fn dispatch(gemm: QueuedGemm) {
+    let id = gemm.output.tensor.device.to_id();
+    let stream = StreamId::current();
+    let mut streams = STREAMS.lock().expect("cuBLASLt streams");
+    let (first, shared) = streams
+        .get_or_insert_with(HashMap::new)
+        .entry(id)
+        .or_insert((stream, false));
+    *shared |= *first != stream;
+    if *shared || host_sync() || !QUEUE.load(Ordering::Relaxed) {
+        drop(streams);
+        if let Err(error) = run_here(&gemm) {
+            panic!("{}", gemm.failure(error));
         }
+    } else {
+        // Under the lock: no other stream runs a GEMM on this GPU meanwhile.
+        queue(gemm);
+    }
+}
+
+/// Runs `gemm` on the calling thread with the GPU's [`Device`] of this path.
+fn run_here(gemm: &QueuedGemm) -> Result<(), String> {
+    static DEVICES: Mutex<Option<HashMap<usize, Device>>> = Mutex::new(None);
+    let mut devices = DEVICES.lock().expect("cuBLASLt devices");
+    let index = gemm.output.tensor.device.index;
+    let device = match devices.get_or_insert_with(HashMap::new).entry(index) {
+        Entry::Occupied(entry) => entry.into_mut(),
+        Entry::Vacant(entry) => entry.insert(Device::new(index)?),
     };
-    let (alpha, beta) = (1f32, 0f32);
-    let plan = &device.plans[&key];
-    let at = |address: *mut c_void, operand: usize, call: usize| {
-        (address as usize + call * batching.call_strides[operand] * element) as *mut c_void
-    };
-    // Safety: the pointers address live buffers of the sizes the layouts describe; the
-    // workspace is ours; the hand-off runs the calls after Burn's work on the inputs and
-    // before Burn's next use of the output.
-    handoff.run(&stream, || {
-        for call in 0..batching.calls {
-            let (pa, pb, pd) = (at(pa, 0, call), at(pb, 1, call), at(pd, 2, call));
-            unsafe {
-                lt::matmul(
-                    handle,
-                    plan.desc,
-                    &alpha as *const f32 as *const c_void,
-                    &beta as *const f32 as *const c_void,
-                    pb,
-                    plan.layouts[0],
-                    pa,
-                    plan.layouts[1],
-                    pd,
-                    plan.layouts[2],
-                    pd,
-                    plan.layouts[2],
-                    &plan.algo,
-                    workspace as *mut c_void,
-                    WORKSPACE_BYTES,
-                    stream.cu_stream() as sys::cudaStream_t,
-                )
+    device.run(gemm, false)
+}
+
+/// cuBLASLt's state for one GPU, kept on cubecl's device thread of that GPU (a
+/// [`DeviceService`] of the same stage as cubecl's compute server). A GEMM is a task
+/// queued there behind the Burn launches queued before it, so it resolves its buffers and
+/// queues its hand-off in the same order, and the calling thread never waits for it.
+struct GemmQueue {
+    index: usize,
+    /// Made by the first GEMM (an error is reported by each GEMM that needs it).
+    device: Option<Device>,
+}
+
+impl DeviceService for GemmQueue {
+    fn init(id: DeviceId) -> Self {
+        Self {
+            index: usize::from(id.index_id),
+            device: None,
+        }
+    }
+
+    fn utilities(&self) -> ServerUtilitiesHandle {
+        Arc::new(())
+    }
+}
+
+/// Queues `gemm` on its GPU's device thread. A failure there is kept for
+/// [`take_failure`]: the output is then left unwritten (the hand-off still releases
+/// Burn's stream).
+fn queue(gemm: QueuedGemm) {
+    let id = gemm.output.tensor.device.to_id();
+    DeviceHandle::<GemmQueue>::new(id).submit(move |queue| {
+        let device = match &mut queue.device {
+            Some(device) => Ok(device),
+            None => Device::new(queue.index).map(|device| queue.device.insert(device)),
+        };
+        if let Err(error) = device.and_then(|device| device.run(&gemm, true)) {
+            let mut failed = FAILED.lock().expect("cuBLASLt failures");
+            failed.get_or_insert(gemm.failure(error));
+        }
+    });
+}
+
+impl Device {
+    /// Queues `gemm` after Burn's queued work on the calling stream, before Burn's next;
+    /// `on_device_thread`: called from cubecl's device thread, where cubecl's calls made
+    /// here (buffer addresses, the hand-off's kernels) run at once, in order with what was
+    /// queued before.
+    fn run(&mut self, gemm: &QueuedGemm, on_device_thread: bool) -> Result<(), String> {
+        let QueuedGemm {
+            a,
+            b,
+            output,
+            dims: [m, n, k],
+            grid,
+            tf32,
+        } = gemm;
+        let batching = Batching::new(*grid, [a, b, output]);
+        let element = output.tensor.dtype.size();
+        let [pa, pb, pd] = [
+            address(&a.tensor)?,
+            address(&b.tensor)?,
+            address(&output.tensor)?,
+        ];
+        // The largest power of two (up to 256) dividing each address of a call.
+        let alignment = |address: *mut c_void, strides: [usize; 2]| {
+            let offsets = strides.iter().fold(0, |bits, &s| bits | (s * element));
+            1u32 << (address as usize | offsets).trailing_zeros().min(8)
+        };
+        let key: PlanKey = (
+            output.tensor.dtype,
+            *tf32,
+            [a.transposed, b.transposed],
+            [*m, *n, *k],
+            [a.ld, b.ld, output.ld],
+            [
+                alignment(pa, [batching.strides[0], batching.call_strides[0]]),
+                alignment(pb, [batching.strides[1], batching.call_strides[1]]),
+                alignment(pd, [batching.strides[2], batching.call_strides[2]]),
+            ],
+            (batching.count, batching.strides),
+        );
+        let (handle, stream) = (self.handle, self.stream.clone());
+        // cuBLASLt (the heuristic included) works on the thread's current context.
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| format!("CUDA context: {e:?}"))?;
+        let workspace = self.workspace_address;
+        self.ensure_plan(key)?;
+        let handoff = match self.handoffs.entry(StreamId::current()) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                entry.insert(Handoff::new(&output.tensor, self.await_counter.clone())?)
             }
-            .map_err(|e| {
-                format!("cuBLASLt matmul: {e:?} (plan {key:?}, addresses {pa:?} {pb:?} {pd:?})")
-            })?;
-        }
-        Ok(())
-    })
+        };
+        let (alpha, beta) = (1f32, 0f32);
+        let plan = &self.plans[&key];
+        let at = |address: *mut c_void, operand: usize, call: usize| {
+            (address as usize + call * batching.call_strides[operand] * element) as *mut c_void
+        };
+        // Safety: the pointers address live buffers of the sizes the layouts describe; the
+        // workspace is ours; the hand-off runs the calls after Burn's work on the inputs and
+        // before Burn's next use of the output.
+        handoff.run(&stream, on_device_thread, || {
+            for call in 0..batching.calls {
+                let (pa, pb, pd) = (at(pa, 0, call), at(pb, 1, call), at(pd, 2, call));
+                unsafe {
+                    lt::matmul(
+                        handle,
+                        plan.desc,
+                        &alpha as *const f32 as *const c_void,
+                        &beta as *const f32 as *const c_void,
+                        pb,
+                        plan.layouts[0],
+                        pa,
+                        plan.layouts[1],
+                        pd,
+                        plan.layouts[2],
+                        pd,
+                        plan.layouts[2],
+                        &plan.algo,
+                        workspace as *mut c_void,
+                        WORKSPACE_BYTES,
+                        stream.cu_stream() as sys::cudaStream_t,
+                    )
+                }
+                .map_err(|e| {
+                    format!("cuBLASLt matmul: {e:?} (plan {key:?}, addresses {pa:?} {pb:?} {pd:?})")
+                })?;
+            }
+            Ok(())
+        })
+    }
 }

@@ -27,7 +27,7 @@ use burn::tensor::{Bool, Tensor};
 pub use attention::{AttentionDropout, CoreAttention, Recompute, reference_attention};
 pub use burn_megatron_kernels::{reference_ops, use_reference_ops, with_dtype};
 #[cfg(feature = "cuda")]
-pub use cublaslt::allow_tf32;
+pub use cublaslt::{allow_tf32, queue_gemms_on_device_thread};
 pub use gemm::{linear, matmul_with_gemm_backward, reference_batched_gemm, reference_gemm};
 
 /// A backend with the transformer's heavy operations; see the [module](self) docs. The
@@ -39,6 +39,13 @@ pub trait MegatronOps: burn_megatron_kernels::FusedKernels {
     /// stay those of Burn's own ops).
     fn has_fast_gemm() -> bool {
         false
+    }
+
+    /// The error of fast-path work that was queued without waiting and failed later (on
+    /// CUDA: a cuBLASLt call on cubecl's device thread), reported once; such a failure
+    /// also stops the next GEMM.
+    fn check_queued_ops() -> Result<(), String> {
+        Ok(())
     }
 
     /// `op(a) · op(b)` for 2-D `a` and `b`, where `op(x)` is `x` transposed when its flag

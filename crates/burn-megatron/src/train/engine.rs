@@ -488,6 +488,7 @@ where
             );
         }
         let loss = loss_of_step::<B>(ctx, outcome.loss_sum / micro_batches as f64, device)?;
+        B::check_queued_ops().map_err(Error::Device)?;
         let seconds = started.elapsed().as_secs_f64();
 
         let evaluate = valid_data.is_some()
