@@ -18,21 +18,30 @@ def main():
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--bf16-weights", action="store_true",
+                        help="keep the parameters (and AdamW's state) in bf16 and run without "
+                             "autocast: faster, but no fp32 master weights (not Megatron's "
+                             "mixed precision, which ours follows)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = parser.parse_args()
     config = GPT2Config(n_positions=args.seq, n_embd=args.hidden, n_layer=args.layers,
                         n_head=args.heads, vocab_size=50257, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config).cuda()
+    if args.bf16_weights:
+        model = model.to(torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
+    step_model = torch.compile(model) if args.compile else model
+    autocast = args.precision == "bf16" and not args.bf16_weights
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     tokens = torch.randint(0, 50257, (args.batch, args.seq), device="cuda")
     rates = []
     for step in range(args.steps):
         torch.cuda.synchronize()
         started = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            loss = model(tokens, labels=tokens).loss
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = step_model(tokens, labels=tokens).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -41,7 +50,8 @@ def main():
         rates.append(args.batch * args.seq / (time.perf_counter() - started))
     rate = sorted(rates[2:])[len(rates[2:]) // 2]
     flops = 6 * params + 12 * args.layers * args.hidden * args.seq
-    print(f"torch eager GPT-2 {params / 1e6:.0f}M {args.precision} {args.batch}x{args.seq}: "
+    mode = ("compiled" if args.compile else "eager") + (", bf16 weights" if args.bf16_weights else "")
+    print(f"torch {mode} GPT-2 {params / 1e6:.0f}M {args.precision} {args.batch}x{args.seq}: "
           f"median {rate:.0f} tokens/s, {rate * flops / 1e12:.0f} model TFLOP/s, "
           f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, loss {loss.item():.3f}")
 
