@@ -2,9 +2,9 @@
 //!
 //! A GEMM is a task queued on cubecl's device thread (behind the Burn launches queued
 //! before it; the calling thread does not wait), which runs it on our own stream, ordered
-//! with Burn's stream on the device by a [`Handoff`]. Descriptors, layouts and the chosen algorithm are
-//! cached per shape; the heuristic runs once per shape. Strided operands are read in
-//! place: a row stride becomes the leading dimension, a transposed view flips the
+//! with Burn's stream on the device by a [`Handoff`]. Descriptors, layouts and the chosen
+//! algorithm are cached per shape; the heuristic runs once per shape. Strided operands are
+//! read in place: a row stride becomes the leading dimension, a transposed view flips the
 //! transpose flag; anything else is made contiguous first. A `[batch, heads]` grid of
 //! products is one strided-batched call, or one call per batch entry when an operand's
 //! batch and head strides do not line up (attention's heads inside each token's row).
@@ -480,7 +480,7 @@ fn library_version() -> String {
 }
 
 /// One grid of products to queue: `output = op(a) · op(b)` for each matrix of the `grid`
-/// (the operands' buffers stay alive until it is queued).
+/// (holding the operands keeps their buffers alive until it has run).
 struct QueuedGemm {
     a: Operand,
     b: Operand,
@@ -511,6 +511,7 @@ pub(super) fn take_failure() -> Result<(), String> {
     }
 }
 
+/// See [`queue_gemms_on_device_thread`].
 static QUEUE: AtomicBool = AtomicBool::new(true);
 
 /// Whether GEMMs are queued on cubecl's device thread (the default: the calling thread
@@ -529,7 +530,7 @@ static STREAMS: Mutex<Option<HashMap<DeviceId, (StreamId, bool)>>> = Mutex::new(
 /// (one rank per GPU); once several do, or with queueing off
 /// ([`queue_gemms_on_device_thread`]) or `BURN_MEGATRON_HOST_SYNC=1`, runs it on the
 /// calling thread, which waits for cubecl's device thread ([`run_here`]). Queued GEMMs of
-/// several streams on one device thread hung in three of five runs on an H200 (tp 2 x pp 2
+/// several streams on one device thread hung in two of four runs on an H200 (tp 2 x pp 2
 /// as four thread ranks; the cause is not found), so thread ranks turn queueing off before
 /// their first GEMM; the switch here is the fallback for other multi-threaded users.
 fn dispatch(gemm: QueuedGemm) {
