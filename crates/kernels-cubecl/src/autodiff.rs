@@ -24,12 +24,17 @@ fn fused<B: FusedKernels>() -> bool {
     B::has_fused_kernels() && !reference_kernels()
 }
 
-/// Splits autodiff tensors into their graph nodes and the inner backend's tensors.
+/// Splits autodiff tensors into their graph nodes and the inner backend's tensors. The
+/// autodiff tensors are cloned, not moved: the caller's bindings (shadowed by the inner
+/// tensors) stay alive until the function returns, after its node is registered. Burn's
+/// graph cleanup, which any thread's backward runs, drops the nodes that no live tensor
+/// refers to; a parent dropped before its child was registered lost its gradient path
+/// (thread ranks sharing the autodiff graph store saw wrong gradients).
 macro_rules! detach_inner {
     ($($tensor:ident),+) => {{
         let nodes = [$($tensor.clone().into_primitive().tensor().node),+];
         ($(Inner::<B, _>::from_primitive(TensorPrimitive::Float(
-            $tensor.into_primitive().tensor().primitive,
+            $tensor.clone().into_primitive().tensor().primitive,
         ))),+, nodes)
     }};
 }
