@@ -211,7 +211,8 @@ mod tests {
             let grads = y.sum().backward();
             total = total + w.grad(&grads).unwrap();
         }
-        total.into_data().to_vec().unwrap()
+        // Converted: other tests may change the device's default float type meanwhile.
+        total.into_data().convert::<f32>().to_vec().unwrap()
     }
 
     /// Thread ranks: graphs of several threads at once (Burn's graph cleanup, run by each
