@@ -649,15 +649,6 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
     if device == "cuda" && launched.is_none() && layout.world_size() > 1 {
         // Thread ranks share GPU 0.
         burn_megatron::ops::queue_gemms_on_device_thread(false);
-        if layout.world_size() > 2 {
-            eprintln!(
-                "warning: {} thread ranks share GPU 0; with four, gradients were seen to differ \
-                 from the one-rank run in about half of the runs on an H200 (two ranks always \
-                 matched; cause not found). Train on one GPU per rank: burn-megatron launch \
-                 --nproc-per-node N -- train ...",
-                layout.world_size()
-            );
-        }
     }
     let started = std::time::Instant::now();
     let gpu = launched.as_ref().map_or(0, |env| env.local_rank);
