@@ -84,6 +84,11 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
          BURN_MEGATRON_REFERENCE_OPS, use a CubeCL backend)"
     );
     let mut checks = check_dropout_seeds::<B>(device, dtype);
+    // Rows enough that each row group of the norm's one-pass backward visits several,
+    // not all the same number.
+    for centered in [true, false] {
+        checks.extend(check_norm::<B>(device, dtype, [3000, 40], centered));
+    }
     for shape in [[4, 256], [3, 1000], [17, 77], [2, 5], [3, 1100]] {
         for centered in [true, false] {
             checks.extend(check_norm::<B>(device, dtype, shape, centered));

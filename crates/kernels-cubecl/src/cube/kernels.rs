@@ -283,6 +283,158 @@ pub(super) fn norm_backward_input<F: Float, N: Size>(
     }
 }
 
+/// The whole norm backward in one pass over `grad` and `input` for rows whose vectors fit
+/// `per_unit` per unit (`width / N ≤ per_unit · CUBE_DIM_X`): each row group visits rows
+/// `group, group + groups, ...` (`iterations` of them, the same count for every group so
+/// that the cube's barriers line up), writes each row's input gradient as
+/// [`norm_backward_input`] does, and sums `grad · x̂` and `grad` for its columns in
+/// registers; the cube then adds its groups' sums in shared memory and writes them as row
+/// `CUBE_POS` of the `[cubes, width]` fp32 partials (summed over cubes afterwards), through
+/// `row_capacity` (`per_unit · CUBE_DIM_X · N`) floats of shared memory. A row is read again
+/// for its second pass, which the cache serves.
+#[cube(launch)]
+pub(super) fn norm_backward<F: Float, N: Size>(
+    grad: &Tensor<Vector<F, N>>,
+    input: &Tensor<Vector<F, N>>,
+    weight: &Tensor<Vector<F, N>>,
+    mean: &Tensor<f32>,
+    rstd: &Tensor<f32>,
+    input_grad: &mut Tensor<Vector<F, N>>,
+    weight_partial: &mut Tensor<f32>,
+    bias_partial: &mut Tensor<f32>,
+    rows: u32,
+    width: u32,
+    iterations: u32,
+    #[comptime] centered: bool,
+    #[comptime] plane: bool,
+    #[comptime] per_unit: usize,
+    #[comptime] row_capacity: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let lanes = input.vector_size();
+    let vectors = (width / lanes as u32) as usize;
+    let lane = UNIT_POS_X as usize;
+    let step = CUBE_DIM_X as usize;
+    let groups = CUBE_COUNT * CUBE_DIM_Y as usize;
+    let group = CUBE_POS * CUBE_DIM_Y as usize + UNIT_POS_Y as usize;
+    let count = f32::cast_from(width);
+    let mut shared = SharedMemory::<f32>::new(256usize);
+    let mut weight_sums = Array::<Vector<f32, N>>::new(per_unit);
+    let mut bias_sums = Array::<Vector<f32, N>>::new(per_unit);
+    #[unroll]
+    for i in 0..per_unit {
+        weight_sums[i] = Vector::<f32, N>::new(0.0f32);
+        bias_sums[i] = Vector::<f32, N>::new(0.0f32);
+    }
+
+    for iteration in 0..iterations as usize {
+        let visited = group + iteration * groups;
+        let active = visited < rows as usize;
+        let row = select(active, visited, 0usize);
+        let columns = select(active, vectors, 0usize);
+        let start = row * input.stride(0) / lanes;
+        let grad_start = row * grad.stride(0) / lanes;
+        let mean_vector = Vector::<f32, N>::new(mean[row]);
+        let rstd_vector = Vector::<f32, N>::new(rstd[row]);
+
+        let mut scaled_sum = Vector::<f32, N>::new(0.0f32);
+        let mut projection = Vector::<f32, N>::new(0.0f32);
+        #[unroll]
+        for i in 0..per_unit {
+            let vector = lane + i * step;
+            if vector < columns {
+                let upstream = Vector::<f32, N>::cast_from(grad[grad_start + vector]);
+                let normalized = (Vector::<f32, N>::cast_from(input[start + vector]) - mean_vector)
+                    * rstd_vector;
+                let scaled = upstream * Vector::<f32, N>::cast_from(weight[vector]);
+                scaled_sum += scaled;
+                projection += scaled * normalized;
+                weight_sums[i] += upstream * normalized;
+                bias_sums[i] += upstream;
+            }
+        }
+        let mut scaled_mean = 0.0f32;
+        if centered {
+            scaled_mean = group_sum(lanes_sum(scaled_sum), &mut shared, plane) / count;
+        }
+        let scaled_mean = Vector::<f32, N>::new(scaled_mean);
+        let projection_mean =
+            Vector::<f32, N>::new(group_sum(lanes_sum(projection), &mut shared, plane) / count);
+
+        let output_start = row * input_grad.stride(0) / lanes;
+        #[unroll]
+        for i in 0..per_unit {
+            let vector = lane + i * step;
+            if vector < columns {
+                let scaled = Vector::<f32, N>::cast_from(grad[grad_start + vector])
+                    * Vector::<f32, N>::cast_from(weight[vector]);
+                let normalized = (Vector::<f32, N>::cast_from(input[start + vector]) - mean_vector)
+                    * rstd_vector;
+                let value = rstd_vector * (scaled - scaled_mean - normalized * projection_mean);
+                input_grad[output_start + vector] = Vector::cast_from(value);
+            }
+        }
+    }
+
+    // The cube's sums, weight then bias (one shared buffer of the row's width serves both),
+    // as row `CUBE_POS` of the partials.
+    let mut totals = SharedMemory::<f32>::new(row_capacity);
+    add_groups(&weight_sums, &mut totals, vectors, per_unit);
+    write_partial(&totals, weight_partial, width);
+    if centered {
+        sync_cube();
+        add_groups(&bias_sums, &mut totals, vectors, per_unit);
+        write_partial(&totals, bias_partial, width);
+    }
+}
+
+/// Adds the cube's row groups' `sums` (vector `UNIT_POS_X + i · CUBE_DIM_X` of a row at
+/// index `i`) into `totals`, one group after another.
+#[cube]
+fn add_groups<N: Size>(
+    sums: &Array<Vector<f32, N>>,
+    totals: &mut SharedMemory<f32>,
+    vectors: usize,
+    #[comptime] per_unit: usize,
+) {
+    let lanes = sums[0].vector_size();
+    let lane = UNIT_POS_X as usize;
+    let step = CUBE_DIM_X as usize;
+    for adding in 0..CUBE_DIM_Y {
+        if UNIT_POS_Y == adding {
+            #[unroll]
+            for i in 0..per_unit {
+                let vector = lane + i * step;
+                if vector < vectors {
+                    #[unroll]
+                    for element in 0..lanes {
+                        let at = vector * lanes + element;
+                        if adding == 0 {
+                            totals[at] = sums[i][element];
+                        } else {
+                            totals[at] += sums[i][element];
+                        }
+                    }
+                }
+            }
+        }
+        sync_cube();
+    }
+}
+
+/// Writes the first `width` `totals` as row `CUBE_POS` of `partial`, all the cube's units
+/// storing adjacent elements.
+#[cube]
+fn write_partial(totals: &SharedMemory<f32>, partial: &mut Tensor<f32>, width: u32) {
+    let start = CUBE_POS * partial.stride(0);
+    let units = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
+    let mut column = UNIT_POS as usize;
+    while column < width as usize {
+        partial[start + column] = totals[column];
+        column += units;
+    }
+}
+
 /// Partial weight and bias gradients of the norm: unit `vector` of cube
 /// `(CUBE_POS_X, chunk = CUBE_POS_Y)` sums `grad · x̂` and `grad` over the chunk's rows for
 /// `N` adjacent columns into `[chunks, width]` fp32 partials (summed over chunks
@@ -685,7 +837,9 @@ fn scaled_scores<F: Float, N: Size>(
 }
 
 /// Softmax of this unit's row of `scores · scale` over the keys, masked keys at
-/// [`MASKED`], in vectors of `N` keys; arithmetic in fp32, probabilities in `F`.
+/// [`MASKED`], in vectors of `N` keys; arithmetic in fp32, probabilities in `F`. Under a
+/// causal mask alone, the key vectors past the query are not read (their probabilities
+/// are written as 0).
 #[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub(super) fn softmax_forward<F: Float, N: Size>(
     scores: &Tensor<Vector<F, N>>,
@@ -699,6 +853,7 @@ pub(super) fn softmax_forward<F: Float, N: Size>(
     #[comptime] causal: bool,
     #[comptime] has_padding: bool,
     #[comptime] plane: bool,
+    #[comptime] cached: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let lanes = scores.vector_size();
@@ -711,12 +866,37 @@ pub(super) fn softmax_forward<F: Float, N: Size>(
     let out_start = row_start::<Vector<F, N>>(probabilities, at) / lanes;
     let step = CUBE_DIM_X as usize;
 
-    // One pass for the maximum and the sum of exponentials (the sum rescaled whenever the
-    // maximum grows), one to write.
+    let lane = UNIT_POS_X as usize;
+    let visible = visible_vectors(vectors, at.query, lanes, causal && !has_padding);
+    // The first `cached` vectors of the unit stay in registers (scores, then their
+    // exponentials): the row is read once and each exponential taken once when it fits.
+    let mut cache = Array::<Vector<f32, N>>::new(cached);
     let mut largest = f32::new(MASKED);
-    let mut sum = 0.0f32;
-    let mut vector = UNIT_POS_X as usize;
-    while vector < vectors {
+    #[unroll]
+    for i in 0..cached {
+        let vector = lane + i * step;
+        let mut values = Vector::<f32, N>::new(MASKED);
+        if vector < visible {
+            values = scaled_scores(
+                scores,
+                padding,
+                start,
+                vector,
+                at,
+                scale,
+                causal,
+                has_padding,
+            );
+        }
+        cache[i] = values;
+        largest = f32::max(largest, lanes_max(values));
+    }
+    // Beyond the cache: the maximum and the sum of exponentials in one pass (the sum
+    // rescaled whenever the maximum grows), the exponentials again when writing.
+    let mut rest_sum = 0.0f32;
+    let mut rest_max = largest;
+    let mut vector = lane + cached * step;
+    while vector < visible {
         let values = scaled_scores(
             scores,
             padding,
@@ -727,32 +907,75 @@ pub(super) fn softmax_forward<F: Float, N: Size>(
             causal,
             has_padding,
         );
-        let grown = f32::max(largest, lanes_max(values));
-        sum = sum * f32::exp(largest - grown) + lanes_sum(Vector::exp(values - Vector::new(grown)));
-        largest = grown;
+        let grown = f32::max(rest_max, lanes_max(values));
+        rest_sum = rest_sum * f32::exp(rest_max - grown)
+            + lanes_sum(Vector::exp(values - Vector::new(grown)));
+        rest_max = grown;
         vector += step;
     }
-    let row_max = group_max(largest, &mut shared, plane);
-    let total = group_sum(sum * f32::exp(largest - row_max), &mut shared, plane);
-    let row_max = Vector::<f32, N>::new(row_max);
-    let reciprocal = Vector::<f32, N>::new(1.0f32 / total);
+    let row_max = group_max(rest_max, &mut shared, plane);
+    let row_max_vector = Vector::<f32, N>::new(row_max);
+    let mut sum = rest_sum * f32::exp(rest_max - row_max);
+    #[unroll]
+    for i in 0..cached {
+        let vector = lane + i * step;
+        if vector < visible {
+            let exponentials = Vector::exp(cache[i] - row_max_vector);
+            cache[i] = exponentials;
+            sum += lanes_sum(exponentials);
+        }
+    }
+    let reciprocal = Vector::<f32, N>::new(1.0f32 / group_sum(sum, &mut shared, plane));
 
-    let mut vector = UNIT_POS_X as usize;
+    #[unroll]
+    for i in 0..cached {
+        let vector = lane + i * step;
+        if vector < vectors {
+            let mut value = Vector::<f32, N>::new(0.0f32);
+            if vector < visible {
+                value = cache[i] * reciprocal;
+            }
+            probabilities[out_start + vector] = Vector::cast_from(value);
+        }
+    }
+    let mut vector = lane + cached * step;
     while vector < vectors {
-        let values = scaled_scores(
-            scores,
-            padding,
-            start,
-            vector,
-            at,
-            scale,
-            causal,
-            has_padding,
-        );
-        probabilities[out_start + vector] =
-            Vector::cast_from(Vector::exp(values - row_max) * reciprocal);
+        let mut value = Vector::<f32, N>::new(0.0f32);
+        if vector < visible {
+            let values = scaled_scores(
+                scores,
+                padding,
+                start,
+                vector,
+                at,
+                scale,
+                causal,
+                has_padding,
+            );
+            value = Vector::exp(values - row_max_vector) * reciprocal;
+        }
+        probabilities[out_start + vector] = Vector::cast_from(value);
         vector += step;
     }
+}
+
+/// How many of a row's `vectors` key vectors (of `lanes` keys) hold a key that query
+/// `query` may see: with `causal_only` (a causal mask and no other), those up to the one
+/// holding key `query` (the others are all masked: their probabilities are 0 and their
+/// scores need not be read); otherwise all.
+#[cube]
+fn visible_vectors(
+    vectors: usize,
+    query: usize,
+    lanes: usize,
+    #[comptime] causal_only: bool,
+) -> usize {
+    let mut visible = vectors;
+    if causal_only {
+        let reached = query / lanes + 1;
+        visible = select(reached < vectors, reached, vectors);
+    }
+    visible
 }
 
 /// The scores' gradient for this unit's row, in vectors of `N` keys:
@@ -787,6 +1010,8 @@ pub(super) fn softmax_backward<F: Float, N: Size>(
     let out_start = row_start::<Vector<F, N>>(grad_scores, at) / lanes;
     let step = CUBE_DIM_X as usize;
     let lane = UNIT_POS_X as usize;
+    // Key vectors past the query under a causal mask: their gradient is 0, nothing to read.
+    let visible = visible_vectors(vectors, at.query, lanes, causal);
     let mut p_cache = Array::<Vector<f32, N>>::new(cached);
     let mut g_cache = Array::<Vector<f32, N>>::new(cached);
 
@@ -794,7 +1019,7 @@ pub(super) fn softmax_backward<F: Float, N: Size>(
     #[unroll]
     for i in 0..cached {
         let vector = lane + i * step;
-        if vector < vectors {
+        if vector < visible {
             let p = Vector::<f32, N>::cast_from(probabilities[p_start + vector]);
             let g = Vector::<f32, N>::cast_from(grad[g_start + vector]);
             p_cache[i] = p;
@@ -803,7 +1028,7 @@ pub(super) fn softmax_backward<F: Float, N: Size>(
         }
     }
     let mut vector = lane + cached * step;
-    while vector < vectors {
+    while vector < visible {
         weighted += Vector::<f32, N>::cast_from(probabilities[p_start + vector])
             * Vector::<f32, N>::cast_from(grad[g_start + vector]);
         vector += step;
@@ -815,32 +1040,38 @@ pub(super) fn softmax_backward<F: Float, N: Size>(
     for i in 0..cached {
         let vector = lane + i * step;
         if vector < vectors {
-            let value = p_cache[i] * (g_cache[i] - total) * scale_vector;
-            grad_scores[out_start + vector] = Vector::cast_from(with_masked_keys(
-                value,
+            let mut value = Vector::<f32, N>::new(0.0f32);
+            if vector < visible {
+                value = with_masked_keys(
+                    p_cache[i] * (g_cache[i] - total) * scale_vector,
+                    0.0f32,
+                    padding,
+                    at,
+                    vector,
+                    causal,
+                    has_padding,
+                );
+            }
+            grad_scores[out_start + vector] = Vector::cast_from(value);
+        }
+    }
+    let mut vector = lane + cached * step;
+    while vector < vectors {
+        let mut value = Vector::<f32, N>::new(0.0f32);
+        if vector < visible {
+            let p = Vector::<f32, N>::cast_from(probabilities[p_start + vector]);
+            let g = Vector::<f32, N>::cast_from(grad[g_start + vector]);
+            value = with_masked_keys(
+                p * (g - total) * scale_vector,
                 0.0f32,
                 padding,
                 at,
                 vector,
                 causal,
                 has_padding,
-            ));
+            );
         }
-    }
-    let mut vector = lane + cached * step;
-    while vector < vectors {
-        let p = Vector::<f32, N>::cast_from(probabilities[p_start + vector]);
-        let g = Vector::<f32, N>::cast_from(grad[g_start + vector]);
-        let value = p * (g - total) * scale_vector;
-        grad_scores[out_start + vector] = Vector::cast_from(with_masked_keys(
-            value,
-            0.0f32,
-            padding,
-            at,
-            vector,
-            causal,
-            has_padding,
-        ));
+        grad_scores[out_start + vector] = Vector::cast_from(value);
         vector += step;
     }
 }

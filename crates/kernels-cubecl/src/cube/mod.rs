@@ -23,7 +23,7 @@ use kernels::{GROUP_UNITS, ROW_GROUPS};
 
 /// Units per cube of the element-wise kernels.
 const ELEMENT_UNITS: u32 = 256;
-/// The most vectors of its row that a unit of the backward row kernels (norm, softmax) keeps
+/// The most vectors of its row that a unit of the row kernels (norm backward, softmax) keeps
 /// in registers between passes (beyond, the later passes read the rest again).
 const CACHED_VECTORS: usize = 8;
 
@@ -128,6 +128,20 @@ fn cached_vectors(vectors: usize) -> usize {
     vectors.div_ceil(GROUP_UNITS as usize).min(CACHED_VECTORS)
 }
 
+/// Cubes of the one-pass norm backward for `rows` rows: two per multiprocessor where the
+/// runtime tells their number (the partials it sums over stay small), at most one per
+/// [`ROW_GROUPS`] rows.
+fn norm_backward_cubes<R: CubeRuntime>(like: &CubeTensor<R>, rows: usize) -> usize {
+    let multiprocessors = like
+        .client
+        .properties()
+        .hardware
+        .num_streaming_multiprocessors
+        .unwrap_or(64) as usize;
+    rows.div_ceil(ROW_GROUPS as usize)
+        .clamp(1, 2 * multiprocessors)
+}
+
 /// Checked narrowing of a size the kernels index with 32-bit integers.
 fn u32_of(value: usize, what: &str) -> u32 {
     u32::try_from(value).unwrap_or_else(|_| {
@@ -224,17 +238,48 @@ where
         let mean = primitive(statistics.mean);
         let rstd = primitive(statistics.rstd);
         let input_grad = empty_like(&input, Shape::new([rows, width]), dtype);
-        let chunks = rows.clamp(1, PARAMETER_CHUNKS);
-        let rows_per_chunk = rows.div_ceil(chunks).max(1);
+        let lanes = vector_lanes(&[&grad, &input, &weight, &input_grad]);
+        let per_unit = (width / lanes).div_ceil(GROUP_UNITS as usize);
+        let one_pass = per_unit <= CACHED_VECTORS;
+        // Partial rows: one per cube of the one-pass kernel, or per row chunk.
+        let chunks = if one_pass {
+            norm_backward_cubes(&input, rows)
+        } else {
+            rows.clamp(1, PARAMETER_CHUNKS)
+        };
         let weight_partial = empty_like(&input, Shape::new([chunks, width]), DType::F32);
         let bias_partial = if has_bias {
             empty_like(&input, Shape::new([chunks, width]), DType::F32)
         } else {
             weight_partial.clone()
         };
-        if rows > 0 && width > 0 {
+        if rows > 0 && width > 0 && one_pass {
+            let groups = chunks * ROW_GROUPS as usize;
+            kernels::norm_backward::launch::<R>(
+                &input.client,
+                CubeCount::Static(chunks as u32, 1, 1),
+                row_cube_dim(),
+                lanes,
+                grad.into_tensor_arg(),
+                input.clone().into_tensor_arg(),
+                weight.into_tensor_arg(),
+                mean.into_tensor_arg(),
+                rstd.into_tensor_arg(),
+                input_grad.clone().into_tensor_arg(),
+                weight_partial.clone().into_tensor_arg(),
+                bias_partial.clone().into_tensor_arg(),
+                u32_of(rows, "rows"),
+                u32_of(width, "width"),
+                u32_of(rows.div_ceil(groups), "rows per group"),
+                has_bias,
+                rows_are_planes(&input),
+                per_unit,
+                per_unit * GROUP_UNITS as usize * lanes,
+                dtype.into(),
+            );
+        } else if rows > 0 && width > 0 {
+            let rows_per_chunk = rows.div_ceil(chunks).max(1);
             let (rows32, width32) = (u32_of(rows, "rows"), u32_of(width, "width"));
-            let lanes = vector_lanes(&[&grad, &input, &weight, &input_grad]);
             kernels::norm_backward_input::launch::<R>(
                 &input.client,
                 row_cubes(&input, rows),
@@ -416,12 +461,13 @@ where
         let plane = rows_are_planes(&scores);
         let [batch, heads, queries, keys] = shape;
         let rows = batch * heads * queries;
+        let lanes = vector_lanes(&[&scores, &probabilities]);
         if rows > 0 {
             kernels::softmax_forward::launch::<R>(
                 &scores.client,
                 row_cubes(&scores, rows),
                 row_cube_dim(),
-                vector_lanes(&[&scores, &probabilities]),
+                lanes,
                 scores.clone().into_tensor_arg(),
                 padding.into_tensor_arg(),
                 probabilities.clone().into_tensor_arg(),
@@ -433,6 +479,7 @@ where
                 causal,
                 has_padding,
                 plane,
+                cached_vectors(keys / lanes),
                 dtype.into(),
             );
         }
