@@ -16,27 +16,10 @@ use crate::{
     reference_kernels, reference_norm, with_dtype,
 };
 
-type Inner<B, const D: usize> = Tensor<B, D>;
-
 /// Whether autodiff should build the fused node (the inner backend has kernels and the
 /// references are not forced).
 fn fused<B: FusedKernels>() -> bool {
     B::has_fused_kernels() && !reference_kernels()
-}
-
-/// Splits autodiff tensors into their graph nodes and the inner backend's tensors. The
-/// autodiff tensors are cloned, not moved: the caller's bindings (shadowed by the inner
-/// tensors) stay alive until the function returns, after its node is registered. Burn's
-/// graph cleanup, which any thread's backward runs, drops the nodes that no live tensor
-/// refers to; a parent dropped before its child was registered lost its gradient path
-/// (thread ranks sharing the autodiff graph store saw wrong gradients).
-macro_rules! detach_inner {
-    ($($tensor:ident),+) => {{
-        let nodes = [$($tensor.clone().into_primitive().tensor().node),+];
-        ($(Inner::<B, _>::from_primitive(TensorPrimitive::Float(
-            $tensor.clone().into_primitive().tensor().primitive,
-        ))),+, nodes)
-    }};
 }
 
 fn register<B: FusedKernels, const D: usize>(
@@ -207,7 +190,7 @@ fn fused_norm<B: FusedKernels, C: CheckpointStrategy>(
     let weight = with_dtype(weight, dtype);
     let has_bias = bias.is_some();
     let bias = bias.map_or_else(|| absent(&input.device()), |bias| with_dtype(bias, dtype));
-    let (input, weight, bias, nodes) = detach_inner!(input, weight, bias);
+    let (input, weight, bias, nodes) = crate::detach_inner!(B; input, weight, bias);
     let (output, statistics) = B::norm_forward(
         input.clone(),
         weight.clone(),
@@ -285,7 +268,7 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedKernels for Autodiff<B, C> {
         }
         let has_bias = bias.is_some();
         let bias = bias.unwrap_or_else(|| absent(&input.device()));
-        let (input, bias, nodes) = detach_inner!(input, bias);
+        let (input, bias, nodes) = crate::detach_inner!(B; input, bias);
         let bias = has_bias.then_some(bias);
         let output = B::bias_gelu(input.clone(), bias.clone(), gelu);
         let state = || BiasGeluSaved { input, bias, gelu };
@@ -321,7 +304,7 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedKernels for Autodiff<B, C> {
         if !fused::<B>() {
             return reference_cross_entropy_loss(logits, targets, log_sum_exp, loss, cross_entropy);
         }
-        let (logits, nodes) = detach_inner!(logits);
+        let (logits, nodes) = crate::detach_inner!(B; logits);
         let state = || CrossEntropySaved {
             logits,
             targets: targets.inner(),
@@ -349,7 +332,7 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedKernels for Autodiff<B, C> {
         }
         let bias_dtype = bias.as_ref().map(|bias| bias.dtype());
         let bias = bias.unwrap_or_else(|| absent(&input.device()));
-        let (input, residual, bias, nodes) = detach_inner!(input, residual, bias);
+        let (input, residual, bias, nodes) = crate::detach_inner!(B; input, residual, bias);
         let bias = bias_dtype.map(|_| bias);
         let output = B::bias_dropout_add(input, bias, residual, dropout);
         let state = || BiasDropoutAddSaved {

@@ -397,3 +397,20 @@ macro_rules! impl_for_ndarray {
 
 #[doc(hidden)]
 pub use burn_ndarray as __ndarray;
+
+/// Splits autodiff tensors into their graph nodes and the inner backend's (`$backend`)
+/// tensors for a custom autodiff op: `let (a, b, nodes) = detach_inner!(B; a, b);`. The
+/// autodiff tensors are cloned, not moved: the caller's bindings, shadowed by the inner
+/// tensors, stay alive until the function returns, after the op's node is registered.
+/// Burn's graph cleanup, which any thread's backward runs, drops the nodes that no live
+/// tensor refers to; a parent dropped before its child was registered lost its gradient
+/// path (thread ranks sharing the autodiff graph store saw wrong gradients).
+#[macro_export]
+macro_rules! detach_inner {
+    ($backend:ty; $($tensor:ident),+) => {{
+        let nodes = [$($tensor.clone().into_primitive().tensor().node),+];
+        ($(::burn::tensor::Tensor::<$backend, _>::from_primitive(
+            ::burn::tensor::TensorPrimitive::Float($tensor.clone().into_primitive().tensor().primitive),
+        )),+, nodes)
+    }};
+}

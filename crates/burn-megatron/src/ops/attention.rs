@@ -208,12 +208,7 @@ pub(super) fn recomputed_attention<B: MegatronOps, C: CheckpointStrategy>(
     padding: Option<Tensor<Autodiff<B, C>, 2, Bool>>,
     spec: &CoreAttention,
 ) -> Tensor<Autodiff<B, C>, 4> {
-    // The autodiff tensors stay alive until the node is registered (see
-    // `matmul_with_gemm_backward`).
-    let inputs = [query, key, value].map(|t| t.into_primitive().tensor());
-    let nodes = [&inputs[0], &inputs[1], &inputs[2]].map(|t| t.node.clone());
-    let [query, key, value] = [&inputs[0], &inputs[1], &inputs[2]]
-        .map(|t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t.primitive.clone())));
+    let (query, key, value, nodes) = burn_megatron_kernels::detach_inner!(B; query, key, value);
     let padding = padding.map(|p| Tensor::<B, 2, Bool>::from_primitive(p.into_primitive()));
     let output = B::core_attention(
         query.clone(),
@@ -241,7 +236,6 @@ pub(super) fn recomputed_attention<B: MegatronOps, C: CheckpointStrategy>(
         ),
         OpsKind::UnTracked(prep) => prep.finish(output),
     };
-    drop(inputs);
     Tensor::from_primitive(TensorPrimitive::Float(output))
 }
 

@@ -81,14 +81,7 @@ pub fn matmul_with_gemm_backward<B: MegatronOps, C: CheckpointStrategy, const D:
     a: Tensor<Autodiff<B, C>, D>,
     b: Tensor<Autodiff<B, C>, D>,
 ) -> Tensor<Autodiff<B, C>, D> {
-    // The autodiff tensors stay alive until the step is registered: Burn's graph cleanup
-    // (run by any thread's backward) drops the nodes that no live tensor refers to, and a
-    // parent dropped before its child is registered loses its gradient path (thread ranks
-    // saw wrong gradients).
-    let inputs = [a, b].map(|t| t.into_primitive().tensor());
-    let nodes = [inputs[0].node.clone(), inputs[1].node.clone()];
-    let [a, b] = [&inputs[0], &inputs[1]]
-        .map(|t| Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t.primitive.clone())));
+    let (a, b, nodes) = burn_megatron_kernels::detach_inner!(B; a, b);
     let output = product(a.clone(), b.clone(), false, false)
         .into_primitive()
         .tensor();
@@ -100,7 +93,6 @@ pub fn matmul_with_gemm_backward<B: MegatronOps, C: CheckpointStrategy, const D:
         OpsKind::Tracked(prep) => prep.finish((a, b), output),
         OpsKind::UnTracked(prep) => prep.finish(output),
     };
-    drop(inputs);
     Tensor::from_primitive(TensorPrimitive::Float(output))
 }
 

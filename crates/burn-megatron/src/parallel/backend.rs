@@ -218,23 +218,16 @@ impl<B: ParallelBackend, C: CheckpointStrategy> ParallelBackend for Autodiff<B, 
         op: RegionOp,
         tensor: Tensor<Self, D>,
     ) -> Result<Tensor<Self, D>> {
-        // The autodiff tensor stays alive until the node is registered (Burn's graph
-        // cleanup drops the nodes no live tensor refers to; see
-        // `ops::matmul_with_gemm_backward`).
-        let tensor = tensor.into_primitive().tensor();
-        let node = tensor.node.clone();
-        let input =
-            Tensor::<B, D>::from_primitive(TensorPrimitive::Float(tensor.primitive.clone()));
-        let output = B::region(group, op, input)?.into_primitive().tensor();
+        let (input, nodes) = burn_megatron_kernels::detach_inner!(B; tensor);
+        let output = B::region::<D>(group, op, input)?.into_primitive().tensor();
         let output = match RegionBackward::<D>
-            .prepare::<C>([node])
+            .prepare::<C>(nodes)
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => prep.finish((op, group.clone()), output),
             OpsKind::UnTracked(prep) => prep.finish(output),
         };
-        drop(tensor);
         Ok(Tensor::from_primitive(TensorPrimitive::Float(output)))
     }
 }
