@@ -68,13 +68,13 @@ pub fn run(args: &KernelsArgs) -> Result<()> {
     }
 }
 
-/// One timed kernel: fused and unfused seconds per call and the bytes it must move.
+/// One timed kernel: fused and unfused calls and the bytes it must move.
 struct Timing {
     kernel: &'static str,
     dtype: String,
     bytes: f64,
-    fused: f64,
-    unfused: f64,
+    fused: PerCall,
+    unfused: PerCall,
 }
 
 /// The element types asked for.
@@ -115,28 +115,40 @@ fn measure<B: FusedKernels>(args: &KernelsArgs, device: &B::Device) -> Result<()
     }
     if part("bandwidth") {
         println!(
-            "\n{:<26} {:>6} {:>10} {:>12} {:>12} {:>9} {:>9}",
-            "kernel", "dtype", "MB moved", "fused GB/s", "Burn GB/s", "% copy", "speed-up"
+            "\n{:<26} {:>6} {:>10} {:>12} {:>12} {:>9} {:>9} {:>7}",
+            "kernel",
+            "dtype",
+            "MB moved",
+            "fused GB/s",
+            "Burn GB/s",
+            "% copy",
+            "speed-up",
+            "host %"
         );
         for &(name, dtype) in &dtypes {
             for timing in bandwidths::<B>(args, name, dtype, device) {
-                let rate = |seconds: f64| timing.bytes / seconds / 1e9;
+                let rate = |call: PerCall| timing.bytes / call.seconds / 1e9;
                 println!(
-                    "{:<26} {:>6} {:>10.1} {:>12.0} {:>12.0} {:>8.0}% {:>8.1}x",
+                    "{:<26} {:>6} {:>10.1} {:>12.0} {:>12.0} {:>8.0}% {:>8.1}x {:>6.0}%",
                     timing.kernel,
                     timing.dtype,
                     timing.bytes / 1e6,
                     rate(timing.fused),
                     rate(timing.unfused),
                     100.0 * rate(timing.fused) / args.copy_bandwidth,
-                    timing.unfused / timing.fused
+                    timing.unfused.seconds / timing.fused.seconds,
+                    100.0 * timing.fused.host_share
                 );
                 json.push_str(&format!(
-                    "{{\"kind\": \"bandwidth\", \"kernel\": \"{}\", \"dtype\": \"{}\", \"bytes\": {}, \"fused_gbps\": {:.1}, \"unfused_gbps\": {:.1}}}\n",
-                    timing.kernel, timing.dtype, timing.bytes, rate(timing.fused), rate(timing.unfused)
+                    "{{\"kind\": \"bandwidth\", \"kernel\": \"{}\", \"dtype\": \"{}\", \"bytes\": {}, \"fused_gbps\": {:.1}, \"unfused_gbps\": {:.1}, \"fused_host_share\": {:.3}}}\n",
+                    timing.kernel, timing.dtype, timing.bytes, rate(timing.fused), rate(timing.unfused), timing.fused.host_share
                 ));
             }
         }
+        println!(
+            "(host %: the share of the fused kernel's time the host took to issue its calls; \
+             near 100% the figure is the launch overhead, not the kernel: try a larger --tokens)"
+        );
     }
     if let Some(path) = &args.output {
         std::fs::write(path, json).map_err(|e| Error::io(path, e))?;
@@ -162,13 +174,21 @@ fn print_check(dtype: &str, check: &Check) {
     );
 }
 
-/// Seconds per call of `op` (3 untimed calls first; the device is synchronized around
-/// the timed ones).
+/// What timing one operation gave: seconds per call, and the share of that time the host
+/// took to issue the calls (near 1, the figure measures the host's launch overhead rather
+/// than the GPU).
+#[derive(Clone, Copy)]
+struct PerCall {
+    seconds: f64,
+    host_share: f64,
+}
+
+/// Times `op` (3 untimed calls first; the device is synchronized around the timed ones).
 fn seconds_per_call<B: FusedKernels, T>(
     device: &B::Device,
     iters: usize,
     mut op: impl FnMut() -> T,
-) -> f64 {
+) -> PerCall {
     for _ in 0..3 {
         drop(op());
     }
@@ -178,9 +198,14 @@ fn seconds_per_call<B: FusedKernels, T>(
     for _ in 0..iters {
         last = Some(op());
     }
+    let issued = started.elapsed().as_secs_f64();
     B::sync(device).expect("device sync");
     drop(last);
-    started.elapsed().as_secs_f64() / iters as f64
+    let total = started.elapsed().as_secs_f64();
+    PerCall {
+        seconds: total / iters as f64,
+        host_share: issued / total,
+    }
 }
 
 /// Each kernel (forward and backward) at `[tokens, hidden]` (`[tokens, 4 hidden]` for the
@@ -206,7 +231,7 @@ fn bandwidths<B: FusedKernels>(
     let vector = |width: usize| random(vec![width]);
     let time = |op: &mut dyn FnMut() -> Tensor<B, 2>| seconds_per_call::<B, _>(device, iters, op);
     let mut timings = Vec::new();
-    let mut push = |kernel, bytes: f64, fused: f64, unfused: f64| {
+    let mut push = |kernel, bytes: f64, fused: PerCall, unfused: PerCall| {
         timings.push(Timing {
             kernel,
             dtype: name.to_string(),
@@ -319,17 +344,24 @@ fn bandwidths<B: FusedKernels>(
     });
     push("dropout backward", moved(elements, 2.0), fused, unfused);
 
-    // Attention softmax on [batch, heads, seq, seq] scores (heads of 64): reads the scores
-    // and writes the probabilities in `dtype`; the backward reads probabilities and their
-    // gradient and writes the scores' gradient, all in `dtype`.
+    // Attention softmax on [batch, heads, seq, seq] causal scores (heads of 64): reads the
+    // scores a query sees (the keys past it need not be read) and writes every probability
+    // in `dtype`; the backward reads the probabilities and gradients a query sees and writes
+    // the scores' gradient, all in `dtype`.
     let seq = tokens.min(1024);
     let shape = [tokens / seq, (hidden / 64).max(1), seq, seq];
     let elements: usize = shape.iter().product();
+    let seen = (seq + 1) as f64 / (2 * seq) as f64;
     let scores = random(shape.to_vec()).reshape(shape);
     let flat = |t: Tensor<B, 4>| t.reshape([elements / seq, seq]);
     let fused = time(&mut || flat(B::scaled_masked_softmax(scores.clone(), 0.125, true, None)));
     let unfused = time(&mut || flat(reference_softmax(scores.clone(), 0.125, true, None)));
-    push("softmax (causal)", moved(elements, 2.0), fused, unfused);
+    push(
+        "softmax (causal)",
+        moved(elements, 1.0 + seen),
+        fused,
+        unfused,
+    );
     let probabilities = B::scaled_masked_softmax(scores.clone(), 0.125, true, None);
     let grad = probabilities.clone() * 0.5;
     let fused = time(&mut || {
@@ -350,7 +382,12 @@ fn bandwidths<B: FusedKernels>(
             None,
         ))
     });
-    push("softmax backward", moved(elements, 3.0), fused, unfused);
+    push(
+        "softmax backward",
+        moved(elements, 1.0 + 2.0 * seen),
+        fused,
+        unfused,
+    );
 
     // Cross-entropy on [tokens, vocab] logits: the statistics read the logits once; the
     // backward reads them and writes their gradient.
