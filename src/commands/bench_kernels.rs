@@ -12,9 +12,9 @@ use burn_megatron::{Error, Result};
 use burn_megatron_kernels::check::{Check, check_kernels};
 use burn_megatron_kernels::{
     CrossEntropy, Dropout, FusedKernels, Gelu, reference_bias_dropout_add, reference_bias_gelu,
-    reference_bias_gelu_backward, reference_cross_entropy_backward, reference_logit_statistics,
-    reference_norm, reference_norm_backward, reference_norm_forward, reference_softmax,
-    reference_softmax_backward,
+    reference_bias_gelu_backward, reference_column_sums, reference_cross_entropy_backward,
+    reference_logit_statistics, reference_norm, reference_norm_backward, reference_norm_forward,
+    reference_softmax, reference_softmax_backward,
 };
 use clap::Args;
 
@@ -300,6 +300,16 @@ fn bandwidths<B: FusedKernels>(
     push(
         "bias_gelu_tanh backward",
         moved(elements, 3.0),
+        fused,
+        unfused,
+    );
+    // The bias's gradient: the column sums of the input's gradient, read once.
+    let as_row = |t: Tensor<B, 1>| t.reshape([1, 4 * hidden]);
+    let fused = time(&mut || as_row(B::column_sums(up_grad.clone())));
+    let unfused = time(&mut || as_row(reference_column_sums(up_grad.clone())));
+    push(
+        "bias gradient (column sums)",
+        moved(elements, 1.0),
         fused,
         unfused,
     );

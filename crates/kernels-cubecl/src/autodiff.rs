@@ -99,9 +99,7 @@ impl<B: FusedKernels> Backward<B, 2> for BiasGeluNode {
         let bias_dtype = bias.as_ref().map(|b| b.dtype());
         let input_grad = B::bias_gelu_backward(grad, input, bias, gelu);
         if let Some(dtype) = bias_dtype {
-            let bias_grad = with_dtype(input_grad.clone(), DType::F32)
-                .sum_dim(0)
-                .squeeze_dim::<1>(0);
+            let bias_grad = B::column_sums(input_grad.clone());
             register::<B, 1>(grads, &parents[1], with_dtype(bias_grad, dtype));
         }
         register::<B, 2>(grads, &parents[0], input_grad);
@@ -135,10 +133,7 @@ impl<B: FusedKernels> Backward<B, 3> for BiasDropoutAddNode {
         };
         if let Some(dtype) = bias_dtype {
             let [batch, seq, hidden] = input_grad.dims();
-            let bias_grad = with_dtype(input_grad.clone(), DType::F32)
-                .reshape([batch * seq, hidden])
-                .sum_dim(0)
-                .squeeze_dim::<1>(0);
+            let bias_grad = B::column_sums(input_grad.clone().reshape([batch * seq, hidden]));
             register::<B, 1>(grads, &parents[2], with_dtype(bias_grad, dtype));
         }
         register::<B, 3>(grads, &parents[0], input_grad);

@@ -10,8 +10,9 @@ use burn::tensor::{DType, ElementConversion, Shape};
 use crate::{
     AdamWState, AdamWStep, CrossEntropy, Dropout, FusedKernels, Gelu, reference_adamw,
     reference_bias_dropout_add, reference_bias_gelu, reference_bias_gelu_backward,
-    reference_cross_entropy_backward, reference_kernels, reference_logit_statistics,
-    reference_norm, reference_softmax, reference_softmax_backward, with_dtype,
+    reference_column_sums, reference_cross_entropy_backward, reference_kernels,
+    reference_logit_statistics, reference_norm, reference_softmax, reference_softmax_backward,
+    with_dtype,
 };
 
 /// One comparison: a quantity of a kernel against the reference.
@@ -84,6 +85,20 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
          BURN_MEGATRON_REFERENCE_OPS, use a CubeCL backend)"
     );
     let mut checks = check_dropout_seeds::<B>(device, dtype);
+    // Column sums (bias gradients) with chunks of several rows and row counts that are
+    // not multiples of the four rows a step, on pitched rows.
+    for shape in [[3001, 40], [1030, 77], [3, 5]] {
+        let input = strided::<B>(shape, device, dtype, 1.0, 0.5);
+        let expected = reference_column_sums(wide(input.clone()));
+        checks.push(row(
+            "column_sums",
+            &shape,
+            dtype,
+            "sums",
+            B::column_sums(input),
+            expected,
+        ));
+    }
     // Rows enough that each row group of the norm's one-pass backward visits several,
     // not all the same number.
     for centered in [true, false] {

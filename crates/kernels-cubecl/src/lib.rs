@@ -45,9 +45,10 @@ use burn::tensor::{Bool, DType, Int, Tensor, backend::Backend};
 
 pub use reference::{
     attention_mask, reference_adamw, reference_bias_dropout_add, reference_bias_gelu,
-    reference_bias_gelu_backward, reference_cross_entropy_backward, reference_cross_entropy_loss,
-    reference_logit_statistics, reference_norm, reference_norm_backward, reference_norm_forward,
-    reference_softmax, reference_softmax_backward, softmax_dtype,
+    reference_bias_gelu_backward, reference_column_sums, reference_cross_entropy_backward,
+    reference_cross_entropy_loss, reference_logit_statistics, reference_norm,
+    reference_norm_backward, reference_norm_forward, reference_softmax, reference_softmax_backward,
+    softmax_dtype,
 };
 
 static REFERENCE_OPS: AtomicBool = AtomicBool::new(false);
@@ -261,6 +262,12 @@ pub trait FusedKernels: Backend {
         gelu: Gelu,
     ) -> Tensor<Self, 2> {
         reference_bias_gelu_backward(grad, input, bias, gelu)
+    }
+
+    /// The sums of the columns of `input` (`[rows, width]`, any float type), accumulated
+    /// and returned in fp32 (`[width]`): a bias's gradient from its output's gradient.
+    fn column_sums(input: Tensor<Self, 2>) -> Tensor<Self, 1> {
+        reference_column_sums(input)
     }
 
     /// `residual + dropout(input + bias)` for `[batch, seq, hidden]` tensors (no dropout

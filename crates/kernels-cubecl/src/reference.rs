@@ -136,6 +136,11 @@ pub fn reference_bias_gelu_backward<B: Backend>(
     with_dtype(with_dtype(grad, DType::F32) * derivative, dtype)
 }
 
+/// The column sums of `input` (`[rows, width]`) in fp32, `[width]`.
+pub fn reference_column_sums<B: Backend>(input: Tensor<B, 2>) -> Tensor<B, 1> {
+    with_dtype(input, DType::F32).sum_dim(0).squeeze_dim(0)
+}
+
 /// The cubic coefficient of the tanh GeLU.
 pub(crate) const GELU_TANH_CUBIC: f64 = 0.044715;
 

@@ -481,6 +481,49 @@ pub(super) fn norm_backward_parameters<F: Float, N: Size>(
     }
 }
 
+/// Partial column sums: unit `vector` of cube `(CUBE_POS_X, chunk = CUBE_POS_Y)` sums its
+/// `N` adjacent columns over the chunk's rows (four rows a step, their loads independent)
+/// into row `chunk` of the `[chunks, width]` fp32 partials (summed over chunks afterwards).
+/// Adjacent units read adjacent vectors.
+#[cube(launch)]
+pub(super) fn column_sums<F: Float, N: Size>(
+    input: &Tensor<Vector<F, N>>,
+    partial: &mut Tensor<Vector<f32, N>>,
+    rows: u32,
+    width: u32,
+    rows_per_chunk: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let lanes = input.vector_size();
+    let vector = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+    if vector >= width as usize / lanes {
+        terminate!();
+    }
+    let chunk = CUBE_POS_Y as usize;
+    let first = chunk * rows_per_chunk as usize;
+    let mut end = first + rows_per_chunk as usize;
+    if end > rows as usize {
+        end = rows as usize;
+    }
+    let stride = input.stride(0) / lanes;
+    let mut sum = Vector::<f32, N>::new(0.0f32);
+    let mut row = first;
+    while row + 4 <= end {
+        let at = row * stride + vector;
+        let a = Vector::<f32, N>::cast_from(input[at]);
+        let b = Vector::<f32, N>::cast_from(input[at + stride]);
+        let c = Vector::<f32, N>::cast_from(input[at + 2 * stride]);
+        let d = Vector::<f32, N>::cast_from(input[at + 3 * stride]);
+        sum += (a + b) + (c + d);
+        row += 4;
+    }
+    while row < end {
+        sum += Vector::<f32, N>::cast_from(input[row * stride + vector]);
+        row += 1;
+    }
+    partial[chunk * partial.stride(0) / lanes + vector] = sum;
+}
+
 /// The cubic coefficient of the tanh GeLU.
 const TANH_CUBIC: f32 = 0.044715;
 /// `√(2/π)`.

@@ -15,9 +15,10 @@ use crate::dropout::keep_threshold;
 use crate::{
     AdamWState, AdamWStep, CrossEntropy, Dropout, FusedKernels, Gelu, LogitStatistics,
     NormGradients, NormStatistics, reference_adamw, reference_bias_dropout_add,
-    reference_bias_gelu, reference_bias_gelu_backward, reference_cross_entropy_backward,
-    reference_kernels, reference_logit_statistics, reference_norm_backward, reference_norm_forward,
-    reference_softmax, reference_softmax_backward, with_dtype,
+    reference_bias_gelu, reference_bias_gelu_backward, reference_column_sums,
+    reference_cross_entropy_backward, reference_kernels, reference_logit_statistics,
+    reference_norm_backward, reference_norm_forward, reference_softmax, reference_softmax_backward,
+    with_dtype,
 };
 use kernels::{GROUP_UNITS, ROW_GROUPS};
 
@@ -27,7 +28,8 @@ const ELEMENT_UNITS: u32 = 256;
 /// in registers between passes (beyond, the later passes read the rest again).
 const CACHED_VECTORS: usize = 8;
 
-/// Row chunks of the norm's weight-gradient partials (at most; fewer for short inputs).
+/// Row chunks of the column-sum partials (the norm's weight gradient, bias gradients; at
+/// most: fewer for short inputs).
 const PARAMETER_CHUNKS: usize = 256;
 
 type Backend<R, F, I, BT> = CubeBackend<R, F, I, BT>;
@@ -355,6 +357,38 @@ where
         }
         let dtype = input.dtype();
         launch_bias_gelu(input, bias, with_dtype(grad, dtype), gelu, true, dtype)
+    }
+
+    fn column_sums(input: Tensor<Self, 2>) -> Tensor<Self, 1> {
+        if reference_kernels() {
+            return reference_column_sums(input);
+        }
+        let [rows, width] = input.dims();
+        if rows == 0 || width == 0 {
+            return Tensor::zeros([width], (&input.device(), DType::F32));
+        }
+        let input = primitive(input);
+        let chunks = rows.min(PARAMETER_CHUNKS);
+        let partial = empty_like(&input, Shape::new([chunks, width]), DType::F32);
+        let lanes = vector_lanes(&[&input, &partial]);
+        kernels::column_sums::launch::<R>(
+            &input.client,
+            CubeCount::Static(
+                (width / lanes).div_ceil(ELEMENT_UNITS as usize) as u32,
+                chunks as u32,
+                1,
+            ),
+            CubeDim::new_1d(ELEMENT_UNITS),
+            lanes,
+            input.clone().into_tensor_arg(),
+            partial.clone().into_tensor_arg(),
+            u32_of(rows, "rows"),
+            u32_of(width, "width"),
+            u32_of(rows.div_ceil(chunks), "rows per chunk"),
+            input.dtype.into(),
+        );
+        let partial: Tensor<Self, 2> = tensor(partial);
+        partial.sum_dim(0).reshape([width])
     }
 
     fn bias_dropout_add(
