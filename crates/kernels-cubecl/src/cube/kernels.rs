@@ -564,15 +564,24 @@ pub(super) fn bias_gelu<F: Float, N: Size>(
     let half = Vector::<f32, N>::new(0.5f32);
     let one = Vector::<f32, N>::new(1.0f32);
     let value = if tanh {
+        // With u = c (x + a x³): ½(1 + tanh u) = σ(2u) and ½(1 - tanh² u) = 2σ(2u)σ(-2u),
+        // from one exponential e = exp(-2|u|) (never overflowing) and one division.
         let c = Vector::<f32, N>::new(SQRT_2_OVER_PI);
         let cubic = Vector::<f32, N>::new(TANH_CUBIC);
-        let t = Vector::tanh(c * (x + cubic * x * x * x));
+        let zero = Vector::<f32, N>::new(0.0f32);
+        let u = c * (x + cubic * x * x * x);
+        let e = Vector::exp(Vector::new(-2.0f32) * Vector::abs(u));
+        let near = one / (one + e);
+        let far = e * near;
+        let negative = u.less_than(zero);
+        let sigmoid = select_many(negative, far, near);
         if derivative {
+            let complement = select_many(negative, near, far);
             let three = Vector::<f32, N>::new(3.0f32);
             let slope = c * (one + three * cubic * x * x);
-            half * (one + t) + half * x * (one - t * t) * slope
+            sigmoid + Vector::new(2.0f32) * x * sigmoid * complement * slope
         } else {
-            half * x * (one + t)
+            x * sigmoid
         }
     } else {
         let cdf = half * (one + error_function(x * Vector::new(FRAC_1_SQRT_2)));
