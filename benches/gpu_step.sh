@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The fast path's benchmarks in one command on one GPU, next to PyTorch measured in the
 # same command: GEMM TFLOP/s at 4096 and 8192 (ours, Burn's matmul, PyTorch's matmul), and
-# a GPT-2 774M bf16 8 x 1024 training step (tokens/s, model TFLOP/s, peak GPU memory) with
-# selective recompute, with everything stored, and in PyTorch eager (HF transformers).
+# a GPT-2 774M bf16 8 x 1024 training step (tokens/s, model TFLOP/s, peak GPU memory, the
+# activations one micro-batch holds for its backward) with selective recompute, with
+# everything stored, and in PyTorch eager (HF transformers).
 #
 #   cargo build --release --features cuda
 #   benches/gpu_step.sh [path/to/burn-megatron]      # logs under $OUT (default bench-out)
@@ -48,11 +49,14 @@ with_peak_memory "$OUT/store_all.log" timeout "$LIMIT" "$BIN" "${TRAIN[@]}" --re
 ours() { sed -n 's/^throughput[^:]*: \([0-9.]*\) tokens\/s, \([0-9.]*\) model TFLOP\/s.*/\1 \2/p' "$1"; }
 torch=$(sed -n 's/.*median \([0-9.]*\) tokens\/s, \([0-9.]*\) model TFLOP\/s, peak memory \([0-9.]*\) GiB.*/\1 \2 \3/p' \
     "$OUT/torch_gpt2.log")
-printf '\n%-34s %12s %12s %18s\n' "GPT-2 774M bf16 8 x 1024" "tokens/s" "TFLOP/s" "peak memory"
+# "activation memory: X MiB held after one micro-batch's forward ..." -> "X"
+activations() { sed -n 's/^activation memory: \([0-9.]*\) MiB.*/\1/p' "$1"; }
+printf '\n%-34s %12s %12s %18s %18s\n' "GPT-2 774M bf16 8 x 1024" "tokens/s" "TFLOP/s" "peak memory" "activations"
 for run in selective store_all; do
     read -r rate tflops <<< "$(ours "$OUT/$run.log")"
     peak=$(cat "$OUT/$run.log.peak" 2>/dev/null)
-    printf '%-34s %12s %12s %14s MiB\n' "ours, $run" "${rate:-failed}" "${tflops:--}" "${peak:--}"
+    held=$(activations "$OUT/$run.log")
+    printf '%-34s %12s %12s %14s MiB %14s MiB\n' "ours, $run" "${rate:-failed}" "${tflops:--}" "${peak:--}" "${held:--}"
 done
 read -r rate tflops gib <<< "$torch"
 printf '%-34s %12s %12s %14s GiB (allocated)\n' "PyTorch eager (autocast, AdamW)" \

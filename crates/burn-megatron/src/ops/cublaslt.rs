@@ -50,6 +50,12 @@ where
         take_failure()
     }
 
+    fn memory_in_use(device: &Self::Device) -> Option<u64> {
+        use burn_cubecl::cubecl::Runtime;
+        let usage = CudaRuntime::client(device).memory_usage().ok()?;
+        Some(usage.bytes_in_use)
+    }
+
     fn gemm(
         a: Tensor<Self, 2>,
         b: Tensor<Self, 2>,

@@ -48,6 +48,12 @@ pub trait MegatronOps: burn_megatron_kernels::FusedKernels {
         Ok(())
     }
 
+    /// Bytes of device memory this thread's tensors hold on `device` now (live
+    /// allocations, not the pools' reserve), where the backend tells; `None` elsewhere.
+    fn memory_in_use(_device: &Self::Device) -> Option<u64> {
+        None
+    }
+
     /// `op(a) · op(b)` for 2-D `a` and `b`, where `op(x)` is `x` transposed when its flag
     /// is set.
     fn gemm(
@@ -92,6 +98,10 @@ impl<B: burn_fusion::FusionBackend + MegatronOps> MegatronOps for burn_fusion::F
 impl<B: MegatronOps, C: CheckpointStrategy> MegatronOps for Autodiff<B, C> {
     fn has_fast_gemm() -> bool {
         B::has_fast_gemm()
+    }
+
+    fn memory_in_use(device: &Self::Device) -> Option<u64> {
+        B::memory_in_use(device)
     }
 
     fn gemm(

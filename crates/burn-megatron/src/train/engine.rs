@@ -487,6 +487,19 @@ where
                 ),
             );
         }
+        if let (true, Some(bytes)) = (
+            logging && index == start.iteration + 1,
+            outcome.activation_bytes,
+        ) {
+            print_line(
+                &progress,
+                format!(
+                    "activation memory: {:.1} MiB held after one micro-batch's forward for its \
+                     backward (this rank)",
+                    bytes as f64 / (1u64 << 20) as f64
+                ),
+            );
+        }
         let loss = loss_of_step::<B>(ctx, outcome.loss_sum / micro_batches as f64, device)?;
         B::check_queued_ops().map_err(Error::Device)?;
         let seconds = started.elapsed().as_secs_f64();

@@ -28,6 +28,9 @@ pub(crate) struct PassOutcome {
     pub loss_sum: f64,
     /// The most micro-batches whose activations this rank held at once.
     pub peak_in_flight: usize,
+    /// Device memory the first micro-batch's forward left allocated for its backward
+    /// (training, on backends that report memory; see `MegatronOps::memory_in_use`).
+    pub activation_bytes: Option<u64>,
 }
 
 /// A forward whose backward has not run yet: what the backward needs.
@@ -70,6 +73,11 @@ where
         for &action in actions {
             match action {
                 Action::Forward { chunk, micro } => {
+                    // The first forward of a training pass, with nothing else in flight.
+                    let first = gradients.is_some()
+                        && in_flight.is_empty()
+                        && outcome.activation_bytes.is_none();
+                    let before = first.then(|| B::memory_in_use(self.device)).flatten();
                     let samples = &micro_batches[micro];
                     let model = &chunks[chunk];
                     let input = match self.schedule.previous_stage(stage, chunk) {
@@ -113,6 +121,10 @@ where
                                 }
                             )));
                         }
+                    }
+                    if let Some(before) = before {
+                        outcome.activation_bytes =
+                            B::memory_in_use(self.device).map(|after| after.saturating_sub(before));
                     }
                     if gradients.is_some() {
                         in_flight.insert((chunk, micro), InFlight { input, output });
