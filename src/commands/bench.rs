@@ -125,10 +125,12 @@ fn collectives(args: &CollectivesArgs) -> Result<()> {
     let (ctx, world) = env.connect(layout, DEFAULT_TIMEOUT)?;
     let outcome = match args.device.as_str() {
         #[cfg(feature = "cuda")]
-        "cuda" => ctx.with_nccl(env.local_rank).and_then(|ctx| {
-            let device = burn_cuda::CudaDevice::new(env.local_rank);
-            measure::<super::train::CudaBackend>(&ctx, &device, &sizes, args.iters)
-        }),
+        "cuda" => burn_megatron::check_gpu(env.local_rank)
+            .and_then(|()| ctx.with_nccl(env.local_rank))
+            .and_then(|ctx| {
+                let device = burn_cuda::CudaDevice::new(env.local_rank);
+                measure::<super::train::CudaBackend>(&ctx, &device, &sizes, args.iters)
+            }),
         "cpu" => {
             measure::<burn_ndarray::NdArray<f32>>(&ctx, &Default::default(), &sizes, args.iters)
         }

@@ -106,7 +106,10 @@ pub fn run(args: &OpsArgs) -> Result<()> {
     }
     let checks = match args.device.as_str() {
         #[cfg(feature = "cuda")]
-        "cuda" => measure::<super::train::CudaBackend>(args, &Default::default(), false)?,
+        "cuda" => {
+            burn_megatron::check_gpu(0)?;
+            measure::<super::train::CudaBackend>(args, &Default::default(), false)?
+        }
         "cpu" => measure::<burn_ndarray::NdArray<f32>>(args, &Default::default(), true)?,
         other => {
             return Err(Error::InvalidConfig(format!(

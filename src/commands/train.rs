@@ -663,6 +663,10 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
         }
         (_, other) => return Err(invalid("precision", other, "fp32, bf16 or fp16")),
     }
+    #[cfg(feature = "cuda")]
+    if device == "cuda" {
+        burn_megatron::check_gpu(gpu)?;
+    }
     let run_rank = |ctx: ParallelContext| -> Result<Vec<StepRecord>> {
         let data = (train_data.as_ref(), valid_data.as_deref());
         #[cfg(feature = "cuda")]

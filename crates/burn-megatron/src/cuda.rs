@@ -18,6 +18,36 @@ use burn_megatron_kernels::handoff::{CUBECL_DONE, HandoffCounters, OTHER_DONE};
 use cudarc::driver::sys;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
+/// Checks that the CUDA driver loads and sees GPU `index`, so that asking for a GPU where
+/// there is none fails with a message rather than a panic on cubecl's device thread.
+///
+/// # Errors
+///
+/// [`Error::Device`](crate::Error::Device), saying what is missing.
+pub fn check_gpu(index: usize) -> crate::Result<()> {
+    let fail = |what: String| Err(crate::Error::Device(what));
+    // Safety: only tries to load the library.
+    if !unsafe { sys::is_culib_present() } {
+        return fail(
+            "the CUDA driver (libcuda.so) is not found: this machine has no NVIDIA driver, or \
+             LD_LIBRARY_PATH misses its directory; use --device cpu"
+                .to_string(),
+        );
+    }
+    if let Err(error) = cudarc::driver::result::init() {
+        return fail(format!(
+            "the CUDA driver did not start ({error:?}); use --device cpu"
+        ));
+    }
+    match cudarc::driver::result::device::get_count() {
+        Ok(count) if index < count.max(0) as usize => Ok(()),
+        Ok(count) => fail(format!(
+            "GPU {index} is needed but CUDA sees {count}; use fewer ranks per node or --device cpu"
+        )),
+        Err(error) => fail(format!("CUDA cannot count its GPUs ({error:?})")),
+    }
+}
+
 /// The device address of a tensor's data, valid while the tensor lives.
 ///
 /// # Errors

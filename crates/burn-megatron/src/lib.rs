@@ -21,6 +21,8 @@
 pub mod checkpoint;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+pub use cuda::check_gpu;
 pub mod data;
 mod error;
 pub mod launch;
