@@ -1085,3 +1085,41 @@ fn bench_ops_checks_the_reference_paths_on_cpu() {
         "{json}"
     );
 }
+
+#[test]
+fn train_refuses_settings_that_would_diverge_and_stops_when_it_does() {
+    let small = [
+        "train",
+        "--tp",
+        "1",
+        "--dp",
+        "1",
+        "--num-layers",
+        "1",
+        "--steps",
+        "3",
+    ];
+    for (flag, expected) in [
+        ("--adam-eps=0", "--adam-eps 0: must be above 0"),
+        ("--lr=-1", "--lr -1: must be at least 0"),
+        ("--adam-beta2=1", "--adam-beta2 1: must be in [0, 1)"),
+        (
+            "--micro-batch-size=0",
+            "--micro-batch-size must be at least 1",
+        ),
+        (
+            "--init-method-std=0",
+            "standard deviation 0 must be above 0",
+        ),
+    ] {
+        let (ok, _, stderr) = burn_megatron(&[&small[..], &[flag]].concat());
+        assert!(!ok && stderr.contains(expected), "{flag}: {stderr}");
+    }
+    // A learning rate this large turns the weights into infinities after the first step.
+    let (ok, stdout, stderr) = burn_megatron(&[&small[..], &["--lr", "1e30"]].concat());
+    assert!(!ok, "{stdout}");
+    assert!(
+        stderr.contains("step 2: the gradient norm is NaN: training diverged"),
+        "{stderr}"
+    );
+}

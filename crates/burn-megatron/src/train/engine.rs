@@ -157,6 +157,11 @@ impl TrainConfig {
     /// `InvalidConfig` when the global batch is not a positive multiple of
     /// `micro_batch * dp`, listing valid global batch sizes.
     pub fn micro_batches(&self, dp: usize) -> Result<usize> {
+        if self.micro_batch_size == 0 {
+            return Err(Error::InvalidConfig(
+                "--micro-batch-size must be at least 1 sample".to_string(),
+            ));
+        }
         let per_pass = self.micro_batch_size * dp;
         if per_pass == 0
             || self.global_batch_size == 0
@@ -175,6 +180,64 @@ impl TrainConfig {
         Ok(self.global_batch_size / per_pass)
     }
 
+    /// Checks the learning rates and AdamW's settings: values that would only turn the
+    /// weights into NaN or grow them are refused before any work.
+    fn check_optimizer(&self) -> Result<()> {
+        let schedule = &self.schedule;
+        let checks: [(&str, f64, bool, &str); 7] = [
+            (
+                "--lr",
+                schedule.max_lr,
+                schedule.max_lr >= 0.0,
+                "at least 0, such as 3e-4",
+            ),
+            (
+                "--min-lr",
+                schedule.min_lr,
+                (0.0..=schedule.max_lr.max(0.0)).contains(&schedule.min_lr),
+                "between 0 and --lr",
+            ),
+            (
+                "--weight-decay",
+                self.weight_decay,
+                self.weight_decay >= 0.0,
+                "at least 0, such as 0.1",
+            ),
+            (
+                "--adam-beta1",
+                self.adam_beta1,
+                (0.0..1.0).contains(&self.adam_beta1),
+                "in [0, 1), such as 0.9",
+            ),
+            (
+                "--adam-beta2",
+                self.adam_beta2,
+                (0.0..1.0).contains(&self.adam_beta2),
+                "in [0, 1), such as 0.95",
+            ),
+            (
+                "--adam-eps",
+                self.adam_eps,
+                self.adam_eps > 0.0,
+                "above 0, such as 1e-8",
+            ),
+            (
+                "--clip-grad",
+                self.clip_grad,
+                self.clip_grad >= 0.0,
+                "at least 0 (0 turns clipping off)",
+            ),
+        ];
+        for (flag, value, valid, expected) in checks {
+            if !(value.is_finite() && valid) {
+                return Err(Error::InvalidConfig(format!(
+                    "{flag} {value}: must be {expected}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The pipeline schedule of a step on `layout`: 1F1B, or interleaved 1F1B with
     /// virtual stages, over [`micro_batches`](Self::micro_batches).
     ///
@@ -189,6 +252,7 @@ impl TrainConfig {
                 "--bucket-size must be at least 1 element (the default is 40000000)".to_string(),
             ));
         }
+        self.check_optimizer()?;
         if let Some(scaling) = self.loss_scaling
             && !(scaling.initial.is_finite() && scaling.initial >= 1.0)
         {
@@ -466,6 +530,14 @@ where
         };
         let sharded = config.distributed_optimizer;
         let grad_norm = global_norm::<B>(ctx, reduced.norm_squared, sharded, device)?;
+        if scaler.is_none() && !grad_norm.is_finite() {
+            // Every rank has the same global norm: all stop here together.
+            return Err(Error::Diverged {
+                step: index,
+                what: "gradient norm",
+                value: grad_norm,
+            });
+        }
         let loss_scale = scaler.as_ref().map(|scaler| scaler.scale);
         let apply = scaler.as_mut().is_none_or(|scaler| scaler.update(overflow));
         let lr = config.schedule.lr(index);

@@ -181,6 +181,30 @@ impl GptConfig {
     ///
     /// `InvalidLayout` or `InvalidConfig` naming the setting and the fix.
     pub fn check(&self, layout: &Layout) -> Result<()> {
+        for (size, name) in [
+            (self.hidden, "hidden size"),
+            (self.heads, "attention heads"),
+            (self.max_seq_len, "sequence length"),
+        ] {
+            if size == 0 {
+                return Err(Error::InvalidConfig(format!(
+                    "the {name} must be at least 1"
+                )));
+            }
+        }
+        if !(self.init_std.is_finite() && self.init_std > 0.0) {
+            return Err(Error::InvalidConfig(format!(
+                "the initial weights' standard deviation {} must be above 0, such as 0.02",
+                self.init_std
+            )));
+        }
+        if let PositionEmbedding::Rotary { base } = self.position
+            && !(base.is_finite() && base > 1.0)
+        {
+            return Err(Error::InvalidConfig(format!(
+                "the rotary base {base} must be above 1, such as 10000"
+            )));
+        }
         layout.check_tensor_parallel(&self.dims())?;
         LayerSplit::new(self.layers, layout, self.pipeline_layers.as_deref())?;
         if matches!(self.position, PositionEmbedding::Rotary { .. })
@@ -200,11 +224,6 @@ impl GptConfig {
                     "{name} {rate} must be in [0, 1)"
                 )));
             }
-        }
-        if self.max_seq_len == 0 {
-            return Err(Error::InvalidConfig(
-                "max_seq_len must be at least 1".to_string(),
-            ));
         }
         Ok(())
     }
