@@ -39,20 +39,18 @@ pub enum Error {
     #[error("{0}")]
     InvalidData(String),
 
-    /// Training produced a loss or gradient norm that is not finite (without loss
-    /// scaling, which skips such steps instead); the weights were left as they were.
+    /// Training produced a gradient norm that is not finite (without loss scaling, which
+    /// skips such steps instead); the step was not applied.
     #[error(
-        "step {step}: the {what} is {value}: training diverged; the step was not applied. \
-         Lower --lr, lengthen --lr-warmup-steps or clip with --clip-grad, and resume from the \
-         last checkpoint"
+        "step {step}: the gradient norm is {grad_norm}: training diverged; the step was not \
+         applied. Lower --lr, lengthen --lr-warmup-steps or clip with --clip-grad, and resume \
+         from the last checkpoint"
     )]
     Diverged {
         /// The optimizer step (from 1).
         step: usize,
-        /// What was not finite: `loss` or `gradient norm`.
-        what: &'static str,
-        /// Its value (NaN or an infinity).
-        value: f64,
+        /// The global gradient norm (NaN or an infinity).
+        grad_norm: f64,
     },
 
     /// An operation on the accelerator failed (the library's message).

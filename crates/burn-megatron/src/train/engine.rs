@@ -534,8 +534,7 @@ where
             // Every rank has the same global norm: all stop here together.
             return Err(Error::Diverged {
                 step: index,
-                what: "gradient norm",
-                value: grad_norm,
+                grad_norm,
             });
         }
         let loss_scale = scaler.as_ref().map(|scaler| scaler.scale);

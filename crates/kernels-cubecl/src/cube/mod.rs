@@ -229,10 +229,11 @@ where
         has_bias: bool,
         statistics: NormStatistics<Self>,
     ) -> NormGradients<Self> {
-        if reference_kernels() {
+        let [rows, width] = input.dims();
+        // Without rows the weight and bias gradients are zeros, which the reference gives.
+        if reference_kernels() || rows == 0 || width == 0 {
             return reference_norm_backward(grad, input, weight, has_bias, statistics);
         }
-        let [rows, width] = input.dims();
         let (dtype, weight_dtype) = (input.dtype(), weight.dtype());
         let grad = primitive(with_dtype(grad, dtype));
         let input = primitive(input);
@@ -255,7 +256,7 @@ where
         } else {
             weight_partial.clone()
         };
-        if rows > 0 && width > 0 && one_pass {
+        if one_pass {
             let groups = chunks * ROW_GROUPS as usize;
             kernels::norm_backward::launch::<R>(
                 &input.client,
@@ -279,7 +280,7 @@ where
                 per_unit * GROUP_UNITS as usize * lanes,
                 dtype.into(),
             );
-        } else if rows > 0 && width > 0 {
+        } else {
             let rows_per_chunk = rows.div_ceil(chunks).max(1);
             let (rows32, width32) = (u32_of(rows, "rows"), u32_of(width, "width"));
             kernels::norm_backward_input::launch::<R>(
