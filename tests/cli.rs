@@ -1111,6 +1111,8 @@ fn train_refuses_settings_that_would_diverge_and_stops_when_it_does() {
             "--init-method-std=0",
             "standard deviation 0 must be above 0",
         ),
+        // [4, 4, 100000, 100000] fp32 scores: 596 GiB on each rank.
+        ("--seq-length=100000", "one layer's attention scores"),
     ] {
         let (ok, _, stderr) = burn_megatron(&[&small[..], &[flag]].concat());
         assert!(!ok && stderr.contains(expected), "{flag}: {stderr}");

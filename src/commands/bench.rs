@@ -126,7 +126,7 @@ fn collectives(args: &CollectivesArgs) -> Result<()> {
     let outcome = match args.device.as_str() {
         #[cfg(feature = "cuda")]
         "cuda" => burn_megatron::check_gpu(env.local_rank)
-            .and_then(|()| ctx.with_nccl(env.local_rank))
+            .and_then(|_| ctx.with_nccl(env.local_rank))
             .and_then(|ctx| {
                 let device = burn_cuda::CudaDevice::new(env.local_rank);
                 measure::<super::train::CudaBackend>(&ctx, &device, &sizes, args.iters)

@@ -56,7 +56,7 @@ pub fn run(args: &KernelsArgs) -> Result<()> {
     match args.device.as_str() {
         #[cfg(feature = "cuda")]
         "cuda" => burn_megatron::check_gpu(0)
-            .and_then(|()| measure::<super::train::CudaBackend>(args, &Default::default())),
+            .and_then(|_| measure::<super::train::CudaBackend>(args, &Default::default())),
         other => Err(Error::InvalidConfig(format!(
             "--device {other}: the kernels run on cuda{} (on a CPU they are tested through \
              wgpu: cargo test -p burn-megatron-kernels --features wgpu)",

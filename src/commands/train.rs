@@ -663,10 +663,12 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
         }
         (_, other) => return Err(invalid("precision", other, "fp32, bf16 or fp16")),
     }
-    #[cfg(feature = "cuda")]
-    if device == "cuda" {
-        burn_megatron::check_gpu(gpu)?;
-    }
+    let memory = match device.as_str() {
+        #[cfg(feature = "cuda")]
+        "cuda" => Some(burn_megatron::check_gpu(gpu)?),
+        _ => available_host_memory(),
+    };
+    check_attention_memory(&model, &config, tp, &precision, memory)?;
     let run_rank = |ctx: ParallelContext| -> Result<Vec<StepRecord>> {
         let data = (train_data.as_ref(), valid_data.as_deref());
         #[cfg(feature = "cuda")]
@@ -800,4 +802,50 @@ fn check_dataset(prefix: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Refuses a run whose attention scores alone cannot fit in `memory` (bytes, where
+/// known): one layer's `[micro-batch, heads / tp, seq, seq]` scores exist at least once on
+/// every rank whatever the recomputation, so such a run would only be killed for want of
+/// memory later.
+fn check_attention_memory(
+    model: &GptConfig,
+    config: &TrainConfig,
+    tp: usize,
+    precision: &str,
+    memory: Option<u64>,
+) -> Result<()> {
+    let Some(memory) = memory else {
+        return Ok(());
+    };
+    let element = if precision == "fp32" { 4.0 } else { 2.0 };
+    let scores = (config.micro_batch_size * (model.heads / tp.max(1))) as f64
+        * (config.seq_length as f64).powi(2)
+        * element;
+    if scores > memory as f64 {
+        let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
+        return Err(Error::InvalidConfig(format!(
+            "one layer's attention scores ([micro-batch {}, heads {} / tp {tp}, seq {}, seq {}] \
+             in {precision}) take {:.1} GiB on each rank, more than the {:.1} GiB available: \
+             lower --micro-batch-size or --seq-length, or raise --tp",
+            config.micro_batch_size,
+            model.heads,
+            config.seq_length,
+            config.seq_length,
+            gib(scores),
+            gib(memory as f64)
+        )));
+    }
+    Ok(())
+}
+
+/// The memory the kernel says is available for new work (Linux's `MemAvailable`), in
+/// bytes; `None` where it cannot be read.
+fn available_host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info
+        .lines()
+        .find(|line| line.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

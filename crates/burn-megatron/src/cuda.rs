@@ -19,12 +19,13 @@ use cudarc::driver::sys;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
 /// Checks that the CUDA driver loads and sees GPU `index`, so that asking for a GPU where
-/// there is none fails with a message rather than a panic on cubecl's device thread.
+/// there is none fails with a message rather than a panic on cubecl's device thread, and
+/// returns the GPU's memory in bytes.
 ///
 /// # Errors
 ///
 /// [`Error::Device`](crate::Error::Device), saying what is missing.
-pub fn check_gpu(index: usize) -> crate::Result<()> {
+pub fn check_gpu(index: usize) -> crate::Result<u64> {
     let fail = |what: String| Err(crate::Error::Device(what));
     // Safety: only tries to load the library.
     if !unsafe { sys::is_culib_present() } {
@@ -40,12 +41,21 @@ pub fn check_gpu(index: usize) -> crate::Result<()> {
         ));
     }
     match cudarc::driver::result::device::get_count() {
-        Ok(count) if index < count.max(0) as usize => Ok(()),
-        Ok(count) => fail(format!(
-            "GPU {index} is needed but CUDA sees {count}; use fewer ranks per node or --device cpu"
-        )),
-        Err(error) => fail(format!("CUDA cannot count its GPUs ({error:?})")),
+        Ok(count) if index < count.max(0) as usize => {}
+        Ok(count) => {
+            return fail(format!(
+                "GPU {index} is needed but CUDA sees {count}; use fewer ranks per node or \
+                 --device cpu"
+            ));
+        }
+        Err(error) => return fail(format!("CUDA cannot count its GPUs ({error:?})")),
     }
+    let device = cudarc::driver::result::device::get(index as i32)
+        .map_err(|error| crate::Error::Device(format!("GPU {index}: {error:?}")))?;
+    // Safety: `device` was just returned by the driver.
+    unsafe { cudarc::driver::result::device::total_mem(device) }
+        .map(|bytes| bytes as u64)
+        .map_err(|error| crate::Error::Device(format!("GPU {index}'s memory: {error:?}")))
 }
 
 /// The device address of a tensor's data, valid while the tensor lives.
