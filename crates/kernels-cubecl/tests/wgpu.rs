@@ -10,12 +10,18 @@ type Wgpu = burn_wgpu::Wgpu<f32, i32, u32>;
 
 #[test]
 fn kernels_and_gradients_match_the_references_on_wgpu() {
-    let checks = check_kernels::<Wgpu>(&Default::default(), DType::F32);
+    // f16 too (lavapipe has 16-bit floats): the kernels' half-precision loads, stores and
+    // wider vectors, which f32 does not reach.
+    let checks: Vec<_> = [DType::F32, DType::F16]
+        .into_iter()
+        .flat_map(|dtype| check_kernels::<Wgpu>(&Default::default(), dtype))
+        .collect();
     let mut failed = Vec::new();
     for check in &checks {
         println!(
-            "{:<18} {:<14} {:<18} error {:.2e} (limit {:.0e})",
+            "{:<18} {:<5} {:<14} {:<18} error {:.2e} (limit {:.0e})",
             check.kernel,
+            format!("{:?}", check.dtype),
             format!("{:?}", check.shape),
             check.quantity,
             check.error,
