@@ -69,13 +69,16 @@ pub fn run(args: &KernelsArgs) -> Result<()> {
     }
 }
 
-/// One timed kernel: fused and unfused calls and the bytes it must move.
+/// Tokens of the calls that measure the per-call overhead (`floor µs`).
+const OVERHEAD_TOKENS: usize = 8;
+
+/// One timed kernel: fused and unfused seconds per call and the bytes it must move.
 struct Timing {
     kernel: &'static str,
     dtype: String,
     bytes: f64,
-    fused: PerCall,
-    unfused: PerCall,
+    fused: f64,
+    unfused: f64,
 }
 
 /// The element types asked for.
@@ -116,7 +119,7 @@ fn measure<B: FusedKernels>(args: &KernelsArgs, device: &B::Device) -> Result<()
     }
     if part("bandwidth") {
         println!(
-            "\n{:<26} {:>6} {:>10} {:>12} {:>12} {:>9} {:>9} {:>7}",
+            "\n{:<28} {:>6} {:>10} {:>11} {:>11} {:>7} {:>8} {:>9} {:>10}",
             "kernel",
             "dtype",
             "MB moved",
@@ -124,31 +127,39 @@ fn measure<B: FusedKernels>(args: &KernelsArgs, device: &B::Device) -> Result<()
             "Burn GB/s",
             "% copy",
             "speed-up",
-            "host %"
+            "µs/call",
+            "floor µs"
         );
         for &(name, dtype) in &dtypes {
-            for timing in bandwidths::<B>(args, name, dtype, device) {
-                let rate = |call: PerCall| timing.bytes / call.seconds / 1e9;
+            // The same calls on a few rows: what a call costs besides moving its bytes
+            // (launches, allocation, the host); a time near it is overhead, not bandwidth.
+            let floors = bandwidths::<B>(args, OVERHEAD_TOKENS, name, dtype, device);
+            for (timing, floor) in bandwidths::<B>(args, args.tokens, name, dtype, device)
+                .into_iter()
+                .zip(floors)
+            {
+                let rate = |seconds: f64| timing.bytes / seconds / 1e9;
                 println!(
-                    "{:<26} {:>6} {:>10.1} {:>12.0} {:>12.0} {:>8.0}% {:>8.1}x {:>6.0}%",
+                    "{:<28} {:>6} {:>10.1} {:>11.0} {:>11.0} {:>6.0}% {:>7.1}x {:>9.1} {:>10.1}",
                     timing.kernel,
                     timing.dtype,
                     timing.bytes / 1e6,
                     rate(timing.fused),
                     rate(timing.unfused),
                     100.0 * rate(timing.fused) / args.copy_bandwidth,
-                    timing.unfused.seconds / timing.fused.seconds,
-                    100.0 * timing.fused.host_share
+                    timing.unfused / timing.fused,
+                    timing.fused * 1e6,
+                    floor.fused * 1e6
                 );
                 json.push_str(&format!(
-                    "{{\"kind\": \"bandwidth\", \"kernel\": \"{}\", \"dtype\": \"{}\", \"bytes\": {}, \"fused_gbps\": {:.1}, \"unfused_gbps\": {:.1}, \"fused_host_share\": {:.3}}}\n",
-                    timing.kernel, timing.dtype, timing.bytes, rate(timing.fused), rate(timing.unfused), timing.fused.host_share
+                    "{{\"kind\": \"bandwidth\", \"kernel\": \"{}\", \"dtype\": \"{}\", \"bytes\": {}, \"fused_gbps\": {:.1}, \"unfused_gbps\": {:.1}, \"fused_us\": {:.2}, \"floor_us\": {:.2}}}\n",
+                    timing.kernel, timing.dtype, timing.bytes, rate(timing.fused), rate(timing.unfused), timing.fused * 1e6, floor.fused * 1e6
                 ));
             }
         }
         println!(
-            "(host %: the share of the fused kernel's time the host took to issue its calls; \
-             near 100% the figure is the launch overhead, not the kernel: try a larger --tokens)"
+            "(floor: the fused call on {OVERHEAD_TOKENS} tokens; where µs/call is near it, the \
+             figure measures launch overhead rather than the kernel: try a larger --tokens)"
         );
     }
     if let Some(path) = &args.output {
@@ -175,21 +186,13 @@ fn print_check(dtype: &str, check: &Check) {
     );
 }
 
-/// What timing one operation gave: seconds per call, and the share of that time the host
-/// took to issue the calls (near 1, the figure measures the host's launch overhead rather
-/// than the GPU).
-#[derive(Clone, Copy)]
-struct PerCall {
-    seconds: f64,
-    host_share: f64,
-}
-
-/// Times `op` (3 untimed calls first; the device is synchronized around the timed ones).
+/// Seconds per call of `op` (3 untimed calls first; the device is synchronized around
+/// the timed ones).
 fn seconds_per_call<B: FusedKernels, T>(
     device: &B::Device,
     iters: usize,
     mut op: impl FnMut() -> T,
-) -> PerCall {
+) -> f64 {
     for _ in 0..3 {
         drop(op());
     }
@@ -199,14 +202,9 @@ fn seconds_per_call<B: FusedKernels, T>(
     for _ in 0..iters {
         last = Some(op());
     }
-    let issued = started.elapsed().as_secs_f64();
     B::sync(device).expect("device sync");
     drop(last);
-    let total = started.elapsed().as_secs_f64();
-    PerCall {
-        seconds: total / iters as f64,
-        host_share: issued / total,
-    }
+    started.elapsed().as_secs_f64() / iters as f64
 }
 
 /// Each kernel (forward and backward) at `[tokens, hidden]` (`[tokens, 4 hidden]` for the
@@ -214,11 +212,12 @@ fn seconds_per_call<B: FusedKernels, T>(
 /// write at least (inputs once, outputs once).
 fn bandwidths<B: FusedKernels>(
     args: &KernelsArgs,
+    tokens: usize,
     name: &str,
     dtype: DType,
     device: &B::Device,
 ) -> Vec<Timing> {
-    let (tokens, hidden, iters) = (args.tokens, args.hidden, args.iters);
+    let (hidden, iters) = (args.hidden, args.iters);
     let element = dtype.size() as f64;
     let random = |shape: Vec<usize>| {
         Tensor::<B, 1>::random(
@@ -232,7 +231,7 @@ fn bandwidths<B: FusedKernels>(
     let vector = |width: usize| random(vec![width]);
     let time = |op: &mut dyn FnMut() -> Tensor<B, 2>| seconds_per_call::<B, _>(device, iters, op);
     let mut timings = Vec::new();
-    let mut push = |kernel, bytes: f64, fused: PerCall, unfused: PerCall| {
+    let mut push = |kernel, bytes: f64, fused: f64, unfused: f64| {
         timings.push(Timing {
             kernel,
             dtype: name.to_string(),
