@@ -116,6 +116,7 @@ fn main() -> Result<(), Error> {
         distributed_optimizer: false,
         bucket_size: 40_000_000,
         loss_scaling: None,
+        gradient_accumulation_fusion: false,
         checkpoint: Default::default(),
         exit_interval: 0,
         log_interval: 5,

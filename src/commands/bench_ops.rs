@@ -323,6 +323,35 @@ fn gemm_checks<B: MegatronOps>(
                 limit,
                 || relative_error(&host(B::gemm(a, b, false, false)), &want),
             ));
+            // The weight-gradient GEMM of gradient-accumulation fusion: `aᵀ · b` added in
+            // fp32 to an fp32 sum (in place on CUDA), and without a sum.
+            let a = random::<B, 2>([k, m], dtype, device);
+            let b = random::<B, 2>([k, n], dtype, device);
+            let product = host_gemm(&host(a.clone()), &host(b.clone()), [m, k, n], true, false);
+            let sum = random::<B, 2>([m, n], DType::F32, device);
+            let want: Vec<f64> = host(sum.clone())
+                .iter()
+                .zip(&product)
+                .map(|(s, p)| s + p)
+                .collect();
+            let (a2, b2) = (a.clone(), b.clone());
+            checks.push(Check::guarded(
+                format!("gemm_accumulate {shape_name} {m}x{k}x{n} TN onto a sum"),
+                dtype_name,
+                limit,
+                || {
+                    relative_error(
+                        &host(B::gemm_accumulate(a2, b2, true, false, Some(sum))),
+                        &want,
+                    )
+                },
+            ));
+            checks.push(Check::guarded(
+                format!("gemm_accumulate {shape_name} {m}x{k}x{n} TN"),
+                dtype_name,
+                limit,
+                || relative_error(&host(B::gemm_accumulate(a, b, true, false, None)), &product),
+            ));
         }
     }
     set_tf32(false);

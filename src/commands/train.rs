@@ -196,6 +196,12 @@ pub struct TrainArgs {
     /// Let fp32 GEMMs on CUDA use TF32 tensor cores (faster, 10-bit mantissa products).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     tf32: Option<bool>,
+    /// Megatron's gradient-accumulation fusion: the linear layers' weight-gradient GEMMs
+    /// add into fp32 accumulators kept for the whole step instead of making gradients in
+    /// the weights' type that are cast and added per micro-batch [default: true with
+    /// --device cuda, false on the CPU].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    gradient_accumulation_fusion: Option<bool>,
     /// Elements per gradient bucket of the data-parallel reduction [default: 40000000].
     #[arg(long)]
     bucket_size: Option<usize>,
@@ -324,6 +330,7 @@ impl TrainArgs {
             reference_ops,
             reference_kernels,
             tf32,
+            gradient_accumulation_fusion,
             bucket_size,
             initial_loss_scale,
             loss_scale_window,
@@ -472,6 +479,9 @@ impl TrainArgs {
                     initial,
                     growth_interval: self.loss_scale_window.unwrap_or(1000),
                 }),
+            gradient_accumulation_fusion: self
+                .gradient_accumulation_fusion
+                .unwrap_or(self.device.as_deref() == Some("cuda")),
             checkpoint: CheckpointConfig {
                 save: self.save.clone(),
                 save_interval: self.save_interval.unwrap_or(0),

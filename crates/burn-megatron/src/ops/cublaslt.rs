@@ -25,7 +25,9 @@ use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
 use cudarc::cublaslt::{result as lt, sys};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
 
-use super::{MegatronOps, reference_batched_gemm, reference_gemm, reference_ops};
+use super::{
+    MegatronOps, reference_batched_gemm, reference_gemm, reference_gemm_accumulate, reference_ops,
+};
 use crate::cuda::{Handoff, address, host_sync, load_await_counter};
 
 static TF32: AtomicBool = AtomicBool::new(false);
@@ -116,8 +118,57 @@ where
             dims: [m, n, k],
             grid: [batch, heads],
             tf32: TF32.load(Ordering::Relaxed),
+            accumulate: false,
         });
         Tensor::from_primitive(TensorPrimitive::Float(result))
+    }
+
+    fn gemm_accumulate(
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        transpose_a: bool,
+        transpose_b: bool,
+        sum: Option<Tensor<Self, 2>>,
+    ) -> Tensor<Self, 2> {
+        let dtype = a.dtype();
+        if reference_ops()
+            || dtype != b.dtype()
+            || data_type(dtype).is_none()
+            || sum.as_ref().is_some_and(|sum| sum.dtype() != DType::F32)
+        {
+            return reference_gemm_accumulate(a, b, transpose_a, transpose_b, sum);
+        }
+        let a = Operand::new(a.unsqueeze::<4>().into_primitive().tensor(), transpose_a);
+        let b = Operand::new(b.unsqueeze::<4>().into_primitive().tensor(), transpose_b);
+        let (m, k) = a.product_dims();
+        let (k_b, n) = b.product_dims();
+        assert_eq!(
+            k, k_b,
+            "gemm: inner dimensions differ ({m}x{k} times {k_b}x{n})"
+        );
+        let device = a.tensor.device.clone();
+        if m * n * k == 0 {
+            return sum.unwrap_or_else(|| Tensor::zeros([m, n], (&device, DType::F32)));
+        }
+        let accumulate = sum.is_some();
+        // The sum's buffer is both C and D: cuBLASLt adds the product to it in place.
+        let output = sum.unwrap_or_else(|| Tensor::empty([m, n], (&device, DType::F32)));
+        assert_eq!(output.dims(), [m, n], "gemm_accumulate: the sum's shape");
+        let output = Operand::new(output.unsqueeze::<4>().into_primitive().tensor(), false);
+        if let Err(error) = take_failure() {
+            panic!("{error}");
+        }
+        let result = output.tensor.clone();
+        dispatch(QueuedGemm {
+            a,
+            b,
+            output,
+            dims: [m, n, k],
+            grid: [1, 1],
+            tf32: TF32.load(Ordering::Relaxed),
+            accumulate,
+        });
+        Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(result)).reshape([m, n])
     }
 }
 
@@ -237,11 +288,11 @@ impl Drop for Plan {
     }
 }
 
-/// The key of a plan: type, TF32, transposes, sizes, leading dimensions, the byte
-/// alignment of the A, B and D addresses (algorithms may assume more than Burn's buffers
-/// give), and the matrices per call with their strides (A, B, D).
+/// The key of a plan: the inputs' and the output's types, TF32, transposes, sizes, leading
+/// dimensions, the byte alignment of the A, B and D addresses (algorithms may assume more
+/// than Burn's buffers give), and the matrices per call with their strides (A, B, D).
 type PlanKey = (
-    DType,
+    [DType; 2],
     bool,
     [bool; 2],
     [usize; 3],
@@ -353,7 +404,7 @@ impl Plan {
     fn new(
         handle: sys::cublasLtHandle_t,
         (
-            dtype,
+            [dtype, output_dtype],
             tf32,
             [ta, tb],
             [m, n, k],
@@ -363,6 +414,7 @@ impl Plan {
         ): PlanKey,
     ) -> Result<Self, String> {
         let data = data_type(dtype).expect("checked by the caller");
+        let output_data = data_type(output_dtype).expect("checked by the caller");
         let compute = match (dtype, tf32) {
             (DType::F32, true) => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
             _ => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -392,15 +444,15 @@ impl Plan {
             |flag: bool, rows: usize, cols: usize| if flag { (cols, rows) } else { (rows, cols) };
         let (a_rows, a_cols) = stored(tb, n, k);
         let (b_rows, b_cols) = stored(ta, k, m);
-        let layout = |rows: usize, cols: usize, ld: usize| {
+        let layout = |data, rows: usize, cols: usize, ld: usize| {
             lt::create_matrix_layout(data, rows as u64, cols as u64, ld as i64).map_err(fail)
         };
-        for (rows, cols, ld, stride) in [
-            (a_rows, a_cols, ldb, stride_b),
-            (b_rows, b_cols, lda, stride_a),
-            (n, m, ldd, stride_d),
+        for (data, rows, cols, ld, stride) in [
+            (data, a_rows, a_cols, ldb, stride_b),
+            (data, b_rows, b_cols, lda, stride_a),
+            (output_data, n, m, ldd, stride_d),
         ] {
-            let layout = layout(rows, cols, ld)?;
+            let layout = layout(data, rows, cols, ld)?;
             plan.layouts.push(layout);
             if count > 1 {
                 use sys::cublasLtMatrixLayoutAttribute_t as Attribute;
@@ -457,7 +509,7 @@ impl Plan {
         }
         let chosen = chosen.map_err(|error| {
             format!(
-                "{error}: no algorithm for {data:?} with {compute:?}, op(A) {} op(B) {}, \
+                "{error}: no algorithm for {data:?} to {output_data:?} with {compute:?}, op(A) {} op(B) {}, \
                  A {a_rows}x{a_cols} ld {ldb}, B {b_rows}x{b_cols} ld {lda}, D {n}x{m} ld {ldd} \
                  (column-major), {count} per call; {}",
                 u8::from(tb),
@@ -494,6 +546,8 @@ struct QueuedGemm {
     dims: [usize; 3],
     grid: [usize; 2],
     tf32: bool,
+    /// Add the product to the output's values (`beta = 1`) rather than overwrite them.
+    accumulate: bool,
 }
 
 impl QueuedGemm {
@@ -624,30 +678,31 @@ impl Device {
             dims: [m, n, k],
             grid,
             tf32,
+            accumulate,
         } = gemm;
         let batching = Batching::new(*grid, [a, b, output]);
-        let element = output.tensor.dtype.size();
+        // Bytes per element of A, B and D.
+        let elements = [a, b, output].map(|operand| operand.tensor.dtype.size());
         let [pa, pb, pd] = [
             address(&a.tensor)?,
             address(&b.tensor)?,
             address(&output.tensor)?,
         ];
         // The largest power of two (up to 256) dividing each address of a call.
-        let alignment = |address: *mut c_void, strides: [usize; 2]| {
-            let offsets = strides.iter().fold(0, |bits, &s| bits | (s * element));
+        let alignment = |address: *mut c_void, operand: usize| {
+            let strides = [batching.strides[operand], batching.call_strides[operand]];
+            let offsets = strides
+                .iter()
+                .fold(0, |bits, &s| bits | (s * elements[operand]));
             1u32 << (address as usize | offsets).trailing_zeros().min(8)
         };
         let key: PlanKey = (
-            output.tensor.dtype,
+            [a.tensor.dtype, output.tensor.dtype],
             *tf32,
             [a.transposed, b.transposed],
             [*m, *n, *k],
             [a.ld, b.ld, output.ld],
-            [
-                alignment(pa, [batching.strides[0], batching.call_strides[0]]),
-                alignment(pb, [batching.strides[1], batching.call_strides[1]]),
-                alignment(pd, [batching.strides[2], batching.call_strides[2]]),
-            ],
+            [alignment(pa, 0), alignment(pb, 1), alignment(pd, 2)],
             (batching.count, batching.strides),
         );
         let (handle, stream) = (self.handle, self.stream.clone());
@@ -664,10 +719,11 @@ impl Device {
                 entry.insert(Handoff::new(&output.tensor, self.await_counter.clone())?)
             }
         };
-        let (alpha, beta) = (1f32, 0f32);
+        let (alpha, beta) = (1f32, if *accumulate { 1f32 } else { 0f32 });
         let plan = &self.plans[&key];
         let at = |address: *mut c_void, operand: usize, call: usize| {
-            (address as usize + call * batching.call_strides[operand] * element) as *mut c_void
+            (address as usize + call * batching.call_strides[operand] * elements[operand])
+                as *mut c_void
         };
         // Safety: the pointers address live buffers of the sizes the layouts describe; the
         // workspace is ours; the hand-off runs the calls after Burn's work on the inputs and

@@ -7,9 +7,11 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary};
+use burn::module::{Param, ParamId};
 use burn::tensor::{Tensor, TensorPrimitive, backend::Backend};
 
 use super::MegatronOps;
+use super::weight_grads::accumulate;
 
 /// `op(a) · op(b)` with Burn's matmul.
 pub fn reference_gemm<B: Backend>(
@@ -72,6 +74,80 @@ pub fn linear<B: MegatronOps, const D: usize>(
         None => output,
     };
     output.reshape(shape)
+}
+
+/// [`linear`] of a layer's weight parameter: while this thread's weight-gradient
+/// accumulators are open (a training step with gradient-accumulation fusion, see
+/// [`begin_weight_grads`](super::begin_weight_grads)) the product is
+/// [`MegatronOps::linear_product`], whose weight gradient goes to the parameter's fp32
+/// accumulator; otherwise this is [`linear`].
+pub fn linear_param<B: MegatronOps, const D: usize>(
+    x: Tensor<B, D>,
+    weight: &Param<Tensor<B, 2>>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    if !super::accumulating() {
+        return linear(x, weight.val(), bias);
+    }
+    let weight_value = weight.val();
+    let mut shape = x.dims();
+    let d_input = shape[D - 1];
+    let rows = x.shape().num_elements() / d_input.max(1);
+    shape[D - 1] = weight_value.dims()[1];
+    let output = B::linear_product(x.reshape([rows, d_input]), weight_value, weight.id);
+    let output = match bias {
+        Some(bias) => output + bias.unsqueeze(),
+        None => output,
+    };
+    output.reshape(shape)
+}
+
+/// `x · w` on an autodiff backend as one op whose input gradient is registered as usual
+/// and whose weight gradient `xᵀ · d out` is added to the accumulator of parameter `id`
+/// while this thread's accumulators are open (registered as usual when they are not).
+pub(super) fn matmul_accumulating_weight_grad<B: MegatronOps, C: CheckpointStrategy>(
+    x: Tensor<Autodiff<B, C>, 2>,
+    w: Tensor<Autodiff<B, C>, 2>,
+    id: ParamId,
+) -> Tensor<Autodiff<B, C>, 2> {
+    let (x, w, nodes) = burn_megatron_kernels::detach_inner!(B; x, w);
+    let output = B::gemm(x.clone(), w.clone(), false, false)
+        .into_primitive()
+        .tensor();
+    let output = match AccumulatingGemmBackward
+        .prepare::<C>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((x, w, id), output),
+        OpsKind::UnTracked(prep) => prep.finish(output),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(output))
+}
+
+/// The backward of [`matmul_accumulating_weight_grad`].
+#[derive(Debug)]
+struct AccumulatingGemmBackward;
+
+impl<B: MegatronOps> Backward<B, 2> for AccumulatingGemmBackward {
+    type State = (Tensor<B, 2>, Tensor<B, 2>, ParamId);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, w, id) = ops.state;
+        let grad =
+            Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grads.consume::<B>(&ops.node)));
+        let [x_parent, w_parent] = ops.parents;
+        if let Some(parent) = w_parent
+            && !accumulate::<B>(id, x.clone(), grad.clone(), true, false)
+        {
+            let weight_grad = B::gemm(x, grad.clone(), true, false);
+            grads.register::<B>(parent.id, weight_grad.into_primitive().tensor());
+        }
+        if let Some(parent) = x_parent {
+            let input_grad = B::gemm(grad, w, false, true);
+            grads.register::<B>(parent.id, input_grad.into_primitive().tensor());
+        }
+    }
 }
 
 /// `a · b` (2-D, or batched over equal leading dimensions up to 4-D) on an autodiff

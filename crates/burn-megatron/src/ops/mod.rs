@@ -19,16 +19,24 @@ mod attention;
 #[cfg(feature = "cuda")]
 mod cublaslt;
 mod gemm;
+mod weight_grads;
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::module::ParamId;
 use burn::tensor::{Bool, Tensor};
 
 pub use attention::{AttentionDropout, CoreAttention, Recompute, reference_attention};
 pub use burn_megatron_kernels::{reference_ops, use_reference_ops, with_dtype};
 #[cfg(feature = "cuda")]
 pub use cublaslt::{allow_tf32, queue_gemms_on_device_thread};
-pub use gemm::{linear, matmul_with_gemm_backward, reference_batched_gemm, reference_gemm};
+pub use gemm::{
+    linear, linear_param, matmul_with_gemm_backward, reference_batched_gemm, reference_gemm,
+};
+pub use weight_grads::{
+    WeightGrads, accumulating, begin_weight_grads, holds, reference_gemm_accumulate,
+    take_weight_grads,
+};
 
 /// A backend with the transformer's heavy operations; see the [module](self) docs. The
 /// fused memory-bound kernels between them (norms, bias-GeLU, bias-dropout-add) come with
@@ -63,6 +71,28 @@ pub trait MegatronOps: burn_megatron_kernels::FusedKernels {
         transpose_b: bool,
     ) -> Tensor<Self, 2> {
         reference_gemm(a, b, transpose_a, transpose_b)
+    }
+
+    /// `sum + op(a) · op(b)` in fp32 (`sum`: fp32 `[m, n]`; none: the product alone), the
+    /// weight-gradient GEMM of gradient-accumulation fusion. On CUDA the sum is formed by
+    /// cuBLASLt and written over `sum`'s buffer, which the caller must own alone.
+    fn gemm_accumulate(
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        transpose_a: bool,
+        transpose_b: bool,
+        sum: Option<Tensor<Self, 2>>,
+    ) -> Tensor<Self, 2> {
+        reference_gemm_accumulate(a, b, transpose_a, transpose_b, sum)
+    }
+
+    /// `x · weight` for the weight parameter `id` of a linear layer. On autodiff, while
+    /// this thread's weight-gradient accumulators are open ([`begin_weight_grads`]), one op
+    /// whose weight gradient goes to the accumulator of `id` ([`gemm_accumulate`]
+    /// (Self::gemm_accumulate)) rather than to the graph; elsewhere the product.
+    fn linear_product(x: Tensor<Self, 2>, weight: Tensor<Self, 2>, id: ParamId) -> Tensor<Self, 2> {
+        let _ = id;
+        Self::gemm(x, weight, false, false)
     }
 
     /// `op(a) · op(b)` for each of the `[batch, heads]` matrices of 4-D `a` and `b` (the
@@ -117,6 +147,10 @@ impl<B: MegatronOps, C: CheckpointStrategy> MegatronOps for Autodiff<B, C> {
         } else {
             reference_gemm(a, b, transpose_a, transpose_b)
         }
+    }
+
+    fn linear_product(x: Tensor<Self, 2>, weight: Tensor<Self, 2>, id: ParamId) -> Tensor<Self, 2> {
+        gemm::matmul_accumulating_weight_grad(x, weight, id)
     }
 
     fn batched_gemm(

@@ -14,7 +14,7 @@ use super::mappings::{
     gather_from_tensor_parallel_region, reduce_from_tensor_parallel_region,
     reduce_scatter_to_sequence_parallel_region, scatter_to_tensor_parallel_region,
 };
-use crate::ops::linear;
+use crate::ops::linear_param;
 use crate::parallel::{Group, ParallelBackend};
 use crate::{Error, Result};
 
@@ -182,7 +182,7 @@ impl<B: ParallelBackend> ColumnParallelLinear<B> {
         } else {
             copy_to_tensor_parallel_region(input, &self.group)
         };
-        let output = linear(input, self.weight.val(), bias);
+        let output = linear_param(input, &self.weight, bias);
         if self.gather_output {
             gather_from_tensor_parallel_region(output, &self.group)
         } else {
@@ -346,7 +346,7 @@ impl<B: ParallelBackend> RowParallelLinear<B> {
         } else {
             scatter_to_tensor_parallel_region(input, &self.group)
         };
-        let partial = linear(input, self.weight.val(), None);
+        let partial = linear_param(input, &self.weight, None);
         let output = if self.sequence_parallel {
             reduce_scatter_to_sequence_parallel_region(partial, &self.group, D - 2)
         } else {

@@ -130,6 +130,10 @@ pub struct TrainConfig {
     pub bucket_size: usize,
     /// Dynamic loss scaling (for fp16): `None` trains without.
     pub loss_scaling: Option<LossScaling>,
+    /// Megatron's gradient-accumulation fusion: the linear layers' weight-gradient GEMMs
+    /// add into fp32 accumulators kept for the whole step (in place on CUDA), instead of
+    /// making gradients in the weights' type that are cast and added per micro-batch.
+    pub gradient_accumulation_fusion: bool,
     /// Saving and loading checkpoints.
     pub checkpoint: CheckpointConfig,
     /// Stop after a step that is a multiple of this (saving a checkpoint first when
@@ -517,13 +521,18 @@ where
             .collect::<Result<Vec<_>>>()?;
         let scale = scaler.as_ref().map_or(1.0, |scaler| scaler.scale);
         let mut main_grads = MainGrads::new(chunks.len());
-        let outcome = runner.run(&actions, &chunks, &samples, Some((&mut main_grads, scale)))?;
+        if config.gradient_accumulation_fusion {
+            crate::ops::begin_weight_grads::<B::InnerBackend>();
+        }
+        let outcome = runner.run(&actions, &chunks, &samples, Some((&mut main_grads, scale)));
+        let fused = crate::ops::take_weight_grads::<B::InnerBackend>();
+        let outcome = outcome?;
         let groups = ReduceGroups {
             tensor: ctx.tensor(),
             data: ctx.data(),
             embedding: ctx.embedding(),
         };
-        let reduced = optimizer.reduce(main_grads, &groups, scale, device)?;
+        let reduced = optimizer.reduce(main_grads, fused, &groups, scale, device)?;
         let overflow = match &scaler {
             Some(_) => any_rank::<B>(ctx, !reduced.norm_squared.is_finite(), device)?,
             None => false,

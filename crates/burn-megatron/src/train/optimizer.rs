@@ -20,6 +20,7 @@ use burn_megatron_kernels::{AdamWState, AdamWStep, with_dtype};
 
 use crate::Result;
 use crate::checkpoint::{ScalerState, StateKind};
+use crate::ops::{WeightGrads, holds};
 use crate::parallel::{Group, ParallelBackend, ReduceOp};
 
 /// AdamW settings.
@@ -212,16 +213,31 @@ impl fmt::Display for OptimizerMemory {
 }
 
 /// The fp32 main-grad buffers of a step: one flat buffer per model chunk, into which
-/// every micro-batch's parameter gradients are added.
+/// every micro-batch's parameter gradients are added, and the weight gradients that
+/// gradient-accumulation fusion accumulated outside the graph (see
+/// [`ops::begin_weight_grads`](crate::ops::begin_weight_grads)).
 pub(crate) struct MainGrads<B: Backend> {
-    chunks: Vec<Option<Tensor<B, 1>>>,
+    chunks: Vec<ChunkGrads<B>>,
+}
+
+/// One model chunk's gradients: the ones from the graph, concatenated in module order and
+/// summed over micro-batches, and which parameters the accumulators hold instead.
+struct ChunkGrads<B: Backend> {
+    sum: Option<Tensor<B, 1>>,
+    /// Every parameter in module order: id, elements, held by the accumulators.
+    params: Vec<(ParamId, usize, bool)>,
 }
 
 impl<B: Backend> MainGrads<B> {
     /// Empty buffers for `chunks` model chunks.
     pub fn new(chunks: usize) -> Self {
         Self {
-            chunks: (0..chunks).map(|_| None).collect(),
+            chunks: (0..chunks)
+                .map(|_| ChunkGrads {
+                    sum: None,
+                    params: Vec::new(),
+                })
+                .collect(),
         }
     }
 
@@ -232,19 +248,48 @@ impl<B: Backend> MainGrads<B> {
         M: AutodiffModule<AB>,
     {
         let mut parts = Vec::new();
+        let mut params = Vec::new();
         module.visit(&mut FlattenGrads::<AB> {
             grads: &mut grads,
             parts: &mut parts,
+            params: &mut params,
         });
+        let slot = &mut self.chunks[chunk];
+        slot.params = params;
         if parts.is_empty() {
             return;
         }
         let flat = cat_fp32(parts);
-        let slot = &mut self.chunks[chunk];
-        *slot = Some(match slot.take() {
+        slot.sum = Some(match slot.sum.take() {
             Some(sum) => sum + flat,
             None => flat,
         });
+    }
+
+    /// Each chunk's flat fp32 gradients in module order (`None`: no gradients), the
+    /// accumulated weight gradients `fused` put in their parameters' places.
+    fn into_flat(self, mut fused: WeightGrads<B>, device: &B::Device) -> Vec<Option<Tensor<B, 1>>> {
+        self.chunks
+            .into_iter()
+            .map(|chunk| {
+                if !chunk.params.iter().any(|&(_, _, held)| held) {
+                    return chunk.sum;
+                }
+                let mut offset = 0;
+                let parts = chunk.params.iter().map(|&(id, len, held)| {
+                    match fused.remove(&id).filter(|_| held) {
+                        Some(grad) => grad.reshape([len]),
+                        None if held => Tensor::zeros([len], (device, DType::F32)),
+                        None => {
+                            let sum = chunk.sum.clone().expect("the graph's gradients");
+                            offset += len;
+                            sum.slice(offset - len..offset)
+                        }
+                    }
+                });
+                Some(Tensor::cat(parts.collect(), 0))
+            })
+            .collect()
     }
 }
 
@@ -427,12 +472,13 @@ impl<B: ParallelBackend> FlatAdamW<B> {
     pub fn reduce(
         &self,
         main_grads: MainGrads<B>,
+        fused: WeightGrads<B>,
         groups: &ReduceGroups<'_>,
         scale: f64,
         device: &B::Device,
     ) -> Result<ReducedGrads<B>> {
         let parts = main_grads
-            .chunks
+            .into_flat(fused, device)
             .into_iter()
             .zip(self.chunk_lengths())
             .map(|(grads, len)| grads.unwrap_or_else(|| Tensor::zeros([len], (device, DType::F32))))
@@ -712,14 +758,20 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for FlattenParams<'_, B> {
 struct FlattenGrads<'a, B: AutodiffBackend> {
     grads: &'a mut GradientsParams,
     parts: &'a mut Vec<Tensor<B::InnerBackend, 1>>,
+    params: &'a mut Vec<(ParamId, usize, bool)>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for FlattenGrads<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let grad = match self.grads.remove::<B::InnerBackend, D>(param.id) {
-            Some(grad) => grad,
-            None => param.val().inner().zeros_like(),
-        };
+        let len = param.shape().num_elements();
+        let grad = self.grads.remove::<B::InnerBackend, D>(param.id);
+        // A weight whose gradient the accumulators hold has no place in the graph's flat.
+        let held = grad.is_none() && holds::<B::InnerBackend>(param.id);
+        self.params.push((param.id, len, held));
+        if held {
+            return;
+        }
+        let grad = grad.unwrap_or_else(|| param.val().inner().zeros_like());
         // Main grads are fp32 whatever the parameters' type (cast by `cat_fp32`).
         self.parts.push(grad.flatten(0, D - 1));
     }

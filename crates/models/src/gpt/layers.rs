@@ -4,7 +4,7 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, gelu_approximate, silu};
 use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend};
 use burn_megatron::Result;
-use burn_megatron::ops::{AttentionDropout, CoreAttention, Recompute, linear};
+use burn_megatron::ops::{AttentionDropout, CoreAttention, Recompute, linear, linear_param};
 use burn_megatron::parallel::{Group, ParallelBackend};
 use burn_megatron::tensor_parallel::mappings::{
     copy_to_tensor_parallel_region, gather_from_sequence_parallel_region,
@@ -267,17 +267,22 @@ impl<B: ParallelBackend> SelfAttention<B> {
             t.reshape([batch, seq, width / self.head_dim, self.head_dim])
                 .swap_dims(1, 2)
         };
-        let mut query = split_heads(linear(x.clone(), self.query.val(), bias(0)));
-        let mut key = split_heads(linear(
-            x.clone(),
-            self.shared(self.key.val()),
-            bias(1).map(|b| self.shared(b)),
-        ));
-        let value = split_heads(linear(
-            x,
-            self.shared(self.value.val()),
-            bias(2).map(|b| self.shared(b)),
-        ));
+        // A replicated key/value weight reaches its product through the region op, so
+        // its gradient stays in the graph.
+        let key_value = |x: Tensor<B, 3>, weight: &Param<Tensor<B, 2>>, i: usize| {
+            if self.kv_replicated {
+                linear(
+                    x,
+                    self.shared(weight.val()),
+                    bias(i).map(|b| self.shared(b)),
+                )
+            } else {
+                linear_param(x, weight, bias(i))
+            }
+        };
+        let mut query = split_heads(linear_param(x.clone(), &self.query, bias(0)));
+        let mut key = split_heads(key_value(x.clone(), &self.key, 1));
+        let value = split_heads(key_value(x, &self.value, 2));
 
         if let Some(base) = self.rotary_base {
             let (cos, sin) = rotary_tables::<B>(seq, self.head_dim, base, &device);

@@ -84,6 +84,7 @@ pub fn train_config(steps: usize) -> TrainConfig {
         distributed_optimizer: false,
         bucket_size: 40_000_000,
         loss_scaling: None,
+        gradient_accumulation_fusion: false,
         checkpoint: Default::default(),
         exit_interval: 0,
         log_interval: 1,
