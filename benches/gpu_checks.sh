@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU's correctness checks and kernel bandwidths in one command on one GPU:
-#   - thread ranks: tp 2 x pp 2 (four threads sharing the GPU; with and without the
-#     distributed optimizer) against one rank on the CPU, same small GPT, 5 steps;
+#   - thread ranks: tp 2 x pp 2 (four threads sharing the GPU; plain, with the distributed
+#     optimizer, with gradient-accumulation fusion) and one GPU rank with fusion, against
+#     one rank on the CPU, same small GPT, 5 steps;
 #   - every fused kernel and gradient against its reference (f32, bf16, f16);
 #   - every GEMM path and core attention against their references (bench ops);
 #   - each kernel's bandwidth at 8192 and 32768 tokens (bf16), with the host's share.
@@ -29,6 +30,12 @@ done
 timeout "$LIMIT" "$BIN" "${SMALL[@]}" --device cuda --tp 2 --pp 2 --use-distributed-optimizer \
     --metrics "$OUT/tp2pp2_distributed.jsonl" > "$OUT/tp2pp2_distributed.log" 2>&1 \
     || echo "tp 2 x pp 2 with the distributed optimizer failed: see $OUT/tp2pp2_distributed.log"
+timeout "$LIMIT" "$BIN" "${SMALL[@]}" --device cuda --tp 2 --pp 2 --gradient-accumulation-fusion \
+    --metrics "$OUT/tp2pp2_fusion.jsonl" > "$OUT/tp2pp2_fusion.log" 2>&1 \
+    || echo "tp 2 x pp 2 with gradient-accumulation fusion failed: see $OUT/tp2pp2_fusion.log"
+timeout "$LIMIT" "$BIN" "${SMALL[@]}" --device cuda --tp 1 --pp 1 --gradient-accumulation-fusion \
+    --metrics "$OUT/one_gpu_fusion.jsonl" > "$OUT/one_gpu_fusion.log" 2>&1 \
+    || echo "one GPU with gradient-accumulation fusion failed: see $OUT/one_gpu_fusion.log"
 
 timeout "$LIMIT" "$BIN" bench kernels --parts checks --output "$OUT/kernel_checks.jsonl" \
     > "$OUT/kernel_checks.log" 2>&1 || echo "kernel checks failed: see $OUT/kernel_checks.log"
@@ -48,7 +55,7 @@ def rows(name):
     return [json.loads(line) for line in path.open()] if path.exists() else []
 reference = rows("cpu_one_rank.jsonl")
 print(f"{'thread ranks vs one CPU rank':<34} {'steps':>6} {'loss rel. diff':>15} {'grad norm rel. diff':>20}")
-for name in ["tp2pp2_1", "tp2pp2_2", "tp2pp2_3", "tp2pp2_distributed"]:
+for name in ["tp2pp2_1", "tp2pp2_2", "tp2pp2_3", "tp2pp2_distributed", "tp2pp2_fusion", "one_gpu_fusion"]:
     got = rows(f"{name}.jsonl")
     pairs = list(zip(got, reference))
     if not pairs:

@@ -198,8 +198,8 @@ pub struct TrainArgs {
     tf32: Option<bool>,
     /// Megatron's gradient-accumulation fusion: the linear layers' weight-gradient GEMMs
     /// add into fp32 accumulators kept for the whole step instead of making gradients in
-    /// the weights' type that are cast and added per micro-batch [default: true with
-    /// --device cuda, false on the CPU].
+    /// the weights' type that are cast and added per micro-batch [default: false until
+    /// its CUDA path is checked on a GPU].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     gradient_accumulation_fusion: Option<bool>,
     /// Elements per gradient bucket of the data-parallel reduction [default: 40000000].
@@ -479,9 +479,7 @@ impl TrainArgs {
                     initial,
                     growth_interval: self.loss_scale_window.unwrap_or(1000),
                 }),
-            gradient_accumulation_fusion: self
-                .gradient_accumulation_fusion
-                .unwrap_or(self.device.as_deref() == Some("cuda")),
+            gradient_accumulation_fusion: self.gradient_accumulation_fusion.unwrap_or(false),
             checkpoint: CheckpointConfig {
                 save: self.save.clone(),
                 save_interval: self.save_interval.unwrap_or(0),
