@@ -3,7 +3,8 @@
 # same command: GEMM TFLOP/s at 4096 and 8192 (ours, Burn's matmul, PyTorch's matmul), and
 # a GPT-2 774M bf16 8 x 1024 training step (tokens/s, model TFLOP/s, peak GPU memory, the
 # activations one micro-batch holds for its backward) with selective recompute, with
-# everything stored, and in PyTorch eager (HF transformers).
+# everything stored, as four micro-batches of 2 with and without gradient-accumulation
+# fusion, and in PyTorch eager (HF transformers).
 #
 #   cargo build --release --features cuda
 #   benches/gpu_step.sh [path/to/burn-megatron]      # logs under $OUT (default bench-out)
@@ -44,6 +45,12 @@ with_peak_memory "$OUT/selective.log" timeout "$LIMIT" "$BIN" "${TRAIN[@]}" \
     || echo "selective recompute failed: see $OUT/selective.log"
 with_peak_memory "$OUT/store_all.log" timeout "$LIMIT" "$BIN" "${TRAIN[@]}" --recompute-granularity none \
     || echo "storing everything failed: see $OUT/store_all.log"
+# Four micro-batches of 2 a step, with and without gradient-accumulation fusion.
+ACCUMULATING=(--micro-batch-size 2 --global-batch-size 8)
+with_peak_memory "$OUT/accumulating.log" timeout "$LIMIT" "$BIN" "${TRAIN[@]}" "${ACCUMULATING[@]}" \
+    || echo "four micro-batches failed: see $OUT/accumulating.log"
+with_peak_memory "$OUT/accumulating_fused.log" timeout "$LIMIT" "$BIN" "${TRAIN[@]}" "${ACCUMULATING[@]}" \
+    --gradient-accumulation-fusion || echo "four micro-batches, fused failed: see $OUT/accumulating_fused.log"
 
 # "throughput (...): N tokens/s, X model TFLOP/s ..." -> "N X"
 ours() { sed -n 's/^throughput[^:]*: \([0-9.]*\) tokens\/s, \([0-9.]*\) model TFLOP\/s.*/\1 \2/p' "$1"; }
@@ -52,7 +59,7 @@ torch=$(sed -n 's/.*median \([0-9.]*\) tokens\/s, \([0-9.]*\) model TFLOP\/s, pe
 # "activation memory: X MiB held after one micro-batch's forward ..." -> "X"
 activations() { sed -n 's/^activation memory: \([0-9.]*\) MiB.*/\1/p' "$1"; }
 printf '\n%-34s %12s %12s %18s %18s\n' "GPT-2 774M bf16 8 x 1024" "tokens/s" "TFLOP/s" "peak memory" "activations"
-for run in selective store_all; do
+for run in selective store_all accumulating accumulating_fused; do
     read -r rate tflops <<< "$(ours "$OUT/$run.log")"
     peak=$(cat "$OUT/$run.log.peak" 2>/dev/null)
     held=$(activations "$OUT/$run.log")
