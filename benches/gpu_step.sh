@@ -38,18 +38,17 @@ with_peak_memory() {
 echo "== GPT-2 774M bf16 8 x 1024"
 timeout "$LIMIT" python3 benches/torch_gpt2.py --layers 36 --hidden 1280 --heads 20 --precision bf16 \
     --steps "$STEPS" > "$OUT/torch_gpt2.log" 2>&1 || echo "PyTorch failed: see $OUT/torch_gpt2.log"
-TRAIN=(train --device cuda --precision bf16 --tp 1 --dp 1 --preset gpt2-774m --seq-length 1024
-    --micro-batch-size 8 --global-batch-size 8 --steps "$STEPS" --log-interval 1
-    --eval-interval 100000 --eval-iters 1)
+STEP=(train --device cuda --precision bf16 --tp 1 --dp 1 --preset gpt2-774m --seq-length 1024
+    --global-batch-size 8 --steps "$STEPS" --log-interval 1 --eval-interval 100000 --eval-iters 1)
+TRAIN=("${STEP[@]}" --micro-batch-size 8)
 with_peak_memory "$OUT/selective.log" timeout "$LIMIT" "$BIN" "${TRAIN[@]}" \
     || echo "selective recompute failed: see $OUT/selective.log"
 with_peak_memory "$OUT/store_all.log" timeout "$LIMIT" "$BIN" "${TRAIN[@]}" --recompute-granularity none \
     || echo "storing everything failed: see $OUT/store_all.log"
 # Four micro-batches of 2 a step, with and without gradient-accumulation fusion.
-ACCUMULATING=(--micro-batch-size 2 --global-batch-size 8)
-with_peak_memory "$OUT/accumulating.log" timeout "$LIMIT" "$BIN" "${TRAIN[@]}" "${ACCUMULATING[@]}" \
+with_peak_memory "$OUT/accumulating.log" timeout "$LIMIT" "$BIN" "${STEP[@]}" --micro-batch-size 2 \
     || echo "four micro-batches failed: see $OUT/accumulating.log"
-with_peak_memory "$OUT/accumulating_fused.log" timeout "$LIMIT" "$BIN" "${TRAIN[@]}" "${ACCUMULATING[@]}" \
+with_peak_memory "$OUT/accumulating_fused.log" timeout "$LIMIT" "$BIN" "${STEP[@]}" --micro-batch-size 2 \
     --gradient-accumulation-fusion || echo "four micro-batches, fused failed: see $OUT/accumulating_fused.log"
 
 # "throughput (...): N tokens/s, X model TFLOP/s ..." -> "N X"
