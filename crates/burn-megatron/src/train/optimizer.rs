@@ -268,7 +268,7 @@ impl<B: Backend> MainGrads<B> {
 
     /// Each chunk's flat fp32 gradients in module order (`None`: no gradients), the
     /// accumulated weight gradients `fused` put in their parameters' places.
-    fn into_flat(self, mut fused: WeightGrads<B>, device: &B::Device) -> Vec<Option<Tensor<B, 1>>> {
+    fn into_flat(self, mut fused: WeightGrads<B>) -> Vec<Option<Tensor<B, 1>>> {
         self.chunks
             .into_iter()
             .map(|chunk| {
@@ -277,14 +277,13 @@ impl<B: Backend> MainGrads<B> {
                 }
                 let mut offset = 0;
                 let parts = chunk.params.iter().map(|&(id, len, held)| {
-                    match fused.remove(&id).filter(|_| held) {
-                        Some(grad) => grad.reshape([len]),
-                        None if held => Tensor::zeros([len], (device, DType::F32)),
-                        None => {
-                            let sum = chunk.sum.clone().expect("the graph's gradients");
-                            offset += len;
-                            sum.slice(offset - len..offset)
-                        }
+                    if held {
+                        let grad = fused.remove(&id).expect("a held weight gradient");
+                        grad.reshape([len])
+                    } else {
+                        let sum = chunk.sum.clone().expect("the graph's gradients");
+                        offset += len;
+                        sum.slice(offset - len..offset)
                     }
                 });
                 Some(Tensor::cat(parts.collect(), 0))
@@ -478,7 +477,7 @@ impl<B: ParallelBackend> FlatAdamW<B> {
         device: &B::Device,
     ) -> Result<ReducedGrads<B>> {
         let parts = main_grads
-            .into_flat(fused, device)
+            .into_flat(fused)
             .into_iter()
             .zip(self.chunk_lengths())
             .map(|(grads, len)| grads.unwrap_or_else(|| Tensor::zeros([len], (device, DType::F32))))
