@@ -192,6 +192,66 @@ pub(super) fn norm_forward<F: Float, N: Size>(
     }
 }
 
+/// `x̂ = (x - mean) · rstd` of the input vector at `at`.
+#[cube]
+fn normalized_input<F: Float, N: Size>(
+    input: &Tensor<Vector<F, N>>,
+    at: usize,
+    mean: Vector<f32, N>,
+    rstd: Vector<f32, N>,
+) -> Vector<f32, N> {
+    (Vector::<f32, N>::cast_from(input[at]) - mean) * rstd
+}
+
+/// `g = grad · weight` of the gradient vector at `at`, column vector `vector`.
+#[cube]
+fn scaled_grad<F: Float, N: Size>(
+    grad: &Tensor<Vector<F, N>>,
+    weight: &Tensor<Vector<F, N>>,
+    at: usize,
+    vector: usize,
+) -> Vector<f32, N> {
+    Vector::<f32, N>::cast_from(grad[at]) * Vector::<f32, N>::cast_from(weight[vector])
+}
+
+/// A row's means of `g` (0 for RMSNorm, `centered` off) and of `g · x̂`, from this unit's
+/// partial sums of them.
+#[derive(CubeType)]
+struct GradMeans {
+    scaled: f32,
+    projection: f32,
+}
+
+#[cube]
+fn grad_means<N: Size>(
+    scaled_sum: Vector<f32, N>,
+    projection: Vector<f32, N>,
+    shared: &mut SharedMemory<f32>,
+    count: f32,
+    #[comptime] centered: bool,
+    #[comptime] plane: bool,
+) -> GradMeans {
+    let mut scaled = 0.0f32;
+    if centered {
+        scaled = group_sum(lanes_sum(scaled_sum), shared, plane) / count;
+    }
+    GradMeans {
+        scaled,
+        projection: group_sum(lanes_sum(projection), shared, plane) / count,
+    }
+}
+
+/// The input gradient `rstd · (g - mean(g) - x̂ · mean(g · x̂))` of one vector.
+#[cube]
+fn norm_input_grad<N: Size>(
+    scaled: Vector<f32, N>,
+    normalized: Vector<f32, N>,
+    means: &GradMeans,
+    rstd: Vector<f32, N>,
+) -> Vector<f32, N> {
+    rstd * (scaled - Vector::new(means.scaled) - normalized * Vector::new(means.projection))
+}
+
 /// The input gradient of the norm for this unit's row, in vectors of `N` elements:
 /// `rstd · (g - mean(g) - x̂ · mean(g · x̂))` with `g = grad · weight` (no `mean(g)` for
 /// RMSNorm). The first `cached` vectors of each unit stay in registers between the two
@@ -234,10 +294,8 @@ pub(super) fn norm_backward_input<F: Float, N: Size>(
     for i in 0..cached {
         let vector = lane + i * step;
         if vector < vectors {
-            let scaled = Vector::<f32, N>::cast_from(grad[grad_start + vector])
-                * Vector::<f32, N>::cast_from(weight[vector]);
-            let normalized =
-                (Vector::<f32, N>::cast_from(input[start + vector]) - mean_vector) * rstd_vector;
+            let scaled = scaled_grad(grad, weight, grad_start + vector, vector);
+            let normalized = normalized_input(input, start + vector, mean_vector, rstd_vector);
             scaled_cache[i] = scaled;
             normalized_cache[i] = normalized;
             scaled_sum += scaled;
@@ -246,38 +304,29 @@ pub(super) fn norm_backward_input<F: Float, N: Size>(
     }
     let mut vector = lane + cached * step;
     while vector < vectors {
-        let scaled = Vector::<f32, N>::cast_from(grad[grad_start + vector])
-            * Vector::<f32, N>::cast_from(weight[vector]);
-        let normalized =
-            (Vector::<f32, N>::cast_from(input[start + vector]) - mean_vector) * rstd_vector;
+        let scaled = scaled_grad(grad, weight, grad_start + vector, vector);
         scaled_sum += scaled;
-        projection += scaled * normalized;
+        projection += scaled * normalized_input(input, start + vector, mean_vector, rstd_vector);
         vector += step;
     }
-    let mut scaled_mean = 0.0f32;
-    if centered {
-        scaled_mean = group_sum(lanes_sum(scaled_sum), &mut shared, plane) / count;
-    }
-    let scaled_mean = Vector::<f32, N>::new(scaled_mean);
-    let projection_mean =
-        Vector::<f32, N>::new(group_sum(lanes_sum(projection), &mut shared, plane) / count);
+    let means = grad_means(scaled_sum, projection, &mut shared, count, centered, plane);
 
     #[unroll]
     for i in 0..cached {
         let vector = lane + i * step;
         if vector < vectors {
-            let value = rstd_vector
-                * (scaled_cache[i] - scaled_mean - normalized_cache[i] * projection_mean);
+            let value = norm_input_grad(scaled_cache[i], normalized_cache[i], &means, rstd_vector);
             input_grad[output_start + vector] = Vector::cast_from(value);
         }
     }
     let mut vector = lane + cached * step;
     while vector < vectors {
-        let scaled = Vector::<f32, N>::cast_from(grad[grad_start + vector])
-            * Vector::<f32, N>::cast_from(weight[vector]);
-        let normalized =
-            (Vector::<f32, N>::cast_from(input[start + vector]) - mean_vector) * rstd_vector;
-        let value = rstd_vector * (scaled - scaled_mean - normalized * projection_mean);
+        let value = norm_input_grad(
+            scaled_grad(grad, weight, grad_start + vector, vector),
+            normalized_input(input, start + vector, mean_vector, rstd_vector),
+            &means,
+            rstd_vector,
+        );
         input_grad[output_start + vector] = Vector::cast_from(value);
         vector += step;
     }
@@ -344,8 +393,7 @@ pub(super) fn norm_backward<F: Float, N: Size>(
             let vector = lane + i * step;
             if vector < columns {
                 let upstream = Vector::<f32, N>::cast_from(grad[grad_start + vector]);
-                let normalized = (Vector::<f32, N>::cast_from(input[start + vector]) - mean_vector)
-                    * rstd_vector;
+                let normalized = normalized_input(input, start + vector, mean_vector, rstd_vector);
                 let scaled = upstream * Vector::<f32, N>::cast_from(weight[vector]);
                 scaled_sum += scaled;
                 projection += scaled * normalized;
@@ -353,24 +401,19 @@ pub(super) fn norm_backward<F: Float, N: Size>(
                 bias_sums[i] += upstream;
             }
         }
-        let mut scaled_mean = 0.0f32;
-        if centered {
-            scaled_mean = group_sum(lanes_sum(scaled_sum), &mut shared, plane) / count;
-        }
-        let scaled_mean = Vector::<f32, N>::new(scaled_mean);
-        let projection_mean =
-            Vector::<f32, N>::new(group_sum(lanes_sum(projection), &mut shared, plane) / count);
+        let means = grad_means(scaled_sum, projection, &mut shared, count, centered, plane);
 
         let output_start = row * input_grad.stride(0) / lanes;
         #[unroll]
         for i in 0..per_unit {
             let vector = lane + i * step;
             if vector < columns {
-                let scaled = Vector::<f32, N>::cast_from(grad[grad_start + vector])
-                    * Vector::<f32, N>::cast_from(weight[vector]);
-                let normalized = (Vector::<f32, N>::cast_from(input[start + vector]) - mean_vector)
-                    * rstd_vector;
-                let value = rstd_vector * (scaled - scaled_mean - normalized * projection_mean);
+                let value = norm_input_grad(
+                    scaled_grad(grad, weight, grad_start + vector, vector),
+                    normalized_input(input, start + vector, mean_vector, rstd_vector),
+                    &means,
+                    rstd_vector,
+                );
                 input_grad[output_start + vector] = Vector::cast_from(value);
             }
         }
@@ -435,6 +478,26 @@ fn write_partial(totals: &SharedMemory<f32>, partial: &mut Tensor<f32>, width: u
     }
 }
 
+/// The rows `[first, end)` of chunk `chunk = CUBE_POS_Y` (`rows_per_chunk` rows each, the
+/// last chunk shorter) that a unit of a column-sum kernel adds up.
+#[derive(CubeType)]
+struct ChunkRows {
+    chunk: usize,
+    first: usize,
+    end: usize,
+}
+
+#[cube]
+fn chunk_rows(rows: u32, rows_per_chunk: u32) -> ChunkRows {
+    let chunk = CUBE_POS_Y as usize;
+    let first = chunk * rows_per_chunk as usize;
+    let mut end = first + rows_per_chunk as usize;
+    if end > rows as usize {
+        end = rows as usize;
+    }
+    ChunkRows { chunk, first, end }
+}
+
 /// Partial weight and bias gradients of the norm: unit `vector` of cube
 /// `(CUBE_POS_X, chunk = CUBE_POS_Y)` sums `grad · x̂` and `grad` over the chunk's rows for
 /// `N` adjacent columns into `[chunks, width]` fp32 partials (summed over chunks
@@ -458,12 +521,7 @@ pub(super) fn norm_backward_parameters<F: Float, N: Size>(
     if vector >= width as usize / lanes {
         terminate!();
     }
-    let chunk = CUBE_POS_Y as usize;
-    let first = chunk * rows_per_chunk as usize;
-    let mut end = first + rows_per_chunk as usize;
-    if end > rows as usize {
-        end = rows as usize;
-    }
+    let ChunkRows { chunk, first, end } = chunk_rows(rows, rows_per_chunk);
     let mut weight_sum = Vector::<f32, N>::new(0.0f32);
     let mut bias_sum = Vector::<f32, N>::new(0.0f32);
     let mut row = first;
@@ -499,12 +557,7 @@ pub(super) fn column_sums<F: Float, N: Size>(
     if vector >= width as usize / lanes {
         terminate!();
     }
-    let chunk = CUBE_POS_Y as usize;
-    let first = chunk * rows_per_chunk as usize;
-    let mut end = first + rows_per_chunk as usize;
-    if end > rows as usize {
-        end = rows as usize;
-    }
+    let ChunkRows { chunk, first, end } = chunk_rows(rows, rows_per_chunk);
     let stride = input.stride(0) / lanes;
     let mut sum = Vector::<f32, N>::new(0.0f32);
     let mut row = first;

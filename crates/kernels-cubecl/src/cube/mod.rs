@@ -144,6 +144,16 @@ fn norm_backward_cubes<R: CubeRuntime>(like: &CubeTensor<R>, rows: usize) -> usi
         .clamp(1, 2 * multiprocessors)
 }
 
+/// The cubes of a column-sum kernel: [`ELEMENT_UNITS`] column vectors by one row chunk
+/// each, over `vectors` column vectors and `chunks` row chunks.
+fn column_chunk_cubes(vectors: usize, chunks: usize) -> CubeCount {
+    CubeCount::Static(
+        vectors.div_ceil(ELEMENT_UNITS as usize) as u32,
+        chunks as u32,
+        1,
+    )
+}
+
 /// Checked narrowing of a size the kernels index with 32-bit integers.
 fn u32_of(value: usize, what: &str) -> u32 {
     u32::try_from(value).unwrap_or_else(|_| {
@@ -304,11 +314,7 @@ where
             let lanes = vector_lanes(&[&grad, &input, &weight_partial, &bias_partial]);
             kernels::norm_backward_parameters::launch::<R>(
                 &input.client,
-                CubeCount::Static(
-                    (width / lanes).div_ceil(ELEMENT_UNITS as usize) as u32,
-                    chunks as u32,
-                    1,
-                ),
+                column_chunk_cubes(width / lanes, chunks),
                 CubeDim::new_1d(ELEMENT_UNITS),
                 lanes,
                 grad.into_tensor_arg(),
@@ -374,11 +380,7 @@ where
         let lanes = vector_lanes(&[&input, &partial]);
         kernels::column_sums::launch::<R>(
             &input.client,
-            CubeCount::Static(
-                (width / lanes).div_ceil(ELEMENT_UNITS as usize) as u32,
-                chunks as u32,
-                1,
-            ),
+            column_chunk_cubes(width / lanes, chunks),
             CubeDim::new_1d(ELEMENT_UNITS),
             lanes,
             input.clone().into_tensor_arg(),
