@@ -87,13 +87,11 @@ where
         {
             return reference_batched_gemm(a, b, transpose_a, transpose_b);
         }
-        let a = Operand::new(a.into_primitive().tensor(), transpose_a);
-        let b = Operand::new(b.into_primitive().tensor(), transpose_b);
-        let (m, k) = a.product_dims();
-        let (k_b, n) = b.product_dims();
-        assert_eq!(
-            k, k_b,
-            "gemm: inner dimensions differ ({m}x{k} times {k_b}x{n})"
+        let (a, b, [m, n, k]) = operands(
+            a.into_primitive().tensor(),
+            b.into_primitive().tensor(),
+            transpose_a,
+            transpose_b,
         );
         let device = a.tensor.device.clone();
         let shape = [batch, heads, m, n];
@@ -107,19 +105,7 @@ where
                 .tensor(),
             false,
         );
-        if let Err(error) = take_failure() {
-            panic!("{error}");
-        }
-        let result = output.tensor.clone();
-        dispatch(QueuedGemm {
-            a,
-            b,
-            output,
-            dims: [m, n, k],
-            grid: [batch, heads],
-            tf32: TF32.load(Ordering::Relaxed),
-            accumulate: false,
-        });
+        let result = queue_gemm(a, b, output, [m, n, k], [batch, heads], false);
         Tensor::from_primitive(TensorPrimitive::Float(result))
     }
 
@@ -138,13 +124,11 @@ where
         {
             return reference_gemm_accumulate(a, b, transpose_a, transpose_b, sum);
         }
-        let a = Operand::new(a.unsqueeze::<4>().into_primitive().tensor(), transpose_a);
-        let b = Operand::new(b.unsqueeze::<4>().into_primitive().tensor(), transpose_b);
-        let (m, k) = a.product_dims();
-        let (k_b, n) = b.product_dims();
-        assert_eq!(
-            k, k_b,
-            "gemm: inner dimensions differ ({m}x{k} times {k_b}x{n})"
+        let (a, b, [m, n, k]) = operands(
+            a.unsqueeze::<4>().into_primitive().tensor(),
+            b.unsqueeze::<4>().into_primitive().tensor(),
+            transpose_a,
+            transpose_b,
         );
         let device = a.tensor.device.clone();
         if m * n * k == 0 {
@@ -155,21 +139,54 @@ where
         let output = sum.unwrap_or_else(|| Tensor::empty([m, n], (&device, DType::F32)));
         assert_eq!(output.dims(), [m, n], "gemm_accumulate: the sum's shape");
         let output = Operand::new(output.unsqueeze::<4>().into_primitive().tensor(), false);
-        if let Err(error) = take_failure() {
-            panic!("{error}");
-        }
-        let result = output.tensor.clone();
-        dispatch(QueuedGemm {
-            a,
-            b,
-            output,
-            dims: [m, n, k],
-            grid: [1, 1],
-            tf32: TF32.load(Ordering::Relaxed),
-            accumulate,
-        });
+        let result = queue_gemm(a, b, output, [m, n, k], [1, 1], accumulate);
         Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(result)).reshape([m, n])
     }
+}
+
+/// The operands of `op(a) · op(b)` over the last two dimensions of 4-D `a` and `b`, and the
+/// product's `[m, n, k]`.
+fn operands(
+    a: CubeTensor<CudaRuntime>,
+    b: CubeTensor<CudaRuntime>,
+    transpose_a: bool,
+    transpose_b: bool,
+) -> (Operand, Operand, [usize; 3]) {
+    let a = Operand::new(a, transpose_a);
+    let b = Operand::new(b, transpose_b);
+    let (m, k) = a.product_dims();
+    let (k_b, n) = b.product_dims();
+    assert_eq!(
+        k, k_b,
+        "gemm: inner dimensions differ ({m}x{k} times {k_b}x{n})"
+    );
+    (a, b, [m, n, k])
+}
+
+/// Queues `output = op(a) · op(b)` (`accumulate`: `output += ...`) over `grid` with the
+/// TF32 setting of now, after reporting an earlier GEMM's failure; gives the output.
+fn queue_gemm(
+    a: Operand,
+    b: Operand,
+    output: Operand,
+    dims: [usize; 3],
+    grid: [usize; 2],
+    accumulate: bool,
+) -> CubeTensor<CudaRuntime> {
+    if let Err(error) = take_failure() {
+        panic!("{error}");
+    }
+    let result = output.tensor.clone();
+    dispatch(QueuedGemm {
+        a,
+        b,
+        output,
+        dims,
+        grid,
+        tf32: TF32.load(Ordering::Relaxed),
+        accumulate,
+    });
+    result
 }
 
 /// cuBLASLt's type of a Burn float dtype (none for the others).

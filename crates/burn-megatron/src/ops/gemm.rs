@@ -64,11 +64,24 @@ pub fn linear<B: MegatronOps, const D: usize>(
     if !B::has_fast_gemm() {
         return burn::tensor::module::linear(x, weight, bias);
     }
+    let d_output = weight.dims()[1];
+    over_rows(x, d_output, bias, |rows| {
+        B::gemm(rows, weight, false, false)
+    })
+}
+
+/// `product(x as rows) + bias`, in `x`'s shape with the last dimension `d_output`.
+fn over_rows<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    d_output: usize,
+    bias: Option<Tensor<B, 1>>,
+    product: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>,
+) -> Tensor<B, D> {
     let mut shape = x.dims();
     let d_input = shape[D - 1];
     let rows = x.shape().num_elements() / d_input.max(1);
-    shape[D - 1] = weight.dims()[1];
-    let output = B::gemm(x.reshape([rows, d_input]), weight, false, false);
+    shape[D - 1] = d_output;
+    let output = product(x.reshape([rows, d_input]));
     let output = match bias {
         Some(bias) => output + bias.unsqueeze(),
         None => output,
@@ -89,17 +102,10 @@ pub fn linear_param<B: MegatronOps, const D: usize>(
     if !super::accumulating() {
         return linear(x, weight.val(), bias);
     }
-    let weight_value = weight.val();
-    let mut shape = x.dims();
-    let d_input = shape[D - 1];
-    let rows = x.shape().num_elements() / d_input.max(1);
-    shape[D - 1] = weight_value.dims()[1];
-    let output = B::linear_product(x.reshape([rows, d_input]), weight_value, weight.id);
-    let output = match bias {
-        Some(bias) => output + bias.unsqueeze(),
-        None => output,
-    };
-    output.reshape(shape)
+    let d_output = weight.dims()[1];
+    over_rows(x, d_output, bias, |rows| {
+        B::linear_product(rows, weight.val(), weight.id)
+    })
 }
 
 /// `x · w` on an autodiff backend as one op whose input gradient is registered as usual

@@ -90,8 +90,11 @@ pub trait MegatronOps: burn_megatron_kernels::FusedKernels {
     /// this thread's weight-gradient accumulators are open ([`begin_weight_grads`]), one op
     /// whose weight gradient goes to the accumulator of `id` ([`gemm_accumulate`]
     /// (Self::gemm_accumulate)) rather than to the graph; elsewhere the product.
-    fn linear_product(x: Tensor<Self, 2>, weight: Tensor<Self, 2>, id: ParamId) -> Tensor<Self, 2> {
-        let _ = id;
+    fn linear_product(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        _id: ParamId,
+    ) -> Tensor<Self, 2> {
         Self::gemm(x, weight, false, false)
     }
 

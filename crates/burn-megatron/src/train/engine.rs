@@ -16,7 +16,7 @@ use super::checkpointing::{CheckpointParam, RunState, restore, save};
 use super::optimizer::{
     AdamWSettings, FlatAdamW, FlatLayout, LossScaler, MainGrads, ParamRole, ReduceGroups,
 };
-use super::pipeline::StageRunner;
+use super::pipeline::{StageRunner, Training};
 use super::scalar_value;
 use super::schedule::LrSchedule;
 use crate::checkpoint::Checkpoint;
@@ -524,7 +524,12 @@ where
         if config.gradient_accumulation_fusion {
             crate::ops::begin_weight_grads::<B::InnerBackend>();
         }
-        let outcome = runner.run(&actions, &chunks, &samples, Some((&mut main_grads, scale)));
+        let training = Training {
+            main_grads: &mut main_grads,
+            scale,
+            measure_activations: logging && index == start.iteration + 1,
+        };
+        let outcome = runner.run(&actions, &chunks, &samples, Some(training));
         let fused = crate::ops::take_weight_grads::<B::InnerBackend>();
         let outcome = outcome?;
         let groups = ReduceGroups {
@@ -567,10 +572,7 @@ where
                 ),
             );
         }
-        if let (true, Some(bytes)) = (
-            logging && index == start.iteration + 1,
-            outcome.activation_bytes,
-        ) {
+        if let Some(bytes) = outcome.activation_bytes {
             print_line(
                 &progress,
                 format!(

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 
 use super::engine::{ParallelModel, StageOutput, TrainStep};
 use super::optimizer::MainGrads;
@@ -31,6 +31,17 @@ pub(crate) struct PassOutcome {
     /// Device memory the first micro-batch's forward left allocated for its backward
     /// (training, on backends that report memory; see `MegatronOps::memory_in_use`).
     pub activation_bytes: Option<u64>,
+}
+
+/// What a training pass needs besides its data.
+pub(crate) struct Training<'a, B: Backend> {
+    /// The step's main-grad buffers.
+    pub main_grads: &'a mut MainGrads<B>,
+    /// The loss scale the backward starts from.
+    pub scale: f64,
+    /// Measure the device memory the first micro-batch's forward leaves for its backward
+    /// (`PassOutcome::activation_bytes`).
+    pub measure_activations: bool,
 }
 
 /// A forward whose backward has not run yet: what the backward needs.
@@ -52,16 +63,16 @@ where
     B: AutodiffBackend + ParallelBackend,
     B::InnerBackend: ParallelBackend,
 {
-    /// Runs `actions` over `chunks` on `micro_batches`. With `gradients` (main-grad
-    /// buffers and a loss scale) it trains: runs the backwards and adds to the buffers
-    /// the parameter gradients of the loss divided by the number of micro-batches and
-    /// multiplied by the scale; without, only forwards (evaluation).
+    /// Runs `actions` over `chunks` on `micro_batches`. With `training` it trains: runs
+    /// the backwards and adds to the main-grad buffers the parameter gradients of the loss
+    /// divided by the number of micro-batches and multiplied by the loss scale; without,
+    /// only forwards (evaluation).
     pub fn run<M>(
         &self,
         actions: &[Action],
         chunks: &[M],
         micro_batches: &[Vec<GptSample>],
-        mut gradients: Option<(&mut MainGrads<B::InnerBackend>, f64)>,
+        mut training: Option<Training<'_, B::InnerBackend>>,
     ) -> Result<PassOutcome>
     where
         M: AutodiffModule<B> + ParallelModel,
@@ -73,8 +84,8 @@ where
         for &action in actions {
             match action {
                 Action::Forward { chunk, micro } => {
-                    // The first forward of a training pass, with nothing else in flight.
-                    let first = gradients.is_some()
+                    // The first forward of a pass that measures, nothing else in flight.
+                    let first = training.as_ref().is_some_and(|t| t.measure_activations)
                         && in_flight.is_empty()
                         && outcome.activation_bytes.is_none();
                     let before = first.then(|| B::memory_in_use(self.device)).flatten();
@@ -89,7 +100,7 @@ where
                                 self.device,
                             )?;
                             let input = Tensor::<B, 3>::from_inner(received);
-                            Some(if gradients.is_some() {
+                            Some(if training.is_some() {
                                 input.require_grad()
                             } else {
                                 input
@@ -126,13 +137,13 @@ where
                         outcome.activation_bytes =
                             B::memory_in_use(self.device).map(|after| after.saturating_sub(before));
                     }
-                    if gradients.is_some() {
+                    if training.is_some() {
                         in_flight.insert((chunk, micro), InFlight { input, output });
                         outcome.peak_in_flight = outcome.peak_in_flight.max(in_flight.len());
                     }
                 }
                 Action::Backward { chunk, micro } => {
-                    let Some((gradients, scale)) = gradients.as_mut() else {
+                    let Some(training) = training.as_mut() else {
                         return Err(Error::InvalidConfig(
                             "a forward-only pass got a backward action".to_string(),
                         ));
@@ -147,7 +158,7 @@ where
                     let model = &chunks[chunk];
                     let root = match (output, self.schedule.next_stage(stage, chunk)) {
                         (StageOutput::Loss(loss), _) => {
-                            loss * (*scale / micro_batches.len() as f64)
+                            loss * (training.scale / micro_batches.len() as f64)
                         }
                         (StageOutput::Activations(hidden), Some(from)) => {
                             let gradient = self
@@ -168,7 +179,11 @@ where
                             .unwrap_or_else(|| input.inner().zeros_like());
                         self.ctx.pipeline_gradients().send(gradient, to)?;
                     }
-                    gradients.add::<B, M>(chunk, model, GradientsParams::from_grads(grads, model));
+                    training.main_grads.add::<B, M>(
+                        chunk,
+                        model,
+                        GradientsParams::from_grads(grads, model),
+                    );
                 }
             }
         }
