@@ -339,8 +339,8 @@ pub(super) fn norm_backward_input<F: Float, N: Size>(
 /// [`norm_backward_input`] does, and sums `grad · x̂` and `grad` for its columns in
 /// registers; the cube then adds its groups' sums in shared memory and writes them as row
 /// `CUBE_POS` of the `[cubes, width]` fp32 partials (summed over cubes afterwards), through
-/// `row_capacity` (`per_unit · CUBE_DIM_X · N`) floats of shared memory. A row is read again
-/// for its second pass, which the cache serves.
+/// [`PARTIAL_SLOTS`] slots of `row_capacity` (`per_unit · CUBE_DIM_X · N`) floats of shared
+/// memory. A row is read again for its second pass, which the cache serves.
 #[cube(launch)]
 pub(super) fn norm_backward<F: Float, N: Size>(
     grad: &Tensor<Vector<F, N>>,
@@ -419,61 +419,87 @@ pub(super) fn norm_backward<F: Float, N: Size>(
         }
     }
 
-    // The cube's sums, weight then bias (one shared buffer of the row's width serves both),
-    // as row `CUBE_POS` of the partials.
-    let mut totals = SharedMemory::<f32>::new(row_capacity);
-    add_groups(&weight_sums, &mut totals, vectors, per_unit);
-    write_partial(&totals, weight_partial, width);
+    // The cube's sums, weight then bias (one shared buffer serves both), as row `CUBE_POS`
+    // of the partials.
+    let mut slots = SharedMemory::<f32>::new(row_capacity * PARTIAL_SLOTS as usize);
+    add_groups(&weight_sums, &mut slots, vectors, per_unit, row_capacity);
+    write_partial(&slots, weight_partial, width, row_capacity);
     if centered {
         sync_cube();
-        add_groups(&bias_sums, &mut totals, vectors, per_unit);
-        write_partial(&totals, bias_partial, width);
+        add_groups(&bias_sums, &mut slots, vectors, per_unit, row_capacity);
+        write_partial(&slots, bias_partial, width, row_capacity);
     }
 }
 
-/// Adds the cube's row groups' `sums` (vector `UNIT_POS_X + i · CUBE_DIM_X` of a row at
-/// index `i`) into `totals`, one group after another.
+/// Slots of the one-pass norm backward's shared sums: half the row groups store theirs,
+/// then the other half add theirs to the same slots (two barriers, whatever the groups).
+const PARTIAL_SLOTS: u32 = ROW_GROUPS / 2;
+
+/// Puts the cube's row groups' `sums` (vector `UNIT_POS_X + i · CUBE_DIM_X` of a row at
+/// index `i`) into [`PARTIAL_SLOTS`] slots of `row_capacity` floats: group `g` stores into
+/// slot `g` when `g < PARTIAL_SLOTS`, then adds into slot `g - PARTIAL_SLOTS`. The cube
+/// runs [`ROW_GROUPS`] groups.
 #[cube]
 fn add_groups<N: Size>(
     sums: &Array<Vector<f32, N>>,
-    totals: &mut SharedMemory<f32>,
+    slots: &mut SharedMemory<f32>,
     vectors: usize,
     #[comptime] per_unit: usize,
+    #[comptime] row_capacity: usize,
 ) {
     let lanes = sums[0].vector_size();
     let lane = UNIT_POS_X as usize;
     let step = CUBE_DIM_X as usize;
-    for adding in 0..CUBE_DIM_Y {
-        if UNIT_POS_Y == adding {
-            #[unroll]
-            for i in 0..per_unit {
-                let vector = lane + i * step;
-                if vector < vectors {
-                    #[unroll]
-                    for element in 0..lanes {
-                        let at = vector * lanes + element;
-                        if adding == 0 {
-                            totals[at] = sums[i][element];
-                        } else {
-                            totals[at] += sums[i][element];
-                        }
-                    }
+    let storing = UNIT_POS_Y < PARTIAL_SLOTS;
+    let slot = (UNIT_POS_Y % PARTIAL_SLOTS) as usize * row_capacity;
+    if storing {
+        #[unroll]
+        for i in 0..per_unit {
+            let vector = lane + i * step;
+            if vector < vectors {
+                #[unroll]
+                for element in 0..lanes {
+                    slots[slot + vector * lanes + element] = sums[i][element];
                 }
             }
         }
-        sync_cube();
     }
+    sync_cube();
+    if !storing {
+        #[unroll]
+        for i in 0..per_unit {
+            let vector = lane + i * step;
+            if vector < vectors {
+                #[unroll]
+                for element in 0..lanes {
+                    let at = slot + vector * lanes + element;
+                    slots[at] += sums[i][element];
+                }
+            }
+        }
+    }
+    sync_cube();
 }
 
-/// Writes the first `width` `totals` as row `CUBE_POS` of `partial`, all the cube's units
-/// storing adjacent elements.
+/// Writes the sum of the [`PARTIAL_SLOTS`] slots' first `width` floats as row `CUBE_POS`
+/// of `partial`, all the cube's units storing adjacent elements.
 #[cube]
-fn write_partial(totals: &SharedMemory<f32>, partial: &mut Tensor<f32>, width: u32) {
+fn write_partial(
+    slots: &SharedMemory<f32>,
+    partial: &mut Tensor<f32>,
+    width: u32,
+    #[comptime] row_capacity: usize,
+) {
     let start = CUBE_POS * partial.stride(0);
     let units = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
     let mut column = UNIT_POS as usize;
     while column < width as usize {
-        partial[start + column] = totals[column];
+        let mut total = 0.0f32;
+        #[unroll]
+        for slot in 0..PARTIAL_SLOTS as usize {
+            total += slots[slot * row_capacity + column];
+        }
+        partial[start + column] = total;
         column += units;
     }
 }

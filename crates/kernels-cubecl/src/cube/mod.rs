@@ -130,9 +130,10 @@ fn cached_vectors(vectors: usize) -> usize {
     vectors.div_ceil(GROUP_UNITS as usize).min(CACHED_VECTORS)
 }
 
-/// Cubes of the one-pass norm backward for `rows` rows: two per multiprocessor where the
-/// runtime tells their number (the partials it sums over stay small), at most one per
-/// [`ROW_GROUPS`] rows.
+/// Cubes of the one-pass norm backward for `rows` rows: one per multiprocessor where the
+/// runtime tells their number (its registers fit one cube per multiprocessor on an H200,
+/// so more would run as a second wave, and the partials it sums over stay small), at most
+/// one per [`ROW_GROUPS`] rows.
 fn norm_backward_cubes<R: CubeRuntime>(like: &CubeTensor<R>, rows: usize) -> usize {
     let multiprocessors = like
         .client
@@ -140,8 +141,7 @@ fn norm_backward_cubes<R: CubeRuntime>(like: &CubeTensor<R>, rows: usize) -> usi
         .hardware
         .num_streaming_multiprocessors
         .unwrap_or(64) as usize;
-    rows.div_ceil(ROW_GROUPS as usize)
-        .clamp(1, 2 * multiprocessors)
+    rows.div_ceil(ROW_GROUPS as usize).clamp(1, multiprocessors)
 }
 
 /// The cubes of a column-sum kernel: [`ELEMENT_UNITS`] column vectors by one row chunk
