@@ -412,15 +412,17 @@ fn batched_gemm_checks<B: MegatronOps>(
 }
 
 /// Core attention with selective recompute on the fast ops against the plain-Burn
-/// reference storing everything (`use_reference_ops`), forward and the three input
-/// gradients, causal and causal + padding, with Q, K and V stored per head and as heads
-/// inside each token's row, on the same backend and dtype.
+/// reference storing everything (`use_reference_ops`) in f32 on the host (NdArray, from
+/// the same input values), forward and the three input gradients, causal and causal +
+/// padding, with Q, K and V stored per head and as heads inside each token's row. (The
+/// reference runs on the host: Burn's own matmul on the GPU autotunes each new shape and
+/// type for minutes.)
 fn attention_checks<B: MegatronOps>(
     dtypes: &[DtypeCase],
     small: bool,
     device: &B::Device,
 ) -> Vec<Check> {
-    type A<B> = Autodiff<B>;
+    type Host = burn_ndarray::NdArray<f32>;
     let shapes = if small {
         &[[3, 2, 30, 8]][..]
     } else {
@@ -429,14 +431,13 @@ fn attention_checks<B: MegatronOps>(
     let mut checks = Vec::new();
     for &(dtype_name, dtype, _, limit) in dtypes.iter().filter(|d| !d.2) {
         for &shape in shapes {
-            let [batch, _, seq, head_dim] = shape;
+            let [batch, heads, seq, head_dim] = shape;
             let padding: Vec<bool> = (0..batch * seq)
                 .map(|i| i % seq + 7 * (i / seq) >= seq)
                 .collect();
             for (padded, interleaved) in
                 [(false, false), (true, false), (false, true), (true, true)]
             {
-                let [_, heads, _, _] = shape;
                 let inputs = [0, 1, 2].map(|_| match interleaved {
                     true => {
                         random::<B, 4>([batch, seq, heads, head_dim], dtype, device).swap_dims(1, 2)
@@ -444,38 +445,24 @@ fn attention_checks<B: MegatronOps>(
                     false => random::<B, 4>(shape, dtype, device),
                 });
                 let weights = random::<B, 4>(shape, dtype, device);
-                let mask = padded.then(|| {
-                    Tensor::<A<B>, 2, Bool>::from_data(
-                        TensorData::new(padding.clone(), [batch, seq]),
-                        device,
+                let mask = padded.then(|| TensorData::new(padding.clone(), [batch, seq]));
+                let on_host = |tensor: &Tensor<B, 4>| {
+                    let values: Vec<f32> =
+                        host(tensor.clone()).into_iter().map(|x| x as f32).collect();
+                    Tensor::<Host, 4>::from_data(
+                        TensorData::new(values, shape),
+                        &Default::default(),
                     )
-                });
-                let run = |recompute: Recompute, reference: bool| {
-                    use_reference_ops(reference);
-                    let [q, k, v] = inputs
-                        .clone()
-                        .map(|t| Tensor::<A<B>, 4>::from_inner(t).require_grad());
-                    let spec = CoreAttention {
-                        recompute,
-                        ..CoreAttention::causal(head_dim)
-                    };
-                    let out = A::<B>::core_attention(
-                        q.clone(),
-                        k.clone(),
-                        v.clone(),
-                        mask.clone(),
-                        &spec,
-                    );
-                    let grads = (out.clone() * Tensor::from_inner(weights.clone()))
-                        .sum()
-                        .backward();
-                    let grad = |t: &Tensor<A<B>, 4>| t.grad(&grads).expect("gradient");
-                    let results = [out.inner(), grad(&q), grad(&k), grad(&v)];
-                    use_reference_ops(false);
-                    results
                 };
-                let ours = run(Recompute::Selective, false);
-                let reference = run(Recompute::Off, true);
+                let reference = attention_results::<Host>(
+                    inputs.each_ref().map(on_host),
+                    on_host(&weights),
+                    mask.clone(),
+                    head_dim,
+                    true,
+                    &Default::default(),
+                );
+                let ours = attention_results::<B>(inputs, weights, mask, head_dim, false, device);
                 for (name, (got, want)) in ["output", "d query", "d key", "d value"]
                     .iter()
                     .zip(ours.into_iter().zip(reference))
@@ -487,7 +474,7 @@ fn attention_checks<B: MegatronOps>(
                             if interleaved { ", heads in rows" } else { "" }
                         ),
                         dtype: dtype_name,
-                        error: relative_error(&host(got), &host(want)),
+                        error: relative_error(&got, &want),
                         limit,
                     };
                     check.print();
@@ -497,6 +484,38 @@ fn attention_checks<B: MegatronOps>(
         }
     }
     checks
+}
+
+/// Causal core attention of `q`, `k`, `v` (padding `mask`, `[batch, keys]`, true for
+/// padding) on `B`, and the gradients of `Σ output · weights`: output, d query, d key and
+/// d value on the host. `reference`: plain Burn storing everything, else the fast ops with
+/// selective recompute.
+fn attention_results<B: MegatronOps>(
+    [q, k, v]: [Tensor<B, 4>; 3],
+    weights: Tensor<B, 4>,
+    mask: Option<TensorData>,
+    head_dim: usize,
+    reference: bool,
+    device: &B::Device,
+) -> [Vec<f64>; 4] {
+    type A<B> = Autodiff<B>;
+    use_reference_ops(reference);
+    let [q, k, v] = [q, k, v].map(|t| Tensor::<A<B>, 4>::from_inner(t).require_grad());
+    let spec = CoreAttention {
+        recompute: if reference {
+            Recompute::Off
+        } else {
+            Recompute::Selective
+        },
+        ..CoreAttention::causal(head_dim)
+    };
+    let mask = mask.map(|mask| Tensor::<A<B>, 2, Bool>::from_data(mask, device));
+    let out = A::<B>::core_attention(q.clone(), k.clone(), v.clone(), mask, &spec);
+    let grads = (out.clone() * Tensor::from_inner(weights)).sum().backward();
+    let grad = |t: &Tensor<A<B>, 4>| host(t.grad(&grads).expect("gradient"));
+    let results = [host(out.inner()), grad(&q), grad(&k), grad(&v)];
+    use_reference_ops(false);
+    results
 }
 
 /// TFLOP/s of `size`-cubed products: ours (each call waits for its result) and, in
