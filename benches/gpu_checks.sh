@@ -24,10 +24,11 @@ SMALL=(train --steps 5 --num-layers 4 --hidden-size 64 --num-attention-heads 4 -
 timeout "$LIMIT" "$BIN" "${SMALL[@]}" --device cpu --tp 1 --pp 1 --metrics "$OUT/cpu_one_rank.jsonl" \
     > "$OUT/cpu_one_rank.log" 2>&1 || echo "the CPU reference failed: see $OUT/cpu_one_rank.log"
 for run in 1 2 3; do
-    timeout "$LIMIT" "$BIN" "${SMALL[@]}" --device cuda --tp 2 --pp 2 --metrics "$OUT/tp2pp2_$run.jsonl" \
+    timeout "$LIMIT" "$BIN" "${SMALL[@]}" --device cuda --tp 2 --pp 2 --gradient-accumulation-fusion false \
+        --metrics "$OUT/tp2pp2_$run.jsonl" \
         > "$OUT/tp2pp2_$run.log" 2>&1 || echo "tp 2 x pp 2 run $run failed: see $OUT/tp2pp2_$run.log"
 done
-timeout "$LIMIT" "$BIN" "${SMALL[@]}" --device cuda --tp 2 --pp 2 --use-distributed-optimizer \
+timeout "$LIMIT" "$BIN" "${SMALL[@]}" --device cuda --tp 2 --pp 2 --use-distributed-optimizer --gradient-accumulation-fusion false \
     --metrics "$OUT/tp2pp2_distributed.jsonl" > "$OUT/tp2pp2_distributed.log" 2>&1 \
     || echo "tp 2 x pp 2 with the distributed optimizer failed: see $OUT/tp2pp2_distributed.log"
 timeout "$LIMIT" "$BIN" "${SMALL[@]}" --device cuda --tp 2 --pp 2 --gradient-accumulation-fusion \

@@ -47,6 +47,7 @@ with_peak_memory "$OUT/store_all.log" timeout "$LIMIT" "$BIN" "${TRAIN[@]}" --re
     || echo "storing everything failed: see $OUT/store_all.log"
 # Four micro-batches of 2 a step, with and without gradient-accumulation fusion.
 with_peak_memory "$OUT/accumulating.log" timeout "$LIMIT" "$BIN" "${STEP[@]}" --micro-batch-size 2 \
+    --gradient-accumulation-fusion false \
     || echo "four micro-batches failed: see $OUT/accumulating.log"
 with_peak_memory "$OUT/accumulating_fused.log" timeout "$LIMIT" "$BIN" "${STEP[@]}" --micro-batch-size 2 \
     --gradient-accumulation-fusion || echo "four micro-batches, fused failed: see $OUT/accumulating_fused.log"

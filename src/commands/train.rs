@@ -198,8 +198,8 @@ pub struct TrainArgs {
     tf32: Option<bool>,
     /// Megatron's gradient-accumulation fusion: the linear layers' weight-gradient GEMMs
     /// add into fp32 accumulators kept for the whole step instead of making gradients in
-    /// the weights' type that are cast and added per micro-batch [default: false until
-    /// its CUDA path is checked on a GPU].
+    /// the weights' type that are cast and added per micro-batch [default: true with
+    /// --device cuda and more than one micro-batch a step, else false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     gradient_accumulation_fusion: Option<bool>,
     /// Elements per gradient bucket of the data-parallel reduction [default: 40000000].
@@ -479,6 +479,7 @@ impl TrainArgs {
                     initial,
                     growth_interval: self.loss_scale_window.unwrap_or(1000),
                 }),
+            // Without the flag, `run` decides once the micro-batches are known.
             gradient_accumulation_fusion: self.gradient_accumulation_fusion.unwrap_or(false),
             checkpoint: CheckpointConfig {
                 save: self.save.clone(),
@@ -574,6 +575,13 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
         )));
     }
     config.schedule(&layout)?;
+    if args.gradient_accumulation_fusion.is_none() {
+        // On by default where it was measured to pay: on CUDA with several micro-batches a
+        // step (GPT-2 774M on an H200, four micro-batches of 2: 30% faster, with the same
+        // losses and gradient norms as one CPU rank); one micro-batch of 8 ran 12% slower.
+        config.gradient_accumulation_fusion =
+            args.device.as_deref() == Some("cuda") && config.micro_batches(dp)? > 1;
+    }
 
     let data_path = match &args.data_path {
         Some(values) => parse_data_path(values)?,
