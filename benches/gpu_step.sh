@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The fast path's benchmarks in one command on one GPU, next to PyTorch measured in the
-# same command: GEMM TFLOP/s at 4096 and 8192 (ours, Burn's matmul, PyTorch's matmul), and
+# same command: GEMM TFLOP/s at 4096 and 8192 (ours, Burn's matmul, PyTorch's matmul), the
+# weight-gradient GEMM in the forms with and without gradient-accumulation fusion, and
 # a GPT-2 774M bf16 8 x 1024 training step (tokens/s, model TFLOP/s, peak GPU memory, the
 # activations one micro-batch holds for its backward) with selective recompute, with
 # everything stored, as four micro-batches of 2 with and without gradient-accumulation
@@ -74,3 +75,6 @@ echo "== GEMMs"
 timeout "$LIMIT" "$BIN" bench ops --device cuda --parts speed --output "$OUT/ops.jsonl" > "$OUT/ops.log" 2>&1 \
     || echo "bench ops failed: see $OUT/ops.log"
 python3 benches/torch_ops.py "$OUT/ops.jsonl" 2>&1 | tee "$OUT/gemm_table.txt"
+# The weight gradient without fusion (bf16) and with it (fp32, fresh and accumulated).
+echo
+sed -n '/^weight gradient/,/^added onto/p' "$OUT/ops.log"

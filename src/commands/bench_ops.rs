@@ -192,6 +192,8 @@ fn measure<B: MegatronOps>(args: &OpsArgs, device: &B::Device, cpu: bool) -> Res
     if part("speed") && !cpu {
         let speeds = gemm_speeds::<B>(&args.sizes, args.iters, device);
         append(output, speeds.iter().map(Speed::json))?;
+        let weight_grads = weight_grad_speeds::<B>(args.iters, device);
+        append(output, weight_grads.iter().map(WeightGradSpeed::json))?;
     }
     println!(
         "{:<64} {:>6} {:>11} {:>9}  check",
@@ -516,6 +518,68 @@ fn attention_results<B: MegatronOps>(
     let results = [host(out.inner()), grad(&q), grad(&k), grad(&v)];
     use_reference_ops(false);
     results
+}
+
+/// One timed weight-gradient GEMM form.
+struct WeightGradSpeed {
+    form: &'static str,
+    tflops: f64,
+}
+
+impl WeightGradSpeed {
+    fn json(&self) -> String {
+        format!(
+            "{{\"kind\": \"weight_grad\", \"form\": \"{}\", \"tflops\": {:.1}}}",
+            self.form, self.tflops
+        )
+    }
+}
+
+/// TFLOP/s of GPT-2 774M's largest weight gradient (`xᵀ · dy`, 8192 tokens, 1280 by
+/// 5120, bf16 inputs) in the three forms training uses: a bf16 gradient (`gemm`, without
+/// gradient-accumulation fusion), a fresh fp32 one (`gemm_accumulate` onto nothing: the
+/// first micro-batch with fusion) and added onto an fp32 sum in place (the later ones).
+fn weight_grad_speeds<B: MegatronOps>(iters: usize, device: &B::Device) -> Vec<WeightGradSpeed> {
+    let [tokens, rows, columns] = [8192, 1280, 5120];
+    let x = random::<B, 2>([tokens, rows], DType::BF16, device);
+    let dy = random::<B, 2>([tokens, columns], DType::BF16, device);
+    let flops = 2.0 * (tokens * rows * columns) as f64;
+    let mut sum = Some(B::gemm_accumulate(x.clone(), dy.clone(), true, false, None));
+    let time = |form: &'static str, run: &mut dyn FnMut()| {
+        for _ in 0..3 {
+            run();
+        }
+        B::sync(device).expect("sync");
+        let started = Instant::now();
+        for _ in 0..iters {
+            run();
+        }
+        B::sync(device).expect("sync");
+        let tflops = flops / (started.elapsed().as_secs_f64() / iters as f64) / 1e12;
+        println!("{form:<44} {tflops:>10.1}");
+        WeightGradSpeed { form, tflops }
+    };
+    println!(
+        "\n{:<44} {:>10}",
+        "weight gradient 1280 x 5120 over 8192 tokens", "TFLOP/s"
+    );
+    vec![
+        time("bf16 gradient (gemm)", &mut || {
+            drop(B::gemm(x.clone(), dy.clone(), true, false));
+        }),
+        time("fresh fp32 gradient (gemm_accumulate)", &mut || {
+            drop(B::gemm_accumulate(x.clone(), dy.clone(), true, false, None));
+        }),
+        time("added onto an fp32 sum (gemm_accumulate)", &mut || {
+            sum = Some(B::gemm_accumulate(
+                x.clone(),
+                dy.clone(),
+                true,
+                false,
+                sum.take(),
+            ));
+        }),
+    ]
 }
 
 /// TFLOP/s of `size`-cubed products: ours (each call waits for its result) and, in
