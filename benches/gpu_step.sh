@@ -4,8 +4,9 @@
 # weight-gradient GEMM in the forms with and without gradient-accumulation fusion, and
 # a GPT-2 774M bf16 8 x 1024 training step (tokens/s, model TFLOP/s, peak GPU memory, the
 # activations one micro-batch holds for its backward) with selective recompute, with
-# everything stored, as four micro-batches of 2 with and without gradient-accumulation
-# fusion, and in PyTorch eager (HF transformers).
+# everything stored, with the fused kernels' plain-Burn references, as four micro-batches
+# of 2 with and without gradient-accumulation fusion, and in PyTorch eager (HF
+# transformers).
 #
 #   cargo build --release --features cuda
 #   benches/gpu_step.sh [path/to/burn-megatron]      # logs under $OUT (default bench-out)
@@ -46,6 +47,9 @@ with_peak_memory "$OUT/selective.log" timeout "$LIMIT" "$BIN" "${TRAIN[@]}" \
     || echo "selective recompute failed: see $OUT/selective.log"
 with_peak_memory "$OUT/store_all.log" timeout "$LIMIT" "$BIN" "${TRAIN[@]}" --recompute-granularity none \
     || echo "storing everything failed: see $OUT/store_all.log"
+# The fused kernels' plain-Burn references in their place (#8: the step with and without them).
+with_peak_memory "$OUT/reference_kernels.log" timeout "$LIMIT" "$BIN" "${TRAIN[@]}" --reference-kernels \
+    || echo "the reference kernels failed: see $OUT/reference_kernels.log"
 # Four micro-batches of 2 a step, with and without gradient-accumulation fusion.
 with_peak_memory "$OUT/accumulating.log" timeout "$LIMIT" "$BIN" "${STEP[@]}" --micro-batch-size 2 \
     --gradient-accumulation-fusion false \
@@ -60,7 +64,7 @@ torch=$(sed -n 's/.*median \([0-9.]*\) tokens\/s, \([0-9.]*\) model TFLOP\/s, pe
 # "activation memory: X MiB held after one micro-batch's forward ..." -> "X"
 activations() { sed -n 's/^activation memory: \([0-9.]*\) MiB.*/\1/p' "$1"; }
 printf '\n%-34s %12s %12s %18s %18s\n' "GPT-2 774M bf16 8 x 1024" "tokens/s" "TFLOP/s" "peak memory" "activations"
-for run in selective store_all accumulating accumulating_fused; do
+for run in selective store_all reference_kernels accumulating accumulating_fused; do
     read -r rate tflops <<< "$(ours "$OUT/$run.log")"
     peak=$(cat "$OUT/$run.log.peak" 2>/dev/null)
     held=$(activations "$OUT/$run.log")
