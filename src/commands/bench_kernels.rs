@@ -43,6 +43,11 @@ pub struct KernelsArgs {
     /// Timed repetitions per kernel (after 3 untimed ones).
     #[arg(long, default_value_t = 50)]
     iters: usize,
+    /// Timed repetitions of each unfused plain-Burn counterpart (after 1 untimed one):
+    /// they run 5 to 5000 times slower than the kernels (bias-dropout-add's mask is made
+    /// on the host), so a few are enough and keep the run short.
+    #[arg(long, default_value_t = 5)]
+    unfused_iters: usize,
     /// The copy bandwidth the figures are compared with, in GB/s (H200: 4300).
     #[arg(long, default_value_t = 4300.0)]
     copy_bandwidth: f64,
@@ -190,10 +195,10 @@ fn print_check(dtype: &str, check: &Check) {
 /// the timed ones).
 fn seconds_per_call<B: FusedKernels, T>(
     device: &B::Device,
-    iters: usize,
+    [warmups, iters]: [usize; 2],
     mut op: impl FnMut() -> T,
 ) -> f64 {
-    for _ in 0..3 {
+    for _ in 0..warmups {
         drop(op());
     }
     B::sync(device).expect("device sync");
@@ -217,7 +222,7 @@ fn bandwidths<B: FusedKernels>(
     dtype: DType,
     device: &B::Device,
 ) -> Vec<Timing> {
-    let (hidden, iters) = (args.hidden, args.iters);
+    let hidden = args.hidden;
     let element = dtype.size() as f64;
     let random = |shape: Vec<usize>| {
         Tensor::<B, 1>::random(
@@ -229,7 +234,12 @@ fn bandwidths<B: FusedKernels>(
     };
     let matrix = |width: usize| random(vec![tokens, width]).reshape([tokens, width]);
     let vector = |width: usize| random(vec![width]);
-    let time = |op: &mut dyn FnMut() -> Tensor<B, 2>| seconds_per_call::<B, _>(device, iters, op);
+    let time = |op: &mut dyn FnMut() -> Tensor<B, 2>| {
+        seconds_per_call::<B, _>(device, [3, args.iters], op)
+    };
+    let time_unfused = |op: &mut dyn FnMut() -> Tensor<B, 2>| {
+        seconds_per_call::<B, _>(device, [1, args.unfused_iters.max(1)], op)
+    };
     let mut timings = Vec::new();
     let mut push = |kernel, bytes: f64, fused: f64, unfused: f64| {
         timings.push(Timing {
@@ -247,7 +257,8 @@ fn bandwidths<B: FusedKernels>(
     let (x, weight, bias) = (matrix(hidden), vector(hidden), vector(hidden));
     let elements = tokens * hidden;
     let fused = time(&mut || B::norm(x.clone(), weight.clone(), Some(bias.clone()), 1e-5));
-    let unfused = time(&mut || reference_norm(x.clone(), weight.clone(), Some(bias.clone()), 1e-5));
+    let unfused =
+        time_unfused(&mut || reference_norm(x.clone(), weight.clone(), Some(bias.clone()), 1e-5));
     push("layer_norm", moved(elements, 2.0), fused, unfused);
     let (_, statistics) = B::norm_forward(x.clone(), weight.clone(), Some(bias.clone()), 1e-5);
     let grad = matrix(hidden);
@@ -263,7 +274,7 @@ fn bandwidths<B: FusedKernels>(
     });
     let (_, reference_statistics) =
         reference_norm_forward(x.clone(), weight.clone(), Some(bias.clone()), 1e-5);
-    let unfused = time(&mut || {
+    let unfused = time_unfused(&mut || {
         reference_norm_backward(
             grad.clone(),
             x.clone(),
@@ -279,7 +290,8 @@ fn bandwidths<B: FusedKernels>(
     let (up, up_bias, up_grad) = (matrix(4 * hidden), vector(4 * hidden), matrix(4 * hidden));
     let elements = tokens * 4 * hidden;
     let fused = time(&mut || B::bias_gelu(up.clone(), Some(up_bias.clone()), Gelu::Tanh));
-    let unfused = time(&mut || reference_bias_gelu(up.clone(), Some(up_bias.clone()), Gelu::Tanh));
+    let unfused =
+        time_unfused(&mut || reference_bias_gelu(up.clone(), Some(up_bias.clone()), Gelu::Tanh));
     push("bias_gelu_tanh", moved(elements, 2.0), fused, unfused);
     let fused = time(&mut || {
         B::bias_gelu_backward(
@@ -289,7 +301,7 @@ fn bandwidths<B: FusedKernels>(
             Gelu::Tanh,
         )
     });
-    let unfused = time(&mut || {
+    let unfused = time_unfused(&mut || {
         reference_bias_gelu_backward(
             up_grad.clone(),
             up.clone(),
@@ -306,7 +318,7 @@ fn bandwidths<B: FusedKernels>(
     // The bias's gradient: the column sums of the input's gradient, read once.
     let as_row = |t: Tensor<B, 1>| t.reshape([1, 4 * hidden]);
     let fused = time(&mut || as_row(B::column_sums(up_grad.clone())));
-    let unfused = time(&mut || as_row(reference_column_sums(up_grad.clone())));
+    let unfused = time_unfused(&mut || as_row(reference_column_sums(up_grad.clone())));
     push(
         "bias gradient (column sums)",
         moved(elements, 1.0),
@@ -333,7 +345,7 @@ fn bandwidths<B: FusedKernels>(
             Some(site),
         ))
     });
-    let unfused = time(&mut || {
+    let unfused = time_unfused(&mut || {
         as_2d(reference_bias_dropout_add(
             x3.clone(),
             Some(bias.clone()),
@@ -343,7 +355,7 @@ fn bandwidths<B: FusedKernels>(
     });
     push("bias_dropout_add", moved(elements, 3.0), fused, unfused);
     let fused = time(&mut || as_2d(B::dropout_mask_apply(x3.clone(), site)));
-    let unfused = time(&mut || {
+    let unfused = time_unfused(&mut || {
         as_2d(burn_megatron_kernels::dropout::dropout(
             x3.clone(),
             site.p,
@@ -365,7 +377,7 @@ fn bandwidths<B: FusedKernels>(
     let scores = random(shape.to_vec()).reshape(shape);
     let flat = |t: Tensor<B, 4>| t.reshape([elements / seq, seq]);
     let fused = time(&mut || flat(B::scaled_masked_softmax(scores.clone(), 0.125, true, None)));
-    let unfused = time(&mut || flat(reference_softmax(scores.clone(), 0.125, true, None)));
+    let unfused = time_unfused(&mut || flat(reference_softmax(scores.clone(), 0.125, true, None)));
     push(
         "softmax (causal)",
         moved(elements, 1.0 + seen),
@@ -383,7 +395,7 @@ fn bandwidths<B: FusedKernels>(
             None,
         ))
     });
-    let unfused = time(&mut || {
+    let unfused = time_unfused(&mut || {
         flat(reference_softmax_backward(
             probabilities.clone(),
             grad.clone(),
@@ -412,7 +424,7 @@ fn bandwidths<B: FusedKernels>(
     let fused = time(&mut || {
         as_column(B::logit_statistics(logits.clone(), targets.clone(), vocab).sum_exp)
     });
-    let unfused = time(&mut || {
+    let unfused = time_unfused(&mut || {
         as_column(reference_logit_statistics(logits.clone(), targets.clone(), vocab).sum_exp)
     });
     push(
@@ -438,7 +450,7 @@ fn bandwidths<B: FusedKernels>(
             cross_entropy,
         )
     });
-    let unfused = time(&mut || {
+    let unfused = time_unfused(&mut || {
         reference_cross_entropy_backward(
             logits.clone(),
             targets.clone(),
