@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One of `bench kernels`'s kernels under Nsight Compute (ncu, in the GPU image's CUDA):
+# duration, DRAM throughput, registers, occupancy and where its warps stall, at
+# transformer size in bf16.
+#
+#   cargo build --release --features cuda
+#   benches/profile_kernel.sh [path/to/burn-megatron] <kernel name regex> [launches to skip]
+#
+# `bench kernels` first times every kernel on 8 tokens (the `floor µs` column): 53 calls of
+# each kernel (3 untimed, 50 timed), twice that for the GeLU kernel (its forward and
+# backward are one kernel), so the default skip of 120 lands on the calls at TOKENS
+# (default 8192). The full report is written to $OUT/ncu_<regex>.txt.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=${1:-target/release/burn-megatron}
+KERNEL=${2:?"name the kernel, for example norm_backward_f or bias_gelu_f"}
+SKIP=${3:-120}
+OUT=${OUT:-bench-out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+REPORT="$OUT/ncu_${KERNEL//[^A-Za-z0-9_]/_}.txt"
+"$NCU" -k "regex:$KERNEL" -s "$SKIP" -c 1 --section LaunchStats --section Occupancy \
+    --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+    "$BIN" bench kernels --parts bandwidth --dtypes bf16 --tokens "${TOKENS:-8192}" \
+    > "$REPORT" 2>&1 || echo "ncu failed: see $REPORT"
+grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Registers Per Thread|Grid Size|Block Size|Theoretical Occupancy|Achieved Occupancy|Warp Cycles Per Issued|Block Limit (Registers|Shared Mem)" "$REPORT"
+grep -A3 "Est. .*Speedup" "$REPORT" | grep -v "^--" | head -24
