@@ -191,8 +191,8 @@ fn print_check(dtype: &str, check: &Check) {
     );
 }
 
-/// Seconds per call of `op` (3 untimed calls first; the device is synchronized around
-/// the timed ones).
+/// Seconds per call of `op` over `iters` timed calls, after `warmups` untimed ones (the
+/// device is synchronized around the timed ones).
 fn seconds_per_call<B: FusedKernels, T>(
     device: &B::Device,
     [warmups, iters]: [usize; 2],
