@@ -580,7 +580,7 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
         // step (GPT-2 774M on an H200, four micro-batches of 2: 30% faster, with the same
         // losses and gradient norms as one CPU rank); one micro-batch of 8 ran 12% slower.
         config.gradient_accumulation_fusion =
-            args.device.as_deref() == Some("cuda") && config.micro_batches(dp)? > 1;
+            args.device.as_deref() == Some("cuda") && config.micro_batches(layout.data())? > 1;
     }
 
     let data_path = match &args.data_path {
