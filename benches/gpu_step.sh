@@ -76,7 +76,7 @@ printf '%-34s %12s %12s %14s GiB (allocated)\n' "PyTorch eager (autocast, AdamW)
 
 echo
 echo "== GEMMs"
-timeout "$LIMIT" "$BIN" bench ops --device cuda --parts speed --output "$OUT/ops.jsonl" > "$OUT/ops.log" 2>&1 \
+timeout "$LIMIT" "$BIN" bench ops --device cuda --parts speed,weight-grad --output "$OUT/ops.jsonl" > "$OUT/ops.log" 2>&1 \
     || echo "bench ops failed: see $OUT/ops.log"
 python3 benches/torch_ops.py "$OUT/ops.jsonl" 2>&1 | tee "$OUT/gemm_table.txt"
 # The weight gradient without fusion (bf16) and with it (fp32, fresh and accumulated).

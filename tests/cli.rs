@@ -1085,6 +1085,12 @@ fn bench_ops_checks_the_reference_paths_on_cpu() {
         checks.iter().all(|l| l.ends_with("\"ok\": true}")),
         "{json}"
     );
+    // An unknown type, and types the CPU does not run, are refused with what to use.
+    for (dtypes, says) in [("bf17", "use f32, tf32, bf16 or f16"), ("bf16", "f32 only")] {
+        let (ok, _, stderr) =
+            burn_megatron(&["bench", "ops", "--device", "cpu", "--dtypes", dtypes]);
+        assert!(!ok && stderr.contains(says), "--dtypes {dtypes}: {stderr}");
+    }
 }
 
 #[test]

@@ -25,12 +25,17 @@ pub struct OpsArgs {
     /// Timed repetitions per GEMM (after 3 untimed ones).
     #[arg(long, default_value_t = 20)]
     iters: usize,
-    /// What to run, comma separated: speed (GEMM TFLOP/s, ours and Burn's matmul in
-    /// bf16), gemm (every GEMM path, 2-D and batched, against an f64 product on the
-    /// host), attention (selective recompute on the fast ops against the plain-Burn
-    /// reference storing everything).
-    #[arg(long, value_delimiter = ',', default_values_t = ["speed".to_string(), "gemm".to_string(), "attention".to_string()])]
+    /// What to run, comma separated: speed (square GEMM TFLOP/s, ours and Burn's matmul
+    /// in bf16), weight-grad (TFLOP/s of a weight-gradient GEMM in its forms with and
+    /// without gradient-accumulation fusion), gemm (every GEMM path, 2-D and batched,
+    /// against an f64 product on the host), attention (selective recompute on the fast ops
+    /// against the plain-Burn reference storing everything, in f32 on the host).
+    #[arg(long, value_delimiter = ',', default_values_t = ["speed".to_string(), "weight-grad".to_string(), "gemm".to_string(), "attention".to_string()])]
     parts: Vec<String>,
+    /// Element types of the speed, gemm and attention parts, comma separated: f32, tf32
+    /// (f32 inputs on TF32 tensor cores), bf16, f16 (the CPU runs f32 only).
+    #[arg(long, value_delimiter = ',', default_values_t = ["f32".to_string(), "tf32".to_string(), "bf16".to_string(), "f16".to_string()])]
+    dtypes: Vec<String>,
     /// Also write the rows as JSON lines here (each part's rows once it is done, so a run
     /// cut short keeps what it measured).
     #[arg(long)]
@@ -185,13 +190,28 @@ const DTYPES: [DtypeCase; 4] = [
 fn measure<B: MegatronOps>(args: &OpsArgs, device: &B::Device, cpu: bool) -> Result<Vec<Check>> {
     let output = args.output.as_deref();
     let part = |name: &str| args.parts.iter().any(|p| p == name);
+    for name in &args.dtypes {
+        if !DTYPES.iter().any(|(known, ..)| known == name) {
+            return Err(Error::InvalidConfig(format!(
+                "--dtypes {name}: use f32, tf32, bf16 or f16"
+            )));
+        }
+    }
     let dtypes: Vec<_> = DTYPES
         .into_iter()
-        .filter(|(name, ..)| !cpu || *name == "f32")
+        .filter(|(name, ..)| args.dtypes.iter().any(|d| d == name) && (!cpu || *name == "f32"))
         .collect();
+    if dtypes.is_empty() {
+        return Err(Error::InvalidConfig(format!(
+            "--dtypes {}: nothing to run here (the CPU runs f32 only)",
+            args.dtypes.join(",")
+        )));
+    }
     if part("speed") && !cpu {
-        let speeds = gemm_speeds::<B>(&args.sizes, args.iters, device);
+        let speeds = gemm_speeds::<B>(&args.sizes, &dtypes, args.iters, device);
         append(output, speeds.iter().map(Speed::json))?;
+    }
+    if part("weight-grad") && !cpu {
         let weight_grads = weight_grad_speeds::<B>(args.iters, device);
         append(output, weight_grads.iter().map(WeightGradSpeed::json))?;
     }
@@ -584,14 +604,19 @@ fn weight_grad_speeds<B: MegatronOps>(iters: usize, device: &B::Device) -> Vec<W
 
 /// TFLOP/s of `size`-cubed products: ours (each call waits for its result) and, in
 /// bf16, Burn's matmul (queued, one wait at the end).
-fn gemm_speeds<B: MegatronOps>(sizes: &[usize], iters: usize, device: &B::Device) -> Vec<Speed> {
+fn gemm_speeds<B: MegatronOps>(
+    sizes: &[usize],
+    dtypes: &[DtypeCase],
+    iters: usize,
+    device: &B::Device,
+) -> Vec<Speed> {
     println!(
         "\n{:<8} {:>6} {:>22} {:>22}",
         "gemm", "dtype", "ours (TFLOP/s)", "Burn matmul (TFLOP/s)"
     );
     let mut speeds = Vec::new();
     for &size in sizes {
-        for (dtype_name, dtype, tf32, _) in DTYPES {
+        for &(dtype_name, dtype, tf32, _) in dtypes {
             set_tf32(tf32);
             let a = random::<B, 2>([size, size], dtype, device);
             let b = random::<B, 2>([size, size], dtype, device);
