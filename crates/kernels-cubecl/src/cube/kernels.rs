@@ -337,8 +337,9 @@ pub(super) fn norm_backward_input<F: Float, N: Size>(
 /// `group, group + groups, ...` (`iterations` of them, the same count for every group so
 /// that the cube's barriers line up), writes each row's input gradient as
 /// [`norm_backward_input`] does, and sums `grad · x̂` and `grad` for its columns in
-/// registers; the cube then adds its groups' sums in shared memory and writes them as row
-/// `CUBE_POS` of the `[cubes, width]` fp32 partials (summed over cubes afterwards), through
+/// registers; the cube then adds its groups' sums in shared memory and writes them as rows
+/// `CUBE_POS` (weight) and `cubes + CUBE_POS` (bias, for LayerNorm) of the
+/// `[(1 or 2) · cubes, width]` fp32 partials (summed over cubes afterwards), through
 /// [`PARTIAL_SLOTS`] slots of `row_capacity` (`per_unit · CUBE_DIM_X · N`) floats of shared
 /// memory. A row is read again for its second pass, which the cache serves.
 #[cube(launch)]
@@ -349,8 +350,7 @@ pub(super) fn norm_backward<F: Float, N: Size>(
     mean: &Tensor<f32>,
     rstd: &Tensor<f32>,
     input_grad: &mut Tensor<Vector<F, N>>,
-    weight_partial: &mut Tensor<f32>,
-    bias_partial: &mut Tensor<f32>,
+    partials: &mut Tensor<f32>,
     rows: u32,
     width: u32,
     iterations: u32,
@@ -419,15 +419,15 @@ pub(super) fn norm_backward<F: Float, N: Size>(
         }
     }
 
-    // The cube's sums, weight then bias (one shared buffer serves both), as row `CUBE_POS`
-    // of the partials.
+    // The cube's sums, weight then bias (one shared buffer serves both), as rows
+    // `CUBE_POS` and `CUBE_COUNT + CUBE_POS` of the partials.
     let mut slots = SharedMemory::<f32>::new(row_capacity * PARTIAL_SLOTS as usize);
     add_groups(&weight_sums, &mut slots, vectors, per_unit, row_capacity);
-    write_partial(&slots, weight_partial, width, row_capacity);
+    write_partial(&slots, partials, CUBE_POS, width, row_capacity);
     if centered {
         sync_cube();
         add_groups(&bias_sums, &mut slots, vectors, per_unit, row_capacity);
-        write_partial(&slots, bias_partial, width, row_capacity);
+        write_partial(&slots, partials, CUBE_COUNT + CUBE_POS, width, row_capacity);
     }
 }
 
@@ -481,16 +481,17 @@ fn add_groups<N: Size>(
     sync_cube();
 }
 
-/// Writes the sum of the [`PARTIAL_SLOTS`] slots' first `width` floats as row `CUBE_POS`
-/// of `partial`, all the cube's units storing adjacent elements.
+/// Writes the sum of the [`PARTIAL_SLOTS`] slots' first `width` floats as row `row` of
+/// `partial`, all the cube's units storing adjacent elements.
 #[cube]
 fn write_partial(
     slots: &SharedMemory<f32>,
     partial: &mut Tensor<f32>,
+    row: usize,
     width: u32,
     #[comptime] row_capacity: usize,
 ) {
-    let start = CUBE_POS * partial.stride(0);
+    let start = row * partial.stride(0);
     let units = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
     let mut column = UNIT_POS as usize;
     while column < width as usize {
@@ -526,7 +527,8 @@ fn chunk_rows(rows: u32, rows_per_chunk: u32) -> ChunkRows {
 
 /// Partial weight and bias gradients of the norm: unit `vector` of cube
 /// `(CUBE_POS_X, chunk = CUBE_POS_Y)` sums `grad · x̂` and `grad` over the chunk's rows for
-/// `N` adjacent columns into `[chunks, width]` fp32 partials (summed over chunks
+/// `N` adjacent columns into rows `chunk` (weight) and `chunks + chunk` (bias, for
+/// LayerNorm) of the `[(1 or 2) · chunks, width]` fp32 partials (summed over chunks
 /// afterwards). Adjacent units read adjacent vectors.
 #[cube(launch)]
 pub(super) fn norm_backward_parameters<F: Float, N: Size>(
@@ -534,8 +536,7 @@ pub(super) fn norm_backward_parameters<F: Float, N: Size>(
     input: &Tensor<Vector<F, N>>,
     mean: &Tensor<f32>,
     rstd: &Tensor<f32>,
-    weight_partial: &mut Tensor<Vector<f32, N>>,
-    bias_partial: &mut Tensor<Vector<f32, N>>,
+    partials: &mut Tensor<Vector<f32, N>>,
     rows: u32,
     width: u32,
     rows_per_chunk: u32,
@@ -559,9 +560,10 @@ pub(super) fn norm_backward_parameters<F: Float, N: Size>(
         bias_sum += upstream;
         row += 1;
     }
-    weight_partial[chunk * weight_partial.stride(0) / lanes + vector] = weight_sum;
+    let stride = partials.stride(0) / lanes;
+    partials[chunk * stride + vector] = weight_sum;
     if centered {
-        bias_partial[chunk * bias_partial.stride(0) / lanes + vector] = bias_sum;
+        partials[(CUBE_COUNT_Y as usize + chunk) * stride + vector] = bias_sum;
     }
 }
 

@@ -260,12 +260,9 @@ where
         } else {
             rows.clamp(1, PARAMETER_CHUNKS)
         };
-        let weight_partial = empty_like(&input, Shape::new([chunks, width]), DType::F32);
-        let bias_partial = if has_bias {
-            empty_like(&input, Shape::new([chunks, width]), DType::F32)
-        } else {
-            weight_partial.clone()
-        };
+        // Weight partials, then bias partials for LayerNorm: one buffer, one reduction.
+        let kinds = 1 + usize::from(has_bias);
+        let partials = empty_like(&input, Shape::new([kinds * chunks, width]), DType::F32);
         if one_pass {
             let groups = chunks * ROW_GROUPS as usize;
             kernels::norm_backward::launch::<R>(
@@ -279,8 +276,7 @@ where
                 mean.into_tensor_arg(),
                 rstd.into_tensor_arg(),
                 input_grad.clone().into_tensor_arg(),
-                weight_partial.clone().into_tensor_arg(),
-                bias_partial.clone().into_tensor_arg(),
+                partials.clone().into_tensor_arg(),
                 u32_of(rows, "rows"),
                 u32_of(width, "width"),
                 u32_of(rows.div_ceil(groups), "rows per group"),
@@ -311,7 +307,7 @@ where
                 cached_vectors(width / lanes),
                 dtype.into(),
             );
-            let lanes = vector_lanes(&[&grad, &input, &weight_partial, &bias_partial]);
+            let lanes = vector_lanes(&[&grad, &input, &partials]);
             kernels::norm_backward_parameters::launch::<R>(
                 &input.client,
                 column_chunk_cubes(width / lanes, chunks),
@@ -321,8 +317,7 @@ where
                 input.clone().into_tensor_arg(),
                 mean.into_tensor_arg(),
                 rstd.into_tensor_arg(),
-                weight_partial.clone().into_tensor_arg(),
-                bias_partial.clone().into_tensor_arg(),
+                partials.clone().into_tensor_arg(),
                 rows32,
                 width32,
                 u32_of(rows_per_chunk, "rows per chunk"),
@@ -330,14 +325,17 @@ where
                 dtype.into(),
             );
         }
-        let column_sum = |partial: CubeTensor<R>| {
-            let partial: Tensor<Self, 2> = tensor(partial);
-            with_dtype(partial.sum_dim(0).reshape([width]), weight_dtype)
-        };
+        // [kinds, width] sums in the weight's type: row 0 the weight's, row 1 the bias's.
+        let partials: Tensor<Self, 2> = tensor(partials);
+        let sums = with_dtype(
+            partials.reshape([kinds, chunks, width]).sum_dim(1),
+            weight_dtype,
+        );
+        let row = |kind: usize| sums.clone().slice(kind..kind + 1).reshape([width]);
         NormGradients {
             input: tensor(input_grad),
-            weight: column_sum(weight_partial),
-            bias: has_bias.then(|| column_sum(bias_partial)),
+            weight: row(0),
+            bias: has_bias.then(|| row(1)),
         }
     }
 
