@@ -6,7 +6,8 @@
 # activations one micro-batch holds for its backward) with selective recompute, with
 # everything stored, with the fused kernels' plain-Burn references, as four micro-batches
 # of 2 with and without gradient-accumulation fusion, and in PyTorch eager (HF
-# transformers).
+# transformers): as one batch of 8, as four micro-batches of 2, with bf16 parameters, and
+# (TORCH_COMPILE=1) compiled.
 #
 #   cargo build --release --features cuda
 #   benches/gpu_step.sh [path/to/burn-megatron]      # logs under $OUT (default bench-out)
@@ -38,8 +39,18 @@ with_peak_memory() {
 }
 
 echo "== GPT-2 774M bf16 8 x 1024"
-timeout "$LIMIT" python3 benches/torch_gpt2.py --layers 36 --hidden 1280 --heads 20 --precision bf16 \
-    --steps "$STEPS" > "$OUT/torch_gpt2.log" 2>&1 || echo "PyTorch failed: see $OUT/torch_gpt2.log"
+TORCH=(python3 benches/torch_gpt2.py --layers 36 --hidden 1280 --heads 20 --precision bf16 --steps "$STEPS")
+timeout "$LIMIT" "${TORCH[@]}" > "$OUT/torch_gpt2.log" 2>&1 || echo "PyTorch failed: see $OUT/torch_gpt2.log"
+# PyTorch as four micro-batches of 2 (next to ours below), with bf16 parameters (no fp32
+# master weights), and with TORCH_COMPILE=1 compiled (minutes of compiling).
+timeout "$LIMIT" "${TORCH[@]}" --micro-batch 2 > "$OUT/torch_gpt2_accumulating.log" 2>&1 \
+    || echo "PyTorch, four micro-batches failed: see $OUT/torch_gpt2_accumulating.log"
+timeout "$LIMIT" "${TORCH[@]}" --bf16-weights > "$OUT/torch_gpt2_bf16_weights.log" 2>&1 \
+    || echo "PyTorch, bf16 weights failed: see $OUT/torch_gpt2_bf16_weights.log"
+if [ "${TORCH_COMPILE:-0}" = 1 ]; then
+    timeout "$LIMIT" "${TORCH[@]}" --compile > "$OUT/torch_gpt2_compiled.log" 2>&1 \
+        || echo "PyTorch compiled failed: see $OUT/torch_gpt2_compiled.log"
+fi
 STEP=(train --device cuda --precision bf16 --tp 1 --dp 1 --preset gpt2-774m --seq-length 1024
     --global-batch-size 8 --steps "$STEPS" --log-interval 1 --eval-interval 100000 --eval-iters 1)
 TRAIN=("${STEP[@]}" --micro-batch-size 8)
@@ -59,8 +70,8 @@ with_peak_memory "$OUT/accumulating_fused.log" timeout "$LIMIT" "$BIN" "${STEP[@
 
 # "throughput (...): N tokens/s, X model TFLOP/s ..." -> "N X"
 ours() { sed -n 's/^throughput[^:]*: \([0-9.]*\) tokens\/s, \([0-9.]*\) model TFLOP\/s.*/\1 \2/p' "$1"; }
-torch=$(sed -n 's/.*median \([0-9.]*\) tokens\/s, \([0-9.]*\) model TFLOP\/s, peak memory \([0-9.]*\) GiB.*/\1 \2 \3/p' \
-    "$OUT/torch_gpt2.log")
+# "torch ... median N tokens/s, X model TFLOP/s, peak memory G GiB ..." -> "N X G"
+torch() { sed -n 's/.*median \([0-9.]*\) tokens\/s, \([0-9.]*\) model TFLOP\/s, peak memory \([0-9.]*\) GiB.*/\1 \2 \3/p' "$1" 2>/dev/null; }
 # "activation memory: X MiB held after one micro-batch's forward ..." -> "X"
 activations() { sed -n 's/^activation memory: \([0-9.]*\) MiB.*/\1/p' "$1"; }
 printf '\n%-34s %12s %12s %18s %18s\n' "GPT-2 774M bf16 8 x 1024" "tokens/s" "TFLOP/s" "peak memory" "activations"
@@ -70,9 +81,12 @@ for run in selective store_all reference_kernels accumulating accumulating_fused
     held=$(activations "$OUT/$run.log")
     printf '%-34s %12s %12s %14s MiB %14s MiB\n' "ours, $run" "${rate:-failed}" "${tflops:--}" "${peak:--}" "${held:--}"
 done
-read -r rate tflops gib <<< "$torch"
-printf '%-34s %12s %12s %14s GiB (allocated)\n' "PyTorch eager (autocast, AdamW)" \
-    "${rate:-failed}" "${tflops:--}" "${gib:--}"
+for run in "torch_gpt2:PyTorch eager (autocast, AdamW)" "torch_gpt2_accumulating:PyTorch eager, 4 x 2" \
+    "torch_gpt2_bf16_weights:PyTorch eager, bf16 weights" "torch_gpt2_compiled:PyTorch compiled"; do
+    [ -f "$OUT/${run%%:*}.log" ] || continue
+    read -r rate tflops gib <<< "$(torch "$OUT/${run%%:*}.log")"
+    printf '%-34s %12s %12s %14s GiB (allocated)\n' "${run#*:}" "${rate:-failed}" "${tflops:--}" "${gib:--}"
+done
 
 echo
 echo "== GEMMs"

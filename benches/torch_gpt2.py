@@ -15,6 +15,9 @@ def main():
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="split each step's batch into micro-batches of this size whose "
+                             "gradients accumulate (default: one micro-batch of --batch)")
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
@@ -36,13 +39,17 @@ def main():
     autocast = args.precision == "bf16" and not args.bf16_weights
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     tokens = torch.randint(0, 50257, (args.batch, args.seq), device="cuda")
+    micro = args.micro_batch or args.batch
+    if args.batch % micro:
+        parser.error(f"--batch {args.batch} is not a multiple of --micro-batch {micro}")
     rates = []
     for step in range(args.steps):
         torch.cuda.synchronize()
         started = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss = step_model(tokens, labels=tokens).loss
-        loss.backward()
+        for part in tokens.split(micro):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                loss = step_model(part, labels=part).loss
+            (loss * (micro / args.batch)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -51,6 +58,8 @@ def main():
     rate = sorted(rates[2:])[len(rates[2:]) // 2]
     flops = 6 * params + 12 * args.layers * args.hidden * args.seq
     mode = ("compiled" if args.compile else "eager") + (", bf16 weights" if args.bf16_weights else "")
+    if micro != args.batch:
+        mode += f", {args.batch // micro} micro-batches of {micro}"
     print(f"torch {mode} GPT-2 {params / 1e6:.0f}M {args.precision} {args.batch}x{args.seq}: "
           f"median {rate:.0f} tokens/s, {rate * flops / 1e12:.0f} model TFLOP/s, "
           f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, loss {loss.item():.3f}")
