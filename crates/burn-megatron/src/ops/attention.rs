@@ -149,9 +149,15 @@ fn attention_backward<B: MegatronOps>(
 ) -> [Tensor<B, 4>; 3] {
     let probabilities = spec.probabilities(query.clone(), key.clone(), padding.clone());
     let dropped = spec.drop(probabilities.clone());
-    let grad_value = B::batched_gemm(dropped, grad.clone(), true, false);
+    // Each pair of products below is one group (see `MegatronOps::gemm_group`).
+    let (grad_value, grad_dropped) = B::gemm_group(|| {
+        (
+            B::batched_gemm(dropped, grad.clone(), true, false),
+            B::batched_gemm(grad, value, false, true),
+        )
+    });
     // Dropout multiplies by a fixed mask: its backward is the same multiplication.
-    let grad_probabilities = spec.drop(B::batched_gemm(grad, value, false, true));
+    let grad_probabilities = spec.drop(grad_dropped);
     // The softmax backward; with ALiBi (a constant added to the scores) it is the same.
     let grad_scores = B::scaled_masked_softmax_backward(
         probabilities,
@@ -160,8 +166,12 @@ fn attention_backward<B: MegatronOps>(
         spec.causal,
         padding,
     );
-    let grad_query = B::batched_gemm(grad_scores.clone(), key, false, false);
-    let grad_key = B::batched_gemm(grad_scores, query, true, false);
+    let (grad_query, grad_key) = B::gemm_group(|| {
+        (
+            B::batched_gemm(grad_scores.clone(), key, false, false),
+            B::batched_gemm(grad_scores, query, true, false),
+        )
+    });
     [grad_query, grad_key, grad_value]
 }
 

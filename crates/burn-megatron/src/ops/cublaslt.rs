@@ -2,13 +2,16 @@
 //!
 //! A GEMM is a task queued on cubecl's device thread (behind the Burn launches queued
 //! before it; the calling thread does not wait), which runs it on our own stream, ordered
-//! with Burn's stream on the device by a [`Handoff`]. Descriptors, layouts and the chosen
+//! with Burn's stream on the device by a [`Handoff`] (one for a group of GEMMs made inside
+//! `MegatronOps::gemm_group`, such as a linear layer's two backward products: five
+//! launches less per GEMM after the first). Descriptors, layouts and the chosen
 //! algorithm are cached per shape; the heuristic runs once per shape. Strided operands are
 //! read in place: a row stride becomes the leading dimension, a transposed view flips the
 //! transpose flag; anything else is made contiguous first. A `[batch, heads]` grid of
 //! products is one strided-batched call, or one call per batch entry when an operand's
 //! batch and head strides do not line up (attention's heads inside each token's row).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::ffi::c_void;
@@ -50,6 +53,10 @@ where
 
     fn check_queued_ops() -> Result<(), String> {
         take_failure()
+    }
+
+    fn gemm_group<T>(products: impl FnOnce() -> T) -> T {
+        grouped(products)
     }
 
     fn memory_in_use(device: &Self::Device) -> Option<u64> {
@@ -177,7 +184,7 @@ fn queue_gemm(
         panic!("{error}");
     }
     let result = output.tensor.clone();
-    dispatch(QueuedGemm {
+    let gemm = QueuedGemm {
         a,
         b,
         output,
@@ -185,8 +192,47 @@ fn queue_gemm(
         grid,
         tf32: TF32.load(Ordering::Relaxed),
         accumulate,
+    };
+    // In an open group, the GEMM waits for the group's end (see `grouped`).
+    let alone = GROUP.with(|group| match group.borrow_mut().as_mut() {
+        Some(gemms) => {
+            gemms.push(gemm);
+            None
+        }
+        None => Some(gemm),
     });
+    if let Some(gemm) = alone {
+        dispatch(vec![gemm]);
+    }
     result
+}
+
+thread_local! {
+    /// The GEMMs queued on this thread since its group opened (see [`grouped`]).
+    static GROUP: RefCell<Option<Vec<QueuedGemm>>> = const { RefCell::new(None) };
+}
+
+/// Runs `products`, queuing the GEMMs it makes together, under one hand-off, once it
+/// returns (`MegatronOps::gemm_group`). A group inside another joins it.
+pub(super) fn grouped<T>(products: impl FnOnce() -> T) -> T {
+    /// Closes the group however `products` ends, queuing what it made.
+    struct Close;
+    impl Drop for Close {
+        fn drop(&mut self) {
+            let gemms = GROUP
+                .with(|group| group.borrow_mut().take())
+                .unwrap_or_default();
+            if !gemms.is_empty() && !std::thread::panicking() {
+                dispatch(gemms);
+            }
+        }
+    }
+    if GROUP.with(|group| group.borrow().is_some()) {
+        return products();
+    }
+    GROUP.with(|group| *group.borrow_mut() = Some(Vec::new()));
+    let _close = Close;
+    products()
 }
 
 /// cuBLASLt's type of a Burn float dtype (none for the others).
@@ -577,6 +623,19 @@ impl QueuedGemm {
     }
 }
 
+/// What failed, naming the first of `gemms` (and how many were queued together).
+fn failure(gemms: &[QueuedGemm], error: String) -> String {
+    match gemms {
+        [gemm] => gemm.failure(error),
+        [first, ..] => format!(
+            "{} (the first of {} GEMMs queued together)",
+            first.failure(error),
+            gemms.len()
+        ),
+        [] => error,
+    }
+}
+
 /// The first error of a GEMM that failed on a device thread, until reported.
 static FAILED: Mutex<Option<String>> = Mutex::new(None);
 
@@ -603,15 +662,17 @@ pub fn queue_gemms_on_device_thread(queue: bool) {
 /// stream has run one there since.
 static STREAMS: Mutex<Option<HashMap<DeviceId, (StreamId, bool)>>> = Mutex::new(None);
 
-/// Queues `gemm` on its GPU's device thread ([`GemmQueue`]) while one stream uses the GPU
-/// (one rank per GPU); once several do, or with queueing off
-/// ([`queue_gemms_on_device_thread`]) or `BURN_MEGATRON_HOST_SYNC=1`, runs it on the
-/// calling thread, which waits for cubecl's device thread ([`run_here`]). Queued GEMMs of
+/// Queues `gemms` (one GPU's, none reading another's output) on their GPU's device thread
+/// ([`GemmQueue`]) while one stream uses the GPU (one rank per GPU); once several do, or
+/// with queueing off ([`queue_gemms_on_device_thread`]) or `BURN_MEGATRON_HOST_SYNC=1`,
+/// runs them on the calling thread, which waits for cubecl's device thread ([`run_here`]). Queued GEMMs of
 /// several streams on one device thread hung in two of four runs on an H200 (tp 2 x pp 2
 /// as four thread ranks; the cause is not found), so thread ranks turn queueing off before
 /// their first GEMM; the switch here is the fallback for other multi-threaded users.
-fn dispatch(gemm: QueuedGemm) {
-    let id = gemm.output.tensor.device.to_id();
+fn dispatch(gemms: Vec<QueuedGemm>) {
+    let Some(id) = gemms.first().map(|gemm| gemm.output.tensor.device.to_id()) else {
+        return;
+    };
     let stream = StreamId::current();
     let mut streams = STREAMS.lock().expect("cuBLASLt streams");
     let (first, shared) = streams
@@ -621,25 +682,25 @@ fn dispatch(gemm: QueuedGemm) {
     *shared |= *first != stream;
     if *shared || host_sync() || !QUEUE.load(Ordering::Relaxed) {
         drop(streams);
-        if let Err(error) = run_here(&gemm) {
-            panic!("{}", gemm.failure(error));
+        if let Err(error) = run_here(&gemms) {
+            panic!("{}", failure(&gemms, error));
         }
     } else {
         // Under the lock: no other stream runs a GEMM on this GPU meanwhile.
-        queue(gemm);
+        queue(id, gemms);
     }
 }
 
-/// Runs `gemm` on the calling thread with the GPU's [`Device`] of this path.
-fn run_here(gemm: &QueuedGemm) -> Result<(), String> {
+/// Runs `gemms` (not empty) on the calling thread with the GPU's [`Device`] of this path.
+fn run_here(gemms: &[QueuedGemm]) -> Result<(), String> {
     static DEVICES: Mutex<Option<HashMap<usize, Device>>> = Mutex::new(None);
     let mut devices = DEVICES.lock().expect("cuBLASLt devices");
-    let index = gemm.output.tensor.device.index;
+    let index = gemms[0].output.tensor.device.index;
     let device = match devices.get_or_insert_with(HashMap::new).entry(index) {
         Entry::Occupied(entry) => entry.into_mut(),
         Entry::Vacant(entry) => entry.insert(Device::new(index)?),
     };
-    device.run(gemm, false)
+    device.run(gemms, false)
 }
 
 /// cuBLASLt's state for one GPU, kept on cubecl's device thread of that GPU (a
@@ -665,112 +726,156 @@ impl DeviceService for GemmQueue {
     }
 }
 
-/// Queues `gemm` on its GPU's device thread. A failure there is kept for
-/// [`take_failure`]: the output is then left unwritten (the hand-off still releases
+/// Queues `gemms` on the device thread of GPU `id`. A failure there is kept for
+/// [`take_failure`]: the outputs are then left unwritten (the hand-off still releases
 /// Burn's stream).
-fn queue(gemm: QueuedGemm) {
-    let id = gemm.output.tensor.device.to_id();
+fn queue(id: DeviceId, gemms: Vec<QueuedGemm>) {
     DeviceHandle::<GemmQueue>::new(id).submit(move |queue| {
         let device = match &mut queue.device {
             Some(device) => Ok(device),
             None => Device::new(queue.index).map(|device| queue.device.insert(device)),
         };
-        if let Err(error) = device.and_then(|device| device.run(&gemm, true)) {
+        if let Err(error) = device.and_then(|device| device.run(&gemms, true)) {
             let mut failed = FAILED.lock().expect("cuBLASLt failures");
-            failed.get_or_insert(gemm.failure(error));
+            failed.get_or_insert(failure(&gemms, error));
         }
     });
 }
 
-impl Device {
-    /// Queues `gemm` after Burn's queued work on the calling stream, before Burn's next;
-    /// `on_device_thread`: called from cubecl's device thread, where cubecl's calls made
-    /// here (buffer addresses, the hand-off's kernels) run at once, in order with what was
-    /// queued before.
-    fn run(&mut self, gemm: &QueuedGemm, on_device_thread: bool) -> Result<(), String> {
+/// A GEMM's buffers and plan, resolved on the thread that queues it.
+struct Resolved {
+    key: PlanKey,
+    /// Addresses of A, B and D.
+    addresses: [*mut c_void; 3],
+    batching: Batching,
+    /// Bytes per element of A, B and D.
+    elements: [usize; 3],
+    accumulate: bool,
+}
+
+impl Resolved {
+    /// `gemm`'s buffer addresses (cubecl resolves them in queue order) and plan key.
+    fn new(gemm: &QueuedGemm) -> Result<Self, String> {
         let QueuedGemm {
             a,
             b,
             output,
-            dims: [m, n, k],
+            dims,
             grid,
             tf32,
             accumulate,
         } = gemm;
         let batching = Batching::new(*grid, [a, b, output]);
-        // Bytes per element of A, B and D.
         let elements = [a, b, output].map(|operand| operand.tensor.dtype.size());
-        let [pa, pb, pd] = [
+        let addresses = [
             address(&a.tensor)?,
             address(&b.tensor)?,
             address(&output.tensor)?,
         ];
         // The largest power of two (up to 256) dividing each address of a call.
-        let alignment = |address: *mut c_void, operand: usize| {
+        let alignment = |operand: usize| {
             let strides = [batching.strides[operand], batching.call_strides[operand]];
             let offsets = strides
                 .iter()
                 .fold(0, |bits, &s| bits | (s * elements[operand]));
-            1u32 << (address as usize | offsets).trailing_zeros().min(8)
+            1u32 << (addresses[operand] as usize | offsets)
+                .trailing_zeros()
+                .min(8)
         };
         let key: PlanKey = (
             [a.tensor.dtype, output.tensor.dtype],
             *tf32,
             [a.transposed, b.transposed],
-            [*m, *n, *k],
+            *dims,
             [a.ld, b.ld, output.ld],
-            [alignment(pa, 0), alignment(pb, 1), alignment(pd, 2)],
+            [alignment(0), alignment(1), alignment(2)],
             (batching.count, batching.strides),
         );
+        Ok(Self {
+            key,
+            addresses,
+            batching,
+            elements,
+            accumulate: *accumulate,
+        })
+    }
+
+    /// Operand `operand`'s address in call `call`.
+    fn at(&self, operand: usize, call: usize) -> *mut c_void {
+        (self.addresses[operand] as usize
+            + call * self.batching.call_strides[operand] * self.elements[operand])
+            as *mut c_void
+    }
+}
+
+impl Device {
+    /// Queues `gemms` (none reading another's output) after Burn's queued work on the
+    /// calling stream and before Burn's next, under one hand-off; `on_device_thread`:
+    /// called from cubecl's device thread, where cubecl's calls made here (buffer
+    /// addresses, the hand-off's kernels) run at once, in order with what was queued
+    /// before.
+    fn run(&mut self, gemms: &[QueuedGemm], on_device_thread: bool) -> Result<(), String> {
+        let Some(first) = gemms.first() else {
+            return Ok(());
+        };
         let (handle, stream) = (self.handle, self.stream.clone());
         // cuBLASLt (the heuristic included) works on the thread's current context.
         stream
             .context()
             .bind_to_thread()
             .map_err(|e| format!("CUDA context: {e:?}"))?;
+        let resolved = gemms
+            .iter()
+            .map(Resolved::new)
+            .collect::<Result<Vec<_>, _>>()?;
+        for gemm in &resolved {
+            self.ensure_plan(gemm.key)?;
+        }
         let workspace = self.workspace_address;
-        self.ensure_plan(key)?;
         let handoff = match self.handoffs.entry(StreamId::current()) {
             Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(entry) => {
-                entry.insert(Handoff::new(&output.tensor, self.await_counter.clone())?)
-            }
+            Entry::Vacant(entry) => entry.insert(Handoff::new(
+                &first.output.tensor,
+                self.await_counter.clone(),
+            )?),
         };
-        let (alpha, beta) = (1f32, if *accumulate { 1f32 } else { 0f32 });
-        let plan = &self.plans[&key];
-        let at = |address: *mut c_void, operand: usize, call: usize| {
-            (address as usize + call * batching.call_strides[operand] * elements[operand])
-                as *mut c_void
-        };
+        let plans = &self.plans;
         // Safety: the pointers address live buffers of the sizes the layouts describe; the
         // workspace is ours; the hand-off runs the calls after Burn's work on the inputs and
-        // before Burn's next use of the output.
+        // before Burn's next use of the outputs.
         handoff.run(&stream, on_device_thread, || {
-            for call in 0..batching.calls {
-                let (pa, pb, pd) = (at(pa, 0, call), at(pb, 1, call), at(pd, 2, call));
-                unsafe {
-                    lt::matmul(
-                        handle,
-                        plan.desc,
-                        &alpha as *const f32 as *const c_void,
-                        &beta as *const f32 as *const c_void,
-                        pb,
-                        plan.layouts[0],
-                        pa,
-                        plan.layouts[1],
-                        pd,
-                        plan.layouts[2],
-                        pd,
-                        plan.layouts[2],
-                        &plan.algo,
-                        workspace as *mut c_void,
-                        WORKSPACE_BYTES,
-                        stream.cu_stream() as sys::cudaStream_t,
-                    )
+            for gemm in &resolved {
+                let plan = &plans[&gemm.key];
+                let (alpha, beta) = (1f32, if gemm.accumulate { 1f32 } else { 0f32 });
+                for call in 0..gemm.batching.calls {
+                    let (pa, pb, pd) = (gemm.at(0, call), gemm.at(1, call), gemm.at(2, call));
+                    unsafe {
+                        lt::matmul(
+                            handle,
+                            plan.desc,
+                            &alpha as *const f32 as *const c_void,
+                            &beta as *const f32 as *const c_void,
+                            pb,
+                            plan.layouts[0],
+                            pa,
+                            plan.layouts[1],
+                            pd,
+                            plan.layouts[2],
+                            pd,
+                            plan.layouts[2],
+                            &plan.algo,
+                            workspace as *mut c_void,
+                            WORKSPACE_BYTES,
+                            stream.cu_stream() as sys::cudaStream_t,
+                        )
+                    }
+                    .map_err(|e| {
+                        format!(
+                            "cuBLASLt matmul: {e:?} (plan {:?}, addresses {pa:?} {pb:?} {pd:?})",
+                            gemm.key
+                        )
+                    })?;
                 }
-                .map_err(|e| {
-                    format!("cuBLASLt matmul: {e:?} (plan {key:?}, addresses {pa:?} {pb:?} {pd:?})")
-                })?;
             }
             Ok(())
         })

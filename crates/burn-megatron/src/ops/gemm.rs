@@ -6,7 +6,7 @@ use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary};
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::module::{Param, ParamId};
 use burn::tensor::{Tensor, TensorPrimitive, backend::Backend};
 
@@ -143,15 +143,20 @@ impl<B: MegatronOps> Backward<B, 2> for AccumulatingGemmBackward {
         let grad =
             Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grads.consume::<B>(&ops.node)));
         let [x_parent, w_parent] = ops.parents;
-        if let Some(parent) = w_parent
-            && !accumulate::<B>(id, x.clone(), grad.clone(), true, false)
-        {
-            let weight_grad = B::gemm(x, grad.clone(), true, false);
-            grads.register::<B>(parent.id, weight_grad.into_primitive().tensor());
-        }
-        if let Some(parent) = x_parent {
-            let input_grad = B::gemm(grad, w, false, true);
-            grads.register::<B>(parent.id, input_grad.into_primitive().tensor());
+        // Both products as one group (the weight gradient onto its accumulator, or into
+        // the graph when the accumulators are closed); registered after it.
+        let (weight_grad, input_grad) = B::gemm_group(|| {
+            let weight_grad = w_parent.as_ref().and_then(|_| {
+                (!accumulate::<B>(id, x.clone(), grad.clone(), true, false))
+                    .then(|| B::gemm(x, grad.clone(), true, false))
+            });
+            let input_grad = x_parent.as_ref().map(|_| B::gemm(grad, w, false, true));
+            (weight_grad, input_grad)
+        });
+        for (parent, grad) in [(w_parent, weight_grad), (x_parent, input_grad)] {
+            if let (Some(parent), Some(grad)) = (parent, grad) {
+                grads.register::<B>(parent.id, grad.into_primitive().tensor());
+            }
         }
     }
 }
@@ -187,23 +192,26 @@ impl<B: MegatronOps, const D: usize> Backward<B, 2> for GemmBackward<D> {
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (a, b) = ops.state;
-        let float =
-            |t: B::FloatTensorPrimitive| Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t));
-        binary::<B, _, _>(
-            ops.parents,
-            ops.node,
-            grads,
-            |grad| {
-                product(float(grad), b, false, true)
-                    .into_primitive()
-                    .tensor()
-            },
-            |grad| {
-                product(a, float(grad), true, false)
-                    .into_primitive()
-                    .tensor()
-            },
-        );
+        let grad =
+            Tensor::<B, D>::from_primitive(TensorPrimitive::Float(grads.consume::<B>(&ops.node)));
+        let [a_parent, b_parent] = ops.parents;
+        // Both products as one group; registered after it (registering may add to a
+        // gradient already there, which reads the product).
+        let (grad_a, grad_b) = B::gemm_group(|| {
+            (
+                a_parent
+                    .as_ref()
+                    .map(|_| product(grad.clone(), b, false, true)),
+                b_parent
+                    .as_ref()
+                    .map(|_| product(a, grad.clone(), true, false)),
+            )
+        });
+        for (parent, grad) in [(a_parent, grad_a), (b_parent, grad_b)] {
+            if let (Some(parent), Some(grad)) = (parent, grad) {
+                grads.register::<B>(parent.id, grad.into_primitive().tensor());
+            }
+        }
     }
 }
 

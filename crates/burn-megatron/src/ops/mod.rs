@@ -62,6 +62,15 @@ pub trait MegatronOps: burn_megatron_kernels::FusedKernels {
         None
     }
 
+    /// Runs `products`, a few GEMMs none of which reads another's output, as one unit: on
+    /// CUDA they are queued together under one hand-off between cubecl's stream and
+    /// cuBLASLt's (five launches less per GEMM after the first) once `products` returns,
+    /// so nothing inside may use their outputs (inputs made inside are fine); elsewhere
+    /// this is `products()`.
+    fn gemm_group<T>(products: impl FnOnce() -> T) -> T {
+        products()
+    }
+
     /// `op(a) · op(b)` for 2-D `a` and `b`, where `op(x)` is `x` transposed when its flag
     /// is set.
     fn gemm(
@@ -131,6 +140,10 @@ impl<B: burn_fusion::FusionBackend + MegatronOps> MegatronOps for burn_fusion::F
 impl<B: MegatronOps, C: CheckpointStrategy> MegatronOps for Autodiff<B, C> {
     fn has_fast_gemm() -> bool {
         B::has_fast_gemm()
+    }
+
+    fn gemm_group<T>(products: impl FnOnce() -> T) -> T {
+        B::gemm_group(products)
     }
 
     fn memory_in_use(device: &Self::Device) -> Option<u64> {
