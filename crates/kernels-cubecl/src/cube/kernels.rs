@@ -447,38 +447,46 @@ fn add_groups<N: Size>(
     #[comptime] per_unit: usize,
     #[comptime] row_capacity: usize,
 ) {
-    let lanes = sums[0].vector_size();
-    let lane = UNIT_POS_X as usize;
-    let step = CUBE_DIM_X as usize;
     let storing = UNIT_POS_Y < PARTIAL_SLOTS;
     let slot = (UNIT_POS_Y % PARTIAL_SLOTS) as usize * row_capacity;
     if storing {
-        #[unroll]
-        for i in 0..per_unit {
-            let vector = lane + i * step;
-            if vector < vectors {
-                #[unroll]
-                for element in 0..lanes {
-                    slots[slot + vector * lanes + element] = sums[i][element];
-                }
-            }
-        }
+        put_sums(sums, slots, slot, vectors, per_unit, false);
     }
     sync_cube();
     if !storing {
-        #[unroll]
-        for i in 0..per_unit {
-            let vector = lane + i * step;
-            if vector < vectors {
-                #[unroll]
-                for element in 0..lanes {
-                    let at = slot + vector * lanes + element;
+        put_sums(sums, slots, slot, vectors, per_unit, true);
+    }
+    sync_cube();
+}
+
+/// Stores (or with `adding` adds) this unit's `sums` into the slot starting at `slot`.
+#[cube]
+fn put_sums<N: Size>(
+    sums: &Array<Vector<f32, N>>,
+    slots: &mut SharedMemory<f32>,
+    slot: usize,
+    vectors: usize,
+    #[comptime] per_unit: usize,
+    #[comptime] adding: bool,
+) {
+    let lanes = sums[0].vector_size();
+    let lane = UNIT_POS_X as usize;
+    let step = CUBE_DIM_X as usize;
+    #[unroll]
+    for i in 0..per_unit {
+        let vector = lane + i * step;
+        if vector < vectors {
+            #[unroll]
+            for element in 0..lanes {
+                let at = slot + vector * lanes + element;
+                if adding {
                     slots[at] += sums[i][element];
+                } else {
+                    slots[at] = sums[i][element];
                 }
             }
         }
     }
-    sync_cube();
 }
 
 /// Writes the sum of the [`PARTIAL_SLOTS`] slots' first `width` floats as row `row` of
