@@ -3,6 +3,7 @@
 //! [`MegatronOps::batched_gemm`], so that on CUDA all three products run on cuBLASLt.
 
 use burn::backend::Autodiff;
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -153,11 +154,13 @@ impl<B: MegatronOps> Backward<B, 2> for AccumulatingGemmBackward {
             let input_grad = x_parent.as_ref().map(|_| B::gemm(grad, w, false, true));
             (weight_grad, input_grad)
         });
-        for (parent, grad) in [(w_parent, weight_grad), (x_parent, input_grad)] {
-            if let (Some(parent), Some(grad)) = (parent, grad) {
-                grads.register::<B>(parent.id, grad.into_primitive().tensor());
-            }
-        }
+        register(
+            grads,
+            [
+                (w_parent.map(|p| p.id), weight_grad),
+                (x_parent.map(|p| p.id), input_grad),
+            ],
+        );
     }
 }
 
@@ -195,8 +198,7 @@ impl<B: MegatronOps, const D: usize> Backward<B, 2> for GemmBackward<D> {
         let grad =
             Tensor::<B, D>::from_primitive(TensorPrimitive::Float(grads.consume::<B>(&ops.node)));
         let [a_parent, b_parent] = ops.parents;
-        // Both products as one group; registered after it (registering may add to a
-        // gradient already there, which reads the product).
+        // Both products as one group, registered after it.
         let (grad_a, grad_b) = B::gemm_group(|| {
             (
                 a_parent
@@ -207,10 +209,25 @@ impl<B: MegatronOps, const D: usize> Backward<B, 2> for GemmBackward<D> {
                     .map(|_| product(a, grad.clone(), true, false)),
             )
         });
-        for (parent, grad) in [(a_parent, grad_a), (b_parent, grad_b)] {
-            if let (Some(parent), Some(grad)) = (parent, grad) {
-                grads.register::<B>(parent.id, grad.into_primitive().tensor());
-            }
+        register(
+            grads,
+            [
+                (a_parent.map(|p| p.id), grad_a),
+                (b_parent.map(|p| p.id), grad_b),
+            ],
+        );
+    }
+}
+
+/// Registers the gradients computed for their parents' nodes, after the GEMM group that
+/// made them (registering may add to a gradient already there, which reads the product).
+fn register<B: Backend, const D: usize>(
+    grads: &mut Gradients,
+    computed: [(Option<NodeId>, Option<Tensor<B, D>>); 2],
+) {
+    for (parent, grad) in computed {
+        if let (Some(parent), Some(grad)) = (parent, grad) {
+            grads.register::<B>(parent, grad.into_primitive().tensor());
         }
     }
 }
