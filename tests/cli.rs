@@ -1069,10 +1069,10 @@ fn bench_ops_checks_the_reference_paths_on_cpu() {
                 .any(|p| l.starts_with(p))
         })
         .collect();
-    // 7 GEMM paths (4 transposes, a transposed view, the accumulating weight-gradient
-    // GEMM onto a sum and without), 8 batched ones (4 transposes, 2 layouts), and 16
+    // 8 GEMM paths (4 transposes, a transposed view, a linear layer's backward as one
+    // group, the accumulating weight-gradient GEMM onto a sum and without), 8 batched ones (4 transposes, 2 layouts), and 16
     // attention outputs and gradients (2 masks, 2 layouts), every one within its limit.
-    assert_eq!(rows.len(), 31, "{stdout}");
+    assert_eq!(rows.len(), 32, "{stdout}");
     assert!(rows.iter().all(|row| row.ends_with(" ok")), "{stdout}");
     // The same rows as JSON lines.
     let json = std::fs::read_to_string(&output).unwrap();
@@ -1080,7 +1080,7 @@ fn bench_ops_checks_the_reference_paths_on_cpu() {
         .lines()
         .filter(|l| l.contains("\"kind\": \"check\""))
         .collect();
-    assert_eq!(checks.len(), 31, "{json}");
+    assert_eq!(checks.len(), 32, "{json}");
     assert!(
         checks.iter().all(|l| l.ends_with("\"ok\": true}")),
         "{json}"

@@ -297,9 +297,10 @@ fn set_tf32(allow: bool) {
     let _ = allow;
 }
 
-/// Every transpose combination (forward, input- and weight-gradient products) and a
-/// transposed view, at square, tall, skinny and odd shapes, against the f64 product of
-/// the same (rounded) inputs on the host.
+/// Every transpose combination (forward, input- and weight-gradient products), a
+/// transposed view and a linear layer's two backward products as one GEMM group, at
+/// square, tall, skinny and odd shapes, against the f64 product of the same (rounded)
+/// inputs on the host.
 fn gemm_checks<B: MegatronOps>(
     dtypes: &[DtypeCase],
     small: bool,
@@ -344,6 +345,31 @@ fn gemm_checks<B: MegatronOps>(
                 dtype_name,
                 limit,
                 || relative_error(&host(B::gemm(a, b, false, false)), &want),
+            ));
+            // A linear layer's backward as one GEMM group: the input gradient `g · wᵀ` and
+            // the weight gradient `xᵀ · g` (rows of 777 elements are pitched in cubecl's
+            // default layout: a copy queued inside the group before its GEMMs read garbage).
+            let x = random::<B, 2>([m, k], dtype, device);
+            let w = random::<B, 2>([k, n], dtype, device);
+            let g = random::<B, 2>([m, n], dtype, device);
+            let (host_x, host_w, host_g) = (host(x.clone()), host(w.clone()), host(g.clone()));
+            let mut want = host_gemm(&host_g, &host_w, [m, n, k], false, true);
+            want.extend(host_gemm(&host_x, &host_g, [k, m, n], true, false));
+            checks.push(Check::guarded(
+                format!("gemm group {shape_name} {m}x{k}x{n} input and weight gradients"),
+                dtype_name,
+                limit,
+                || {
+                    let (input_grad, weight_grad) = B::gemm_group(|| {
+                        (
+                            B::gemm(g.clone(), w, false, true),
+                            B::gemm(x, g, true, false),
+                        )
+                    });
+                    let mut got = host(input_grad);
+                    got.extend(host(weight_grad));
+                    relative_error(&got, &want)
+                },
             ));
             // The weight-gradient GEMM of gradient-accumulation fusion: `aᵀ · b` added in
             // fp32 to an fp32 sum (in place on CUDA), and without a sum.

@@ -106,12 +106,7 @@ where
             // An empty inner dimension sums nothing.
             return Tensor::zeros(shape, (&device, dtype));
         }
-        let output = Operand::new(
-            Tensor::<Self, 4>::empty(shape, (&device, dtype))
-                .into_primitive()
-                .tensor(),
-            false,
-        );
+        let output = Operand::new(contiguous_output(&a.tensor, shape, dtype), false);
         let result = queue_gemm(a, b, output, [m, n, k], [batch, heads], false);
         Tensor::from_primitive(TensorPrimitive::Float(result))
     }
@@ -143,12 +138,39 @@ where
         }
         let accumulate = sum.is_some();
         // The sum's buffer is both C and D: cuBLASLt adds the product to it in place.
-        let output = sum.unwrap_or_else(|| Tensor::empty([m, n], (&device, DType::F32)));
+        let output = sum.unwrap_or_else(|| {
+            let output = contiguous_output(&a.tensor, [1, 1, m, n], DType::F32);
+            Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(output)).reshape([m, n])
+        });
         assert_eq!(output.dims(), [m, n], "gemm_accumulate: the sum's shape");
-        let output = Operand::new(output.unsqueeze::<4>().into_primitive().tensor(), false);
-        let result = queue_gemm(a, b, output, [m, n, k], [1, 1], accumulate);
-        Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(result)).reshape([m, n])
+        // The 2-D tensor is the result: reshaping the 4-D view back would copy a pitched
+        // sum before the GEMM has written it (see `contiguous_output`).
+        let operand = Operand::new(
+            output.clone().unsqueeze::<4>().into_primitive().tensor(),
+            false,
+        );
+        queue_gemm(a, b, operand, [m, n, k], [1, 1], accumulate);
+        output
     }
+}
+
+/// An uninitialized GEMM output of `shape` on `like`'s device, stored contiguously.
+/// cubecl's default layout pads rows to 512-byte multiples (pitched) where their bytes are
+/// not one; Burn then makes a copy to drop the leading unit dimensions of a pitched
+/// tensor, and inside a GEMM group that copy would be queued before the GEMM writes the
+/// output (GPT-2's LM-head weight gradient, rows of 50304 bf16, read that way was garbage).
+/// Contiguous, those reshapes only change metadata.
+fn contiguous_output(
+    like: &CubeTensor<CudaRuntime>,
+    shape: [usize; 4],
+    dtype: DType,
+) -> CubeTensor<CudaRuntime> {
+    burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        shape.into(),
+        dtype,
+    )
 }
 
 /// The operands of `op(a) · op(b)` over the last two dimensions of 4-D `a` and `b`, and the
