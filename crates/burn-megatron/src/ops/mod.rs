@@ -65,8 +65,10 @@ pub trait MegatronOps: burn_megatron_kernels::FusedKernels {
     /// Runs `products`, a few GEMMs none of which reads another's output, as one unit: on
     /// CUDA they are queued together under one hand-off between cubecl's stream and
     /// cuBLASLt's (five launches less per GEMM after the first) once `products` returns,
-    /// so nothing inside may use their outputs (inputs made inside are fine); elsewhere
-    /// this is `products()`.
+    /// so nothing inside may use their outputs (inputs made inside are fine): any Burn op
+    /// on an output inside would be queued before the GEMM that writes it. (The outputs
+    /// are contiguous, so reshapes that drop or split their dimensions only change
+    /// metadata.) Elsewhere this is `products()`.
     fn gemm_group<T>(products: impl FnOnce() -> T) -> T {
         products()
     }
