@@ -347,8 +347,9 @@ fn gemm_checks<B: MegatronOps>(
                 || relative_error(&host(B::gemm(a, b, false, false)), &want),
             ));
             // A linear layer's backward as one GEMM group: the input gradient `g · wᵀ` and
-            // the weight gradient `xᵀ · g` (rows of 777 elements are pitched in cubecl's
-            // default layout: a copy queued inside the group before its GEMMs read garbage).
+            // the weight gradient `xᵀ · g` (at the odd shape their rows would be pitched in
+            // cubecl's default layout, whose reshape is a copy: inside the group it would
+            // run before the GEMMs, as it once did for GPT-2's LM head).
             let x = random::<B, 2>([m, k], dtype, device);
             let w = random::<B, 2>([k, n], dtype, device);
             let g = random::<B, 2>([m, n], dtype, device);
