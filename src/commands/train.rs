@@ -137,7 +137,8 @@ pub struct TrainArgs {
     #[arg(long)]
     seed: Option<u64>,
 
-    /// Peak learning rate [default: 3e-3].
+    /// Peak learning rate [default: 3e-3, or with --preset the rate GPT-3 used at its
+    /// size: 6e-4, 3e-4, 2.5e-4, 2e-4 from gpt2-124m to gpt2-1.5b].
     #[arg(long)]
     lr: Option<f64>,
     /// Final learning rate [default: lr / 10].
@@ -445,7 +446,14 @@ impl TrainArgs {
 
     fn train_config(&self) -> Result<TrainConfig> {
         let steps = self.steps.unwrap_or(400);
-        let max_lr = self.lr.unwrap_or(3e-3);
+        let max_lr = self
+            .lr
+            .or_else(|| {
+                self.preset
+                    .as_deref()
+                    .and_then(GptConfig::preset_learning_rate)
+            })
+            .unwrap_or(3e-3);
         let mut decay: Decay = self.lr_decay_style.as_deref().unwrap_or("cosine").parse()?;
         if let Decay::Wsd { .. } = decay {
             decay = Decay::Wsd {
@@ -864,4 +872,29 @@ fn available_host_memory() -> Option<u64> {
         .find(|line| line.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_lr(args: TrainArgs) -> f64 {
+        args.train_config().unwrap().schedule.max_lr
+    }
+
+    #[test]
+    fn the_learning_rate_defaults_to_the_presets_and_yields_to_the_flag() {
+        let preset = |name: &str| TrainArgs {
+            preset: Some(name.to_string()),
+            ..Default::default()
+        };
+        assert_eq!(max_lr(TrainArgs::default()), 3e-3);
+        assert_eq!(max_lr(preset("gpt2-124m")), 6e-4);
+        assert_eq!(max_lr(preset("gpt2-1.5b")), 2e-4);
+        let flagged = TrainArgs {
+            lr: Some(1e-3),
+            ..preset("gpt2-774m")
+        };
+        assert_eq!(max_lr(flagged), 1e-3);
+    }
 }

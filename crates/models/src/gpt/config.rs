@@ -148,6 +148,19 @@ impl GptConfig {
         }
     }
 
+    /// The peak learning rate GPT-3's paper trained the model size of preset `name` with
+    /// (Brown et al. 2020, table 2.1: 6e-4 at 125M, 3e-4 at 350M, 2.5e-4 at 760M, 2e-4 at
+    /// 1.3B); `None` for an unknown name.
+    pub fn preset_learning_rate(name: &str) -> Option<f64> {
+        match name {
+            "gpt2-124m" => Some(6e-4),
+            "gpt2-355m" => Some(3e-4),
+            "gpt2-774m" => Some(2.5e-4),
+            "gpt2-1.5b" => Some(2e-4),
+            _ => None,
+        }
+    }
+
     /// Key/value head groups.
     pub fn groups(&self) -> usize {
         self.query_groups.unwrap_or(self.heads)
