@@ -74,12 +74,16 @@ ours() { sed -n 's/^throughput[^:]*: \([0-9.]*\) tokens\/s, \([0-9.]*\) model TF
 torch() { sed -n 's/.*median \([0-9.]*\) tokens\/s, \([0-9.]*\) model TFLOP\/s, peak memory \([0-9.]*\) GiB.*/\1 \2 \3/p' "$1" 2>/dev/null; }
 # "activation memory: X MiB held after one micro-batch's forward ..." -> "X"
 activations() { sed -n 's/^activation memory: \([0-9.]*\) MiB.*/\1/p' "$1"; }
-printf '\n%-34s %12s %12s %18s %18s\n' "GPT-2 774M bf16 8 x 1024" "tokens/s" "TFLOP/s" "peak memory" "activations"
+# "step      1/N | ... | grad norm X | ..." -> "X": every run starts from the same weights and
+# batch, so the first step's gradient norms agree up to bf16 rounding (a run far from the
+# others computes wrong gradients, as the GEMM groups once did).
+first_norm() { sed -n 's/^step  *1\/.*| grad norm \([0-9.eE+-]*\) |.*/\1/p' "$1" | head -1; }
+printf '\n%-34s %12s %12s %18s %18s %12s\n' "GPT-2 774M bf16 8 x 1024" "tokens/s" "TFLOP/s" "peak memory" "activations" "step-1 norm"
 for run in selective store_all reference_kernels accumulating accumulating_fused; do
     read -r rate tflops <<< "$(ours "$OUT/$run.log")"
     peak=$(cat "$OUT/$run.log.peak" 2>/dev/null)
     held=$(activations "$OUT/$run.log")
-    printf '%-34s %12s %12s %14s MiB %14s MiB\n' "ours, $run" "${rate:-failed}" "${tflops:--}" "${peak:--}" "${held:--}"
+    printf '%-34s %12s %12s %14s MiB %14s MiB %12s\n' "ours, $run" "${rate:-failed}" "${tflops:--}" "${peak:--}" "${held:--}" "$(first_norm "$OUT/$run.log")"
 done
 for run in "torch_gpt2:PyTorch eager (autocast, AdamW)" "torch_gpt2_accumulating:PyTorch eager, 4 x 2" \
     "torch_gpt2_bf16_weights:PyTorch eager, bf16 weights" "torch_gpt2_compiled:PyTorch compiled"; do
