@@ -5,9 +5,9 @@
 # a GPT-2 774M bf16 8 x 1024 training step (tokens/s, model TFLOP/s, peak GPU memory, the
 # activations one micro-batch holds for its backward) with selective recompute, with
 # everything stored, with the fused kernels' plain-Burn references, as four micro-batches
-# of 2 with and without gradient-accumulation fusion, and in PyTorch eager (HF
-# transformers): as one batch of 8, as four micro-batches of 2, with bf16 parameters, and
-# (TORCH_COMPILE=1) compiled.
+# of 2 with and without gradient-accumulation fusion (and with it but without GEMM
+# groups), and in PyTorch eager (HF transformers): as one batch of 8, as four
+# micro-batches of 2, with bf16 parameters, and (TORCH_COMPILE=1) compiled.
 #
 #   cargo build --release --features cuda
 #   benches/gpu_step.sh [path/to/burn-megatron]      # logs under $OUT (default bench-out)
@@ -67,6 +67,10 @@ with_peak_memory "$OUT/accumulating.log" timeout "$LIMIT" "$BIN" "${STEP[@]}" --
     || echo "four micro-batches failed: see $OUT/accumulating.log"
 with_peak_memory "$OUT/accumulating_fused.log" timeout "$LIMIT" "$BIN" "${STEP[@]}" --micro-batch-size 2 \
     --gradient-accumulation-fusion || echo "four micro-batches, fused failed: see $OUT/accumulating_fused.log"
+# The same without GEMM groups (each GEMM its own hand-off): what the groups save.
+BURN_MEGATRON_NO_GEMM_GROUPS=1 with_peak_memory "$OUT/accumulating_fused_no_groups.log" timeout "$LIMIT" "$BIN" \
+    "${STEP[@]}" --micro-batch-size 2 --gradient-accumulation-fusion \
+    || echo "four micro-batches, fused, no GEMM groups failed: see $OUT/accumulating_fused_no_groups.log"
 
 # "throughput (...): N tokens/s, X model TFLOP/s ..." -> "N X"
 ours() { sed -n 's/^throughput[^:]*: \([0-9.]*\) tokens\/s, \([0-9.]*\) model TFLOP\/s.*/\1 \2/p' "$1"; }
@@ -79,7 +83,7 @@ activations() { sed -n 's/^activation memory: \([0-9.]*\) MiB.*/\1/p' "$1"; }
 # others computes wrong gradients, as the GEMM groups once did).
 first_norm() { sed -n 's/^step  *1\/.*| grad norm \([0-9.eE+-]*\) |.*/\1/p' "$1" | head -1; }
 printf '\n%-34s %12s %12s %18s %18s %12s\n' "GPT-2 774M bf16 8 x 1024" "tokens/s" "TFLOP/s" "peak memory" "activations" "step-1 norm"
-for run in selective store_all reference_kernels accumulating accumulating_fused; do
+for run in selective store_all reference_kernels accumulating accumulating_fused accumulating_fused_no_groups; do
     read -r rate tflops <<< "$(ours "$OUT/$run.log")"
     peak=$(cat "$OUT/$run.log.peak" 2>/dev/null)
     held=$(activations "$OUT/$run.log")
