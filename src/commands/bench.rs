@@ -13,6 +13,27 @@ use burn_megatron::parallel::{
 use burn_megatron::{Error, Result};
 use clap::{Args, Subcommand};
 
+/// Seconds per call of `op` over `iters` timed calls, after `warmups` untimed ones (the
+/// device is synchronized around the timed ones; the last result is dropped after them).
+pub(crate) fn seconds_per_call<B: burn::tensor::backend::Backend, T>(
+    device: &B::Device,
+    [warmups, iters]: [usize; 2],
+    mut op: impl FnMut() -> T,
+) -> f64 {
+    for _ in 0..warmups {
+        drop(op());
+    }
+    B::sync(device).expect("device sync");
+    let started = Instant::now();
+    let mut last = None;
+    for _ in 0..iters {
+        last = Some(op());
+    }
+    B::sync(device).expect("device sync");
+    drop(last);
+    started.elapsed().as_secs_f64() / iters as f64
+}
+
 /// What to benchmark.
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {

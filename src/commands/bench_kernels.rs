@@ -5,7 +5,6 @@
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 use burn_megatron::{Error, Result};
@@ -17,6 +16,8 @@ use burn_megatron_kernels::{
     reference_softmax, reference_softmax_backward,
 };
 use clap::Args;
+
+use super::bench::seconds_per_call;
 
 /// Flags of `bench kernels`.
 #[derive(Args, Debug)]
@@ -189,27 +190,6 @@ fn print_check(dtype: &str, check: &Check) {
         check.limit,
         if check.passed() { "ok" } else { "FAILED" }
     );
-}
-
-/// Seconds per call of `op` over `iters` timed calls, after `warmups` untimed ones (the
-/// device is synchronized around the timed ones).
-fn seconds_per_call<B: FusedKernels, T>(
-    device: &B::Device,
-    [warmups, iters]: [usize; 2],
-    mut op: impl FnMut() -> T,
-) -> f64 {
-    for _ in 0..warmups {
-        drop(op());
-    }
-    B::sync(device).expect("device sync");
-    let started = Instant::now();
-    let mut last = None;
-    for _ in 0..iters {
-        last = Some(op());
-    }
-    B::sync(device).expect("device sync");
-    drop(last);
-    started.elapsed().as_secs_f64() / iters as f64
 }
 
 /// Each kernel (forward and backward) at `[tokens, hidden]` (`[tokens, 4 hidden]` for the

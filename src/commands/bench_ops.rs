@@ -4,13 +4,14 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use burn::backend::Autodiff;
 use burn::tensor::{Bool, DType, Distribution, Tensor, TensorData, backend::Backend};
 use burn_megatron::ops::{CoreAttention, MegatronOps, Recompute, use_reference_ops};
 use burn_megatron::{Error, Result};
 use clap::Args;
+
+use super::bench::seconds_per_call;
 
 /// Flags of `bench ops`.
 #[derive(Args, Debug)]
@@ -593,16 +594,7 @@ fn weight_grad_speeds<B: MegatronOps>(iters: usize, device: &B::Device) -> Vec<W
     let flops = 2.0 * (tokens * rows * columns) as f64;
     let mut sum = Some(B::gemm_accumulate(x.clone(), dy.clone(), true, false, None));
     let time = |form: &'static str, run: &mut dyn FnMut()| {
-        for _ in 0..3 {
-            run();
-        }
-        B::sync(device).expect("sync");
-        let started = Instant::now();
-        for _ in 0..iters {
-            run();
-        }
-        B::sync(device).expect("sync");
-        let tflops = flops / (started.elapsed().as_secs_f64() / iters as f64) / 1e12;
+        let tflops = flops / seconds_per_call::<B, _>(device, [3, iters], run) / 1e12;
         println!("{form:<44} {tflops:>10.1}");
         WeightGradSpeed { form, tflops }
     };
@@ -629,8 +621,8 @@ fn weight_grad_speeds<B: MegatronOps>(iters: usize, device: &B::Device) -> Vec<W
     ]
 }
 
-/// TFLOP/s of `size`-cubed products: ours (each call waits for its result) and, in
-/// bf16, Burn's matmul (queued, one wait at the end).
+/// TFLOP/s of `size`-cubed products: ours and, in bf16, Burn's matmul (each queued
+/// `iters` times with one wait at the end).
 fn gemm_speeds<B: MegatronOps>(
     sizes: &[usize],
     dtypes: &[DtypeCase],
@@ -649,18 +641,9 @@ fn gemm_speeds<B: MegatronOps>(
             let b = random::<B, 2>([size, size], dtype, device);
             let time = |reference: bool| {
                 use_reference_ops(reference);
-                let mut last = None;
-                for _ in 0..3 {
-                    last = Some(B::gemm(a.clone(), b.clone(), false, false));
-                }
-                B::sync(device).expect("sync");
-                let started = Instant::now();
-                for _ in 0..iters {
-                    last = Some(B::gemm(a.clone(), b.clone(), false, false));
-                }
-                B::sync(device).expect("sync");
-                drop(last);
-                let seconds = started.elapsed().as_secs_f64() / iters as f64;
+                let seconds = seconds_per_call::<B, _>(device, [3, iters], || {
+                    B::gemm(a.clone(), b.clone(), false, false)
+                });
                 2.0 * (size as f64).powi(3) / seconds / 1e12
             };
             // Burn's matmul compiles and tunes kernels per type: time it in bf16 only.
