@@ -142,8 +142,8 @@ where
         let accumulate = sum.is_some();
         // The sum's buffer is both C and D: cuBLASLt adds the product to it in place.
         let output = sum.unwrap_or_else(|| {
-            let output = contiguous_output(&a.tensor, [1, 1, m, n], DType::F32);
-            Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(output)).reshape([m, n])
+            let output = contiguous_output(&a.tensor, [m, n], DType::F32);
+            Tensor::from_primitive(TensorPrimitive::Float(output))
         });
         assert_eq!(output.dims(), [m, n], "gemm_accumulate: the sum's shape");
         // The 2-D tensor is the result: reshaping the 4-D view back would copy a pitched
@@ -163,9 +163,9 @@ where
 /// tensor, and inside a GEMM group that copy would be queued before the GEMM writes the
 /// output (GPT-2's LM-head weight gradient, rows of 50304 bf16, read that way was garbage).
 /// Contiguous, those reshapes only change metadata.
-fn contiguous_output(
+fn contiguous_output<const D: usize>(
     like: &CubeTensor<CudaRuntime>,
-    shape: [usize; 4],
+    shape: [usize; D],
     dtype: DType,
 ) -> CubeTensor<CudaRuntime> {
     burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
