@@ -106,6 +106,25 @@ impl<B: FusedKernels> Backward<B, 2> for BiasGeluNode {
     }
 }
 
+/// The bias-add node: keeps the bias's dtype only.
+#[derive(Debug)]
+struct BiasAddNode;
+
+/// Parents: input, bias.
+impl<B: FusedKernels> Backward<B, 2> for BiasAddNode {
+    type State = DType;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = consume::<B, 2, 2, _>(&ops, grads);
+        let parents = parent_ids(&ops);
+        if parents[1].is_some() {
+            let bias_grad = B::column_sums(grad.clone());
+            register::<B, 1>(grads, &parents[1], with_dtype(bias_grad, ops.state));
+        }
+        register::<B, 2>(grads, &parents[0], grad);
+    }
+}
+
 /// The bias-dropout-add node: keeps nothing but the dropout site (the mask is regenerated).
 #[derive(Debug)]
 struct BiasDropoutAddNode;
@@ -270,6 +289,20 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedKernels for Autodiff<B, C> {
         finish(
             BiasGeluNode.prepare::<C>(nodes).compute_bound().stateful(),
             state,
+            output,
+        )
+    }
+
+    fn bias_add(input: Tensor<Self, 2>, bias: Tensor<Self, 1>) -> Tensor<Self, 2> {
+        if !fused::<B>() {
+            return input + bias.unsqueeze();
+        }
+        let bias_dtype = bias.dtype();
+        let (input, bias, nodes) = crate::detach_inner!(B; input, bias);
+        let output = B::bias_add(input, bias);
+        finish(
+            BiasAddNode.prepare::<C>(nodes).compute_bound().stateful(),
+            || bias_dtype,
             output,
         )
     }

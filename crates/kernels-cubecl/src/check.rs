@@ -99,6 +99,10 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
             expected,
         ));
     }
+    // A linear layer's bias add, whose bias gradient is the column sums.
+    for shape in [[3001, 40], [17, 77]] {
+        checks.extend(check_bias_add::<B>(device, dtype, shape));
+    }
     // Rows enough that each row group of the norm's one-pass backward visits several,
     // not all the same number.
     for centered in [true, false] {
@@ -400,6 +404,43 @@ fn check_bias_gelu<B: FusedKernels>(
         checks.push(row(kernel, &shape, dtype, "d_bias", d_bias, e_bias));
     }
     checks
+}
+
+fn check_bias_add<B: FusedKernels>(
+    device: &B::Device,
+    dtype: DType,
+    [rows, width]: [usize; 2],
+) -> Vec<Check> {
+    let inputs = [
+        strided::<B>([rows, width], device, dtype, 2.0, 0.0),
+        random::<B, 2>([1, width], device, dtype, 1.0),
+    ];
+    let upstream = random::<B, 2>([rows, width], device, dtype, 1.0);
+    let forward = |fused: bool| {
+        move |t: &[Tensor<Ad<B>, 2>; 2]| {
+            let bias = t[1].clone().reshape([width]);
+            if fused {
+                Ad::<B>::bias_add(t[0].clone(), bias)
+            } else {
+                t[0].clone() + bias.unsqueeze()
+            }
+        }
+    };
+    let (output, [d_input, d_bias]) = run(&inputs, &upstream, forward(true));
+    let (expected, [e_input, e_bias]) = run(&inputs.map(wide), &wide(upstream), forward(false));
+    let shape = [rows, width];
+    vec![
+        row("linear_bias_add", &shape, dtype, "output", output, expected),
+        row(
+            "linear_bias_add",
+            &shape,
+            dtype,
+            "d_input",
+            d_input,
+            e_input,
+        ),
+        row("linear_bias_add", &shape, dtype, "d_bias", d_bias, e_bias),
+    ]
 }
 
 fn check_bias_dropout_add<B: FusedKernels>(

@@ -10,6 +10,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::module::{Param, ParamId};
 use burn::tensor::{Tensor, TensorPrimitive, backend::Backend};
+use burn_megatron_kernels::FusedKernels;
 
 use super::MegatronOps;
 use super::weight_grads::accumulate;
@@ -72,7 +73,7 @@ pub fn linear<B: MegatronOps, const D: usize>(
 }
 
 /// `product(x as rows) + bias`, in `x`'s shape with the last dimension `d_output`.
-fn over_rows<B: Backend, const D: usize>(
+fn over_rows<B: FusedKernels, const D: usize>(
     x: Tensor<B, D>,
     d_output: usize,
     bias: Option<Tensor<B, 1>>,
@@ -84,7 +85,7 @@ fn over_rows<B: Backend, const D: usize>(
     shape[D - 1] = d_output;
     let output = product(x.reshape([rows, d_input]));
     let output = match bias {
-        Some(bias) => output + bias.unsqueeze(),
+        Some(bias) => B::bias_add(output, bias),
         None => output,
     };
     output.reshape(shape)
