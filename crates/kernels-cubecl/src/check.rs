@@ -173,6 +173,16 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
         for (len, grad_factor, step) in [(1000, 1.0, 1), (4099, 0.37, 7)] {
             checks.extend(check_adamw::<B>(device, len, grad_factor, step));
         }
+        // Lengths below one unit per element, over every unit more than once, and odd
+        // (where the kernel runs: CUDA).
+        let lengths = if B::sums_squares_in_kernel(device) {
+            &[(3, false), (1000, true), (600_001, false), (600_001, true)][..]
+        } else {
+            &[]
+        };
+        for &(len, masked) in lengths {
+            checks.push(check_sum_of_squares::<B>(device, len, masked));
+        }
     }
     checks
 }
@@ -240,6 +250,43 @@ fn check_adamw<B: FusedKernels>(
             expected.exp_avg_sq,
         ),
     ]
+}
+
+/// The gradient norm's sum of squares (fp32 values, fp64 sum; with a mask of counted
+/// elements or without) against an fp64 sum on the host of the same values. The limit
+/// allows fp64 summation in another order, nothing more: an fp32 sum is off by about 1e-7
+/// to 1e-4.
+fn check_sum_of_squares<B: FusedKernels>(device: &B::Device, len: usize, masked: bool) -> Check {
+    let values = random::<B, 1>([len], device, DType::F32, 3.0);
+    let counted = masked.then(|| {
+        with_dtype(
+            random::<B, 1>([len], device, DType::F32, 1.0)
+                .greater_elem(0.0)
+                .float(),
+            DType::F32,
+        )
+    });
+    let host = |t: &Tensor<B, 1>| t.to_data().convert::<f32>().to_vec::<f32>().unwrap();
+    let mask = counted.as_ref().map_or_else(|| vec![1.0; len], host);
+    let want: f64 = host(&values)
+        .iter()
+        .zip(&mask)
+        .map(|(&value, &count)| f64::from(value * count).powi(2))
+        .sum();
+    let got = B::sum_of_squares(&values, counted.as_ref());
+    Check {
+        kernel: if masked {
+            "sum_of_squares_counted"
+        } else {
+            "sum_of_squares"
+        }
+        .to_string(),
+        shape: vec![len],
+        dtype: DType::F32,
+        quantity: "sum",
+        error: (got - want).abs() / want.abs().max(f64::MIN_POSITIVE),
+        limit: 1e-12,
+    }
 }
 
 type Ad<B> = Autodiff<B>;

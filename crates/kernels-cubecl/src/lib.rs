@@ -48,7 +48,7 @@ pub use reference::{
     reference_bias_gelu_backward, reference_column_sums, reference_cross_entropy_backward,
     reference_cross_entropy_loss, reference_logit_statistics, reference_norm,
     reference_norm_backward, reference_norm_forward, reference_softmax, reference_softmax_backward,
-    softmax_dtype,
+    reference_sum_of_squares, softmax_dtype,
 };
 
 static REFERENCE_OPS: AtomicBool = AtomicBool::new(false);
@@ -328,6 +328,22 @@ pub trait FusedKernels: Backend {
         real_width: usize,
     ) -> LogitStatistics<Self> {
         reference_logit_statistics(logits, targets, real_width)
+    }
+
+    /// The sum of the squares of the elements of `values` (fp32, `[len]`) that `counted`
+    /// (fp32, 1 or 0 per element) counts, all without it; each element is cast to fp64
+    /// before squaring and the sum is fp64, so that it does not depend on how the
+    /// elements are split over ranks beyond fp64 rounding. Read back to the host (waits
+    /// for the device).
+    fn sum_of_squares(values: &Tensor<Self, 1>, counted: Option<&Tensor<Self, 1>>) -> f64 {
+        reference_sum_of_squares(values, counted)
+    }
+
+    /// Whether [`sum_of_squares`](Self::sum_of_squares) runs its kernel on `device` (fp64
+    /// arithmetic on the device) rather than the reference.
+    fn sums_squares_in_kernel(device: &Self::Device) -> bool {
+        let _ = device;
+        false
     }
 
     /// One AdamW step on `state` with gradients `grads` and per-element weight-decay mask

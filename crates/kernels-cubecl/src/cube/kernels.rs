@@ -1433,3 +1433,36 @@ pub(super) fn adamw<N: Size>(
         + weight * decay[i] * Vector::new(weight_decay);
     master[i] = weight - update * Vector::new(lr);
 }
+
+/// Partial sums of squares in fp64: unit `ABSOLUTE_POS` adds the squares of vectors
+/// `unit, unit + units, ...` of `values` (times `counted`'s, in fp32, where `masked`),
+/// each element cast to fp64 before squaring, into `partials[unit]`.
+#[cube(launch)]
+pub(super) fn squares_fp64<N: Size>(
+    values: &Tensor<Vector<f32, N>>,
+    counted: &Tensor<Vector<f32, N>>,
+    partials: &mut Tensor<f64>,
+    vectors: u32,
+    units: u32,
+    #[comptime] masked: bool,
+) {
+    let unit = ABSOLUTE_POS;
+    if unit >= units as usize {
+        terminate!();
+    }
+    let mut sum = 0.0f64;
+    let mut i = unit;
+    while i < vectors as usize {
+        let mut vector = values[i];
+        if masked {
+            vector *= counted[i];
+        }
+        #[unroll]
+        for lane in 0..vector.vector_size() {
+            let value = f64::cast_from(vector[lane]);
+            sum += value * value;
+        }
+        i += units as usize;
+    }
+    partials[unit] = sum;
+}

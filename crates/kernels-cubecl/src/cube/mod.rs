@@ -8,7 +8,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise, tensor_vector_size_parallel};
+use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise, ir, tensor_vector_size_parallel};
 
 use crate::as_rows;
 use crate::dropout::keep_threshold;
@@ -18,7 +18,7 @@ use crate::{
     reference_bias_gelu, reference_bias_gelu_backward, reference_column_sums,
     reference_cross_entropy_backward, reference_kernels, reference_logit_statistics,
     reference_norm_backward, reference_norm_forward, reference_softmax, reference_softmax_backward,
-    with_dtype,
+    reference_sum_of_squares, with_dtype,
 };
 use kernels::{GROUP_UNITS, ROW_GROUPS};
 
@@ -27,6 +27,10 @@ const ELEMENT_UNITS: u32 = 256;
 /// The most vectors of its row that a unit of the row kernels (norm backward, softmax) keeps
 /// in registers between passes (beyond, the later passes read the rest again).
 const CACHED_VECTORS: usize = 8;
+
+/// The most cubes of the sum of squares (beyond, each unit loops over more vectors): 4 per
+/// multiprocessor of an H200, whose fp64 partials (2 MiB) are then summed by Burn.
+const SQUARES_CUBES: usize = 528;
 
 /// Row chunks of the column-sum partials (the norm's weight gradient, bias gradients; at
 /// most: fewer for short inputs).
@@ -402,6 +406,61 @@ where
             return reference_bias_dropout_add(input, bias, residual, dropout);
         }
         launch_bias_dropout_add(input, bias, Some(residual), dropout)
+    }
+
+    fn sum_of_squares(values: &Tensor<Self, 1>, counted: Option<&Tensor<Self, 1>>) -> f64 {
+        let fp32 = |t: &Tensor<Self, 1>| t.dtype() == DType::F32;
+        if !Self::sums_squares_in_kernel(&values.device())
+            || !fp32(values)
+            || !counted.is_none_or(fp32)
+        {
+            return reference_sum_of_squares(values, counted);
+        }
+        let values_p = primitive(values.clone());
+        let counted_p = counted.map(|counted| primitive(counted.clone()));
+        let len = values_p.meta.shape()[0];
+        if let Some(counted) = &counted_p {
+            assert_eq!(
+                counted.meta.shape()[0],
+                len,
+                "sum_of_squares: the mask's length differs from the values'"
+            );
+        }
+        let lanes = vector_lanes(&[&values_p, counted_p.as_ref().unwrap_or(&values_p)]);
+        let vectors = len / lanes;
+        if vectors == 0 {
+            return 0.0;
+        }
+        let cubes = vectors.div_ceil(ELEMENT_UNITS as usize).min(SQUARES_CUBES);
+        let units = cubes * ELEMENT_UNITS as usize;
+        let partials = empty_like(&values_p, Shape::new([units]), DType::F64);
+        kernels::squares_fp64::launch::<R>(
+            &values_p.client,
+            CubeCount::Static(cubes as u32, 1, 1),
+            CubeDim::new_1d(ELEMENT_UNITS),
+            lanes,
+            values_p.clone().into_tensor_arg(),
+            counted_p
+                .clone()
+                .unwrap_or_else(|| values_p.clone())
+                .into_tensor_arg(),
+            partials.clone().into_tensor_arg(),
+            u32_of(vectors, "elements"),
+            u32_of(units, "units"),
+            counted_p.is_some(),
+        );
+        let partials: Tensor<Self, 1> = tensor(partials);
+        partials.sum().into_scalar().elem::<f64>()
+    }
+
+    /// On CUDA only: wgpu on lavapipe reports fp64 support, but the kernel's sums came
+    /// out 3e-2 off there (600,001 elements; not investigated further).
+    fn sums_squares_in_kernel(device: &Self::Device) -> bool {
+        let client = R::client(device);
+        let fp64 = ir::StorageType::Scalar(ir::ElemType::Float(ir::FloatKind::F64));
+        !reference_kernels()
+            && R::name(&client) == "cuda"
+            && client.properties().supports_type(fp64)
     }
 
     fn adamw(
