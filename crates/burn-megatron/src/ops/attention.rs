@@ -1,6 +1,8 @@
 //! Core attention as one operation: scores, scale, ALiBi bias, causal and padding masks,
 //! softmax (in fp32), attention dropout, and the product with the values. The products
-//! are [`MegatronOps::batched_gemm`] calls (cuBLASLt on CUDA).
+//! are [`MegatronOps::batched_gemm`] calls (cuBLASLt on CUDA); those whose heads the
+//! caller merges next (the context, the gradients of Q, K and V) store them merged
+//! ([`MegatronOps::batched_gemm_heads_merged`]).
 //!
 //! With [`Recompute::Selective`] (Megatron's selective activation recomputation) the
 //! autodiff op keeps only Q, K, V and the padding mask, and its backward recomputes the
@@ -134,7 +136,7 @@ pub fn reference_attention<B: MegatronOps>(
     spec: &CoreAttention,
 ) -> Tensor<B, 4> {
     let probabilities = spec.probabilities(query, key, padding);
-    B::batched_gemm(spec.drop(probabilities), value, false, false)
+    B::batched_gemm_heads_merged(spec.drop(probabilities), value, false, false)
 }
 
 /// The gradients of query, key and value given the context's, recomputing the
@@ -152,7 +154,7 @@ fn attention_backward<B: MegatronOps>(
     // Each pair of products below is one group (see `MegatronOps::gemm_group`).
     let (grad_value, grad_dropped) = B::gemm_group(|| {
         (
-            B::batched_gemm(dropped, grad.clone(), true, false),
+            B::batched_gemm_heads_merged(dropped, grad.clone(), true, false),
             B::batched_gemm(grad, value, false, true),
         )
     });
@@ -168,8 +170,8 @@ fn attention_backward<B: MegatronOps>(
     );
     let (grad_query, grad_key) = B::gemm_group(|| {
         (
-            B::batched_gemm(grad_scores.clone(), key, false, false),
-            B::batched_gemm(grad_scores, query, true, false),
+            B::batched_gemm_heads_merged(grad_scores.clone(), key, false, false),
+            B::batched_gemm_heads_merged(grad_scores, query, true, false),
         )
     });
     [grad_query, grad_key, grad_value]

@@ -88,30 +88,16 @@ where
         transpose_a: bool,
         transpose_b: bool,
     ) -> Tensor<Self, 4> {
-        let dtype = a.dtype();
-        let [batch, heads, _, _] = a.dims();
-        if reference_ops()
-            || dtype != b.dtype()
-            || data_type(dtype).is_none()
-            || b.dims()[..2] != [batch, heads]
-        {
-            return reference_batched_gemm(a, b, transpose_a, transpose_b);
-        }
-        let (a, b, [m, n, k]) = operands(
-            a.into_primitive().tensor(),
-            b.into_primitive().tensor(),
-            transpose_a,
-            transpose_b,
-        );
-        let device = a.tensor.device.clone();
-        let shape = [batch, heads, m, n];
-        if batch * heads * m * n * k == 0 {
-            // An empty inner dimension sums nothing.
-            return Tensor::zeros(shape, (&device, dtype));
-        }
-        let output = Operand::new(contiguous_output(&a.tensor, shape, dtype), false);
-        let result = queue_gemm(a, b, output, [m, n, k], [batch, heads], false);
-        Tensor::from_primitive(TensorPrimitive::Float(result))
+        batched_product(a, b, transpose_a, transpose_b, false)
+    }
+
+    fn batched_gemm_heads_merged(
+        a: Tensor<Self, 4>,
+        b: Tensor<Self, 4>,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> Tensor<Self, 4> {
+        batched_product(a, b, transpose_a, transpose_b, true)
     }
 
     fn gemm_accumulate(
@@ -155,6 +141,61 @@ where
         queue_gemm(a, b, operand, [m, n, k], [1, 1], accumulate);
         output
     }
+}
+
+/// `op(a) · op(b)` over the `[batch, heads]` grid of 4-D `a` and `b` on cuBLASLt (Burn's
+/// matmul where cuBLASLt does not apply); `heads_merged`: stored `[batch, m, heads, n]`
+/// (see `MegatronOps::batched_gemm_heads_merged`).
+fn batched_product<F, I, BT>(
+    a: Tensor<CubeBackend<CudaRuntime, F, I, BT>, 4>,
+    b: Tensor<CubeBackend<CudaRuntime, F, I, BT>, 4>,
+    transpose_a: bool,
+    transpose_b: bool,
+    heads_merged: bool,
+) -> Tensor<CubeBackend<CudaRuntime, F, I, BT>, 4>
+where
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let dtype = a.dtype();
+    let [batch, heads, _, _] = a.dims();
+    if reference_ops()
+        || dtype != b.dtype()
+        || data_type(dtype).is_none()
+        || b.dims()[..2] != [batch, heads]
+    {
+        return reference_batched_gemm(a, b, transpose_a, transpose_b);
+    }
+    let (a, b, [m, n, k]) = operands(
+        a.into_primitive().tensor(),
+        b.into_primitive().tensor(),
+        transpose_a,
+        transpose_b,
+    );
+    let device = a.tensor.device.clone();
+    let shape = [batch, heads, m, n];
+    if batch * heads * m * n * k == 0 {
+        // An empty inner dimension sums nothing.
+        return Tensor::zeros(shape, (&device, dtype));
+    }
+    let output = if heads_merged {
+        // Stored [batch, m, heads, n]; the product's grid is its [batch, heads, m, n]
+        // view (each head's rows `heads · n` apart: one strided-batched call per batch
+        // entry, as for operands read that way).
+        let stored = contiguous_output(&a.tensor, [batch, m, heads, n], dtype);
+        Tensor::<CubeBackend<CudaRuntime, F, I, BT>, 4>::from_primitive(TensorPrimitive::Float(
+            stored,
+        ))
+        .swap_dims(1, 2)
+        .into_primitive()
+        .tensor()
+    } else {
+        contiguous_output(&a.tensor, shape, dtype)
+    };
+    let output = Operand::new(output, false);
+    let result = queue_gemm(a, b, output, [m, n, k], [batch, heads], false);
+    Tensor::from_primitive(TensorPrimitive::Float(result))
 }
 
 /// An uninitialized GEMM output of `shape` on `like`'s device, stored contiguously.

@@ -120,6 +120,20 @@ pub trait MegatronOps: burn_megatron_kernels::FusedKernels {
         reference_batched_gemm(a, b, transpose_a, transpose_b)
     }
 
+    /// [`batched_gemm`](Self::batched_gemm) for a caller that merges the heads of the
+    /// product next (`[batch, heads, m, n]` to `[batch, m, heads · n]`: attention's
+    /// context, the gradients of its query, key and value): where the backend can, the
+    /// product is stored as `[batch, m, heads, n]` and returned as its `[batch, heads, m,
+    /// n]` view, so that the merge is a view too rather than a copy.
+    fn batched_gemm_heads_merged(
+        a: Tensor<Self, 4>,
+        b: Tensor<Self, 4>,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> Tensor<Self, 4> {
+        Self::batched_gemm(a, b, transpose_a, transpose_b)
+    }
+
     /// Attention of `query` over `key`/`value` (`[batch, heads, seq, head_dim]`, the key
     /// and value already expanded to the query's heads); `padding` (`[batch, seq]`, true
     /// for padding) masks keys. Returns the context, `[batch, heads, seq, head_dim]`.

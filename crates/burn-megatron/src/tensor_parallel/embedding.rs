@@ -2,7 +2,8 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend, module::embedding};
+use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend, module::embedding};
+use burn_megatron_kernels::{FusedKernels, with_dtype};
 
 use super::init::ParamInit;
 use super::linear::full_tensor;
@@ -198,7 +199,7 @@ impl<B: ParallelBackend> VocabParallelEmbedding<B> {
     /// when an id is at or above the padded vocabulary size.
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let local = if self.group.size() == 1 {
-            embedding(self.weight.val(), ids)
+            gather_rows(self.weight.val(), ids)
         } else {
             let outside = ids
                 .clone()
@@ -208,13 +209,28 @@ impl<B: ParallelBackend> VocabParallelEmbedding<B> {
             let [batch, seq] = local_ids.dims();
             let [_, width] = self.weight.dims();
             let outside = outside.unsqueeze_dim::<3>(2).expand([batch, seq, width]);
-            embedding(self.weight.val(), local_ids).mask_fill(outside, 0.0)
+            gather_rows(self.weight.val(), local_ids).mask_fill(outside, 0.0)
         };
         if self.sequence_parallel {
             reduce_scatter_to_sequence_parallel_region(local, &self.group, 1)
         } else {
             reduce_from_tensor_parallel_region(local, &self.group)
         }
+    }
+}
+
+/// `weight`'s rows at `ids`. A 16-bit weight on a backend with the fused kernels (CUDA)
+/// is gathered from an fp32 copy, so that the backward adds the rows' gradients in fp32
+/// and rounds once: Burn's backward adds them in the weight's type, rounding at every add
+/// (a token that occurs a thousand times in a batch loses the later ones' gradients). On
+/// an H200 Burn's scatter took 3.1 ms per GPT-2 774M step of 8 x 1024 tokens in bf16,
+/// 2.7 ms in fp32.
+fn gather_rows<B: FusedKernels>(weight: Tensor<B, 2>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    let dtype = weight.dtype();
+    if B::has_fused_kernels() && matches!(dtype, DType::BF16 | DType::F16) {
+        with_dtype(embedding(with_dtype(weight, DType::F32), ids), dtype)
+    } else {
+        embedding(weight, ids)
     }
 }
 
