@@ -173,10 +173,17 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
         for (len, grad_factor, step) in [(1000, 1.0, 1), (4099, 0.37, 7)] {
             checks.extend(check_adamw::<B>(device, len, grad_factor, step));
         }
-        // Lengths below one unit per element, over every unit more than once, and odd
-        // (where the kernel runs: CUDA).
+        // Lengths below one unit per element, over every unit more than once (vectors of
+        // one element and of four), and odd (where the kernel runs: CUDA). The check runs
+        // on an fp32 backend; the limit also catches a sum read back in fp32.
         let lengths = if B::sums_squares_in_kernel(device) {
-            &[(3, false), (1000, true), (600_001, false), (600_001, true)][..]
+            &[
+                (3, false),
+                (1000, true),
+                (600_001, false),
+                (600_001, true),
+                (600_004, true),
+            ][..]
         } else {
             &[]
         };

@@ -449,8 +449,11 @@ where
             u32_of(units, "units"),
             counted_p.is_some(),
         );
+        // Read as fp64 data: a scalar would come back in the backend's float type (bf16
+        // when training in bf16, which rounded the sum by up to 0.2%).
         let partials: Tensor<Self, 1> = tensor(partials);
-        partials.sum().into_scalar().elem::<f64>()
+        let sum = partials.sum().into_data().convert::<f64>();
+        sum.as_slice::<f64>().map_or(f64::NAN, |values| values[0])
     }
 
     /// On CUDA only, which compiles fp64 kernels (Burn's own fp64 ops run there) though
