@@ -120,6 +120,10 @@ pub(crate) fn load_await_counter(context: &Arc<CudaContext>) -> Result<CudaFunct
 /// host queued their work, so a buffer Burn frees after the call is reused only once the
 /// call is done. One per cubecl stream (each thread queues on its own).
 ///
+/// The waiting kernel on Burn's stream stays resident while our stream's work runs, on
+/// one multiprocessor: cuBLASLt's GEMMs are planned to leave it some (see
+/// `ops::cublaslt`).
+///
 /// A kernel that spins may only wait for work already handed to the driver: a call that
 /// synchronizes the whole device (a module load, a synchronous free) would otherwise wait
 /// for the spinning kernel while the work it waits for is still held in cubecl's queue.
