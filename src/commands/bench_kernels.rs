@@ -29,7 +29,8 @@ pub struct KernelsArgs {
     #[arg(long, value_delimiter = ',', default_values_t = ["f32".to_string(), "bf16".to_string(), "f16".to_string()])]
     dtypes: Vec<String>,
     /// What to run, comma separated: checks (every kernel and gradient against its
-    /// reference), bandwidth (GB/s of each kernel and of the unfused Burn ops).
+    /// reference), bandwidth (GB/s of each kernel and of the unfused Burn ops, after a copy
+    /// row: this machine's element-wise bandwidth).
     #[arg(long, value_delimiter = ',', default_values_t = ["checks".to_string(), "bandwidth".to_string()])]
     parts: Vec<String>,
     /// Tokens (rows) of the timed tensors.
@@ -232,6 +233,19 @@ fn bandwidths<B: FusedKernels>(
     };
     // Bytes of `tensors` tensors of `elements` elements in `dtype`.
     let moved = |elements: usize, tensors: f64| elements as f64 * element * tensors;
+
+    // This machine's copy: an element-wise Burn kernel reading and writing the GeLU's
+    // tensor, so that a kernel's share of the nominal copy bandwidth can be told apart
+    // from the machine's (lent H200s measured the same kernels up to 2x apart).
+    let big = matrix(4 * hidden);
+    let copy = time(&mut || big.clone().add_scalar(0.0));
+    push(
+        "copy (Burn's x + 0)",
+        moved(tokens * 4 * hidden, 2.0),
+        copy,
+        copy,
+    );
+    drop(big);
 
     // LayerNorm: reads x, writes y; backward reads grad and x, writes dx.
     let (x, weight, bias) = (matrix(hidden), vector(hidden), vector(hidden));
