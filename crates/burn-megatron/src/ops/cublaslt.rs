@@ -41,6 +41,11 @@ pub fn allow_tf32(allow: bool) {
     TF32.store(allow, Ordering::Relaxed);
 }
 
+/// Whether fp32 GEMMs queued now may use TF32 ([`allow_tf32`]).
+fn tf32_allowed() -> bool {
+    TF32.load(Ordering::Relaxed)
+}
+
 impl<F, I, BT> MegatronOps for CubeBackend<CudaRuntime, F, I, BT>
 where
     F: FloatElement,
@@ -138,7 +143,15 @@ where
             output.clone().unsqueeze::<4>().into_primitive().tensor(),
             false,
         );
-        queue_gemm(a, b, operand, [m, n, k], [1, 1], accumulate);
+        queue_gemm(QueuedGemm {
+            a,
+            b,
+            output: operand,
+            dims: [m, n, k],
+            grid: [1, 1],
+            tf32: tf32_allowed(),
+            accumulate,
+        });
         output
     }
 }
@@ -194,7 +207,15 @@ where
         contiguous_output(&a.tensor, shape, dtype)
     };
     let output = Operand::new(output, false);
-    let result = queue_gemm(a, b, output, [m, n, k], [batch, heads], false);
+    let result = queue_gemm(QueuedGemm {
+        a,
+        b,
+        output,
+        dims: [m, n, k],
+        grid: [batch, heads],
+        tf32: tf32_allowed(),
+        accumulate: false,
+    });
     Tensor::from_primitive(TensorPrimitive::Float(result))
 }
 
@@ -236,29 +257,12 @@ fn operands(
     (a, b, [m, n, k])
 }
 
-/// Queues `output = op(a) · op(b)` (`accumulate`: `output += ...`) over `grid` with the
-/// TF32 setting of now, after reporting an earlier GEMM's failure; gives the output.
-fn queue_gemm(
-    a: Operand,
-    b: Operand,
-    output: Operand,
-    dims: [usize; 3],
-    grid: [usize; 2],
-    accumulate: bool,
-) -> CubeTensor<CudaRuntime> {
+/// Queues `gemm` after reporting an earlier GEMM's failure; gives its output.
+fn queue_gemm(gemm: QueuedGemm) -> CubeTensor<CudaRuntime> {
     if let Err(error) = take_failure() {
         panic!("{error}");
     }
-    let result = output.tensor.clone();
-    let gemm = QueuedGemm {
-        a,
-        b,
-        output,
-        dims,
-        grid,
-        tf32: TF32.load(Ordering::Relaxed),
-        accumulate,
-    };
+    let result = gemm.output.tensor.clone();
     // In an open group, the GEMM waits for the group's end (see `grouped`).
     let alone = GROUP.with(|group| match group.borrow_mut().as_mut() {
         Some(gemms) => {
@@ -712,8 +716,11 @@ struct QueuedGemm {
     a: Operand,
     b: Operand,
     output: Operand,
+    /// `[m, n, k]` of each product.
     dims: [usize; 3],
+    /// `[batch, heads]`: the products of the grid.
     grid: [usize; 2],
+    /// fp32 products may use TF32 ([`allow_tf32`] when queued).
     tf32: bool,
     /// Add the product to the output's values (`beta = 1`) rather than overwrite them.
     accumulate: bool,
