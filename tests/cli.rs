@@ -1070,8 +1070,9 @@ fn bench_ops_checks_the_reference_paths_on_cpu() {
         })
         .collect();
     // 8 GEMM paths (4 transposes, a transposed view, a linear layer's backward as one
-    // group, the accumulating weight-gradient GEMM onto a sum and without), 8 batched ones (4 transposes, 2 layouts), and 16
-    // attention outputs and gradients (2 masks, 2 layouts), every one within its limit.
+    // group, the accumulating weight-gradient GEMM onto a sum and without), 8 batched ones
+    // (4 transposes, 2 layouts), and 16 attention outputs and gradients (2 masks, 2
+    // layouts), every one within its limit.
     assert_eq!(rows.len(), 32, "{stdout}");
     assert!(rows.iter().all(|row| row.ends_with(" ok")), "{stdout}");
     // The same rows as JSON lines.

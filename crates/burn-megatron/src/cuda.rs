@@ -84,8 +84,7 @@ pub(crate) fn wait_for_burn(tensor: &CubeTensor<CudaRuntime>) -> Result<(), Stri
 /// diagnosing a suspected ordering problem, and to measure what the hand-off saves).
 pub(crate) fn host_sync() -> bool {
     static HOST_SYNC: OnceLock<bool> = OnceLock::new();
-    *HOST_SYNC
-        .get_or_init(|| std::env::var("BURN_MEGATRON_HOST_SYNC").is_ok_and(|value| value == "1"))
+    burn_megatron_kernels::environment_switch(&HOST_SYNC, "BURN_MEGATRON_HOST_SYNC")
 }
 
 /// A kernel of our stream that returns once the counter at `counter` has reached `ticket`

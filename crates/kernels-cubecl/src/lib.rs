@@ -66,8 +66,13 @@ pub fn use_reference_ops(reference: bool) {
 pub fn reference_ops() -> bool {
     static FROM_ENVIRONMENT: OnceLock<bool> = OnceLock::new();
     REFERENCE_OPS.load(Ordering::Relaxed)
-        || *FROM_ENVIRONMENT
-            .get_or_init(|| std::env::var("BURN_MEGATRON_REFERENCE_OPS").is_ok_and(|v| v == "1"))
+        || environment_switch(&FROM_ENVIRONMENT, "BURN_MEGATRON_REFERENCE_OPS")
+}
+
+/// Whether the environment variable `name` is `1`, read once into `cell` (the switches
+/// for diagnosis and comparison, asked on hot paths).
+pub fn environment_switch(cell: &'static OnceLock<bool>, name: &str) -> bool {
+    *cell.get_or_init(|| std::env::var(name).is_ok_and(|value| value == "1"))
 }
 
 /// Forces the plain-Burn references of the fused kernels only (the GEMMs stay fast), to

@@ -287,7 +287,7 @@ thread_local! {
 /// of `contiguous_output`).
 fn groups_off() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| std::env::var("BURN_MEGATRON_NO_GEMM_GROUPS").is_ok_and(|v| v == "1"))
+    burn_megatron_kernels::environment_switch(&OFF, "BURN_MEGATRON_NO_GEMM_GROUPS")
 }
 
 /// Runs `products`, queuing the GEMMs it makes together, under one hand-off, once it
