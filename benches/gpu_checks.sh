@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU's correctness checks and kernel bandwidths in one command on one GPU:
 #   - thread ranks: tp 2 x pp 2 (four threads sharing the GPU; plain, with the distributed
-#     optimizer, with gradient-accumulation fusion) and one GPU rank with fusion, against
-#     one rank on the CPU, same small GPT, 5 steps; one GPU rank in bf16 (one micro-batch
-#     of 8 and four of 2) against the same CPU rank within bf16's tolerance;
+#     optimizer, with gradient-accumulation fusion, with full recompute) and one GPU rank
+#     with fusion, against one rank on the CPU, same small GPT, 5 steps; one GPU rank in
+#     bf16 (one micro-batch of 8 and four of 2) against the same CPU rank within bf16's
+#     tolerance;
 #   - every fused kernel and gradient against its reference (f32, bf16, f16);
 #   - every GEMM path and core attention against their references (bench ops);
 #   - each kernel's bandwidth at 8192 and 32768 tokens (bf16), with the host's share.
@@ -39,6 +40,9 @@ timeout "$LIMIT" "$BIN" "${SMALL[@]}" --device cuda --tp 2 --pp 2 --use-distribu
 timeout "$LIMIT" "$BIN" "${SMALL[@]}" --device cuda --tp 2 --pp 2 --gradient-accumulation-fusion \
     --metrics "$OUT/tp2pp2_fusion.jsonl" > "$OUT/tp2pp2_fusion.log" 2>&1 \
     || echo "tp 2 x pp 2 with gradient-accumulation fusion failed: see $OUT/tp2pp2_fusion.log"
+timeout "$LIMIT" "$BIN" "${SMALL[@]}" --device cuda --tp 2 --pp 2 --recompute-granularity full \
+    --metrics "$OUT/tp2pp2_full_recompute.jsonl" > "$OUT/tp2pp2_full_recompute.log" 2>&1 \
+    || echo "tp 2 x pp 2 with full recompute failed: see $OUT/tp2pp2_full_recompute.log"
 timeout "$LIMIT" "$BIN" "${SMALL[@]}" --device cuda --tp 1 --pp 1 --gradient-accumulation-fusion \
     --metrics "$OUT/one_gpu_fusion.jsonl" > "$OUT/one_gpu_fusion.log" 2>&1 \
     || echo "one GPU with gradient-accumulation fusion failed: see $OUT/one_gpu_fusion.log"
@@ -77,6 +81,7 @@ print(f"{'GPU runs vs one CPU rank (fp32)':<34} {'steps':>6} {'loss rel. diff':>
 fp32, bf16 = (1e-5, 1e-3), (2e-2, 1e-1)
 for name, (loss_limit, norm_limit) in [("tp2pp2_1", fp32), ("tp2pp2_2", fp32), ("tp2pp2_3", fp32),
                                        ("tp2pp2_distributed", fp32), ("tp2pp2_fusion", fp32),
+                                       ("tp2pp2_full_recompute", fp32),
                                        ("one_gpu_fusion", fp32), ("one_gpu_bf16", bf16),
                                        ("one_gpu_bf16_accumulating", bf16)]:
     got = rows(f"{name}.jsonl")

@@ -4,7 +4,7 @@
 # weight-gradient GEMM in the forms with and without gradient-accumulation fusion, and
 # a GPT-2 774M bf16 8 x 1024 training step (tokens/s, model TFLOP/s, peak GPU memory, the
 # activations one micro-batch holds for its backward) with selective recompute, with
-# everything stored, with the fused kernels' plain-Burn references, as four micro-batches
+# everything stored, with full recompute, with the fused kernels' plain-Burn references, as four micro-batches
 # of 2 with and without gradient-accumulation fusion (and with it but without GEMM
 # groups), and in PyTorch eager (HF transformers): as one batch of 8, as four
 # micro-batches of 2, with bf16 parameters, and (TORCH_COMPILE=1) compiled.
@@ -61,6 +61,8 @@ with_peak_memory "$OUT/selective.log" timeout "$LIMIT" "$BIN" "${TRAIN[@]}" \
     || echo "selective recompute failed: see $OUT/selective.log"
 with_peak_memory "$OUT/store_all.log" timeout "$LIMIT" "$BIN" "${TRAIN[@]}" --recompute-granularity none \
     || echo "storing everything failed: see $OUT/store_all.log"
+with_peak_memory "$OUT/full.log" timeout "$LIMIT" "$BIN" "${TRAIN[@]}" --recompute-granularity full \
+    || echo "full recompute failed: see $OUT/full.log"
 # The fused kernels' plain-Burn references in their place (#8: the step with and without them).
 with_peak_memory "$OUT/reference_kernels.log" timeout "$LIMIT" "$BIN" "${TRAIN[@]}" --reference-kernels \
     || echo "the reference kernels failed: see $OUT/reference_kernels.log"
@@ -86,7 +88,7 @@ activations() { sed -n 's/^activation memory: \([0-9.]*\) MiB.*/\1/p' "$1"; }
 # others computes wrong gradients, as the GEMM groups once did).
 first_norm() { sed -n 's/^step  *1\/.*| grad norm \([0-9.eE+-]*\) |.*/\1/p' "$1" | head -1; }
 printf '\n%-34s %12s %12s %18s %18s %12s\n' "GPT-2 774M bf16 8 x 1024" "tokens/s" "TFLOP/s" "peak memory" "activations" "step-1 norm"
-for run in selective store_all reference_kernels accumulating accumulating_fused accumulating_fused_no_groups; do
+for run in selective store_all full reference_kernels accumulating accumulating_fused accumulating_fused_no_groups; do
     read -r rate tflops <<< "$(ours "$OUT/$run.log")"
     peak=$(cat "$OUT/$run.log.peak" 2>/dev/null)
     held=$(activations "$OUT/$run.log")

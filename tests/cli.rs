@@ -1016,7 +1016,7 @@ fn bench_collectives_checks_every_result() {
 }
 
 #[test]
-fn selective_recompute_trains_like_storing_everything() {
+fn selective_and_full_recompute_train_like_storing_everything() {
     let out = tempfile::tempdir().unwrap();
     let run = |granularity: &str| {
         let metrics = out.path().join(format!("{granularity}.jsonl"));
@@ -1033,19 +1033,25 @@ fn selective_recompute_trains_like_storing_everything() {
         assert!(ok, "{granularity}: {stderr}");
         metric_values(&metrics)
     };
-    let (selective, stored) = (run("selective"), run("none"));
-    assert_eq!(selective.len(), 3, "{selective:?}");
-    for ((loss, norm), (want_loss, want_norm)) in selective.iter().zip(&stored) {
-        for (got, want) in [(loss, want_loss), (norm, want_norm)] {
-            let (got, want): (f64, f64) = (got.parse().unwrap(), want.parse().unwrap());
-            assert!(
-                ((got - want) / want).abs() < 1e-5,
-                "selective recompute {got}, storing everything {want}"
-            );
+    let stored = run("none");
+    for granularity in ["selective", "full"] {
+        let recomputed = run(granularity);
+        assert_eq!(recomputed.len(), 3, "{recomputed:?}");
+        for ((loss, norm), (want_loss, want_norm)) in recomputed.iter().zip(&stored) {
+            for (got, want) in [(loss, want_loss), (norm, want_norm)] {
+                let (got, want): (f64, f64) = (got.parse().unwrap(), want.parse().unwrap());
+                assert!(
+                    ((got - want) / want).abs() < 1e-5,
+                    "{granularity} recompute {got}, storing everything {want}"
+                );
+            }
         }
     }
-    let (ok, _, stderr) = burn_megatron(&["train", "--recompute-granularity", "full"]);
-    assert!(!ok && stderr.contains("use selective"), "{stderr}");
+    let (ok, _, stderr) = burn_megatron(&["train", "--recompute-num-layers", "2"]);
+    assert!(
+        !ok && stderr.contains("--recompute-granularity full"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -52,6 +52,39 @@ pub trait TrainStep<B: AutodiffBackend, M>: Sync {
         samples: &[GptSample],
         device: &B::Device,
     ) -> StageOutput<B>;
+
+    /// Full activation recompute: the number of segments the chunk's forward is cut into
+    /// (for example one per group of transformer layers), or `None` (the default) to keep
+    /// the whole forward's graph for the backward.
+    ///
+    /// With segments, a training forward runs each segment without a graph and keeps only
+    /// its input; the backward runs each segment's forward again, last to first, and
+    /// backpropagates through it. The segment that gives the loss keeps its graph: its
+    /// backward comes first.
+    fn recompute_segments(&self, _model: &M) -> Option<usize> {
+        None
+    }
+
+    /// Runs segment `segment` of the chunk's forward (see
+    /// [`recompute_segments`](Self::recompute_segments)): `input` is the previous
+    /// segment's activations (`None` for the first segment of the first virtual stage);
+    /// the last segment returns what [`forward`](Self::forward) returns, the others their
+    /// activations. Running segments `0..n` in order must compute `forward`.
+    ///
+    /// A recomputed segment runs with the chunk's random state
+    /// ([`ParallelModel::random_state`]) set back to what it was before the segment's
+    /// first run, so that it draws the same dropout masks.
+    fn forward_segment(
+        &self,
+        model: &M,
+        segment: usize,
+        input: Option<Tensor<B, 3>>,
+        samples: &[GptSample],
+        device: &B::Device,
+    ) -> StageOutput<B> {
+        debug_assert_eq!(segment, 0, "a chunk without recompute segments has one");
+        self.forward(model, input, samples, device)
+    }
 }
 
 /// What the engine must know about a model chunk under tensor and pipeline parallelism.

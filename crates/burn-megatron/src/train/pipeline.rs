@@ -6,10 +6,14 @@
 //! so that its gradient can be sent upstream after the backward; the gradient received
 //! from downstream enters the chunk's graph through the surrogate loss
 //! `sum(output * gradient)`, whose gradient with respect to the output is that gradient.
+//!
+//! Under full activation recompute ([`TrainStep::recompute_segments`]) a chunk's forward
+//! runs as segments without a graph, keeping only each segment's input; the backward runs
+//! them again one at a time, last to first, each backpropagated the same way.
 
 use std::collections::HashMap;
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -46,8 +50,33 @@ pub(crate) struct Training<'a, B: Backend> {
 
 /// A forward whose backward has not run yet: what the backward needs.
 struct InFlight<B: AutodiffBackend> {
+    /// The part of the forward whose graph was kept: the whole chunk, or under full
+    /// recompute the segment that gives the loss (`None` when every segment is recomputed).
+    kept: Option<KeptForward<B>>,
+    /// Under full recompute, the segments whose graph was dropped, first to last.
+    recomputed: Vec<SegmentStart<B::InnerBackend>>,
+    /// The shape of the activations the chunk sent to the next stage (the gradient that
+    /// comes back has it).
+    sent: Option<[usize; 3]>,
+}
+
+/// A forward that kept its graph.
+struct KeptForward<B: Backend> {
     input: Option<Tensor<B, 3>>,
     output: StageOutput<B>,
+}
+
+/// What recomputing a segment needs: its input and the chunk's random state before it ran.
+struct SegmentStart<B: Backend> {
+    input: Option<Tensor<B, 3>>,
+    random_state: u64,
+}
+
+/// A chunk's forward for training: what it gives and what its backward needs.
+struct ChunkForward<B: AutodiffBackend> {
+    output: StageOutput<B>,
+    kept: Option<KeptForward<B>>,
+    recomputed: Vec<SegmentStart<B::InnerBackend>>,
 }
 
 /// One rank's runner of a schedule.
@@ -108,11 +137,36 @@ where
                         }
                         None => None,
                     };
-                    let output = self
-                        .step
-                        .forward(model, input.clone(), samples, self.device);
+                    let gives_loss = self.schedule.next_stage(stage, chunk).is_none();
+                    let segments = training
+                        .as_ref()
+                        .and_then(|_| self.step.recompute_segments(model));
+                    let ChunkForward {
+                        output,
+                        kept,
+                        recomputed,
+                    } = match segments {
+                        Some(segments) => {
+                            self.forward_segments(model, segments, input, gives_loss, samples)?
+                        }
+                        None => {
+                            let output =
+                                self.step
+                                    .forward(model, input.clone(), samples, self.device);
+                            ChunkForward {
+                                kept: Some(KeptForward {
+                                    input,
+                                    output: output.clone(),
+                                }),
+                                output,
+                                recomputed: Vec::new(),
+                            }
+                        }
+                    };
+                    let mut sent = None;
                     match (&output, self.schedule.next_stage(stage, chunk)) {
                         (StageOutput::Activations(hidden), Some(to)) => {
+                            sent = Some(hidden.dims());
                             self.ctx.pipeline().send(hidden.clone().inner(), to)?;
                         }
                         (StageOutput::Loss(loss), None) => {
@@ -138,7 +192,12 @@ where
                             B::memory_in_use(self.device).map(|after| after.saturating_sub(before));
                     }
                     if training.is_some() {
-                        in_flight.insert((chunk, micro), InFlight { input, output });
+                        let forward = InFlight {
+                            kept,
+                            recomputed,
+                            sent,
+                        };
+                        in_flight.insert((chunk, micro), forward);
                         outcome.peak_in_flight = outcome.peak_in_flight.max(in_flight.len());
                     }
                 }
@@ -148,46 +207,223 @@ where
                             "a forward-only pass got a backward action".to_string(),
                         ));
                     };
-                    let InFlight { input, output } =
-                        in_flight.remove(&(chunk, micro)).ok_or_else(|| {
-                            Error::InvalidConfig(format!(
-                                "the schedule runs the backward of micro-batch {micro} of chunk \
-                                 {chunk} before its forward"
-                            ))
-                        })?;
+                    let forward = in_flight.remove(&(chunk, micro)).ok_or_else(|| {
+                        Error::InvalidConfig(format!(
+                            "the schedule runs the backward of micro-batch {micro} of chunk \
+                             {chunk} before its forward"
+                        ))
+                    })?;
+                    let loss_weight = training.scale / micro_batches.len() as f64;
                     let model = &chunks[chunk];
-                    let root = match (output, self.schedule.next_stage(stage, chunk)) {
-                        (StageOutput::Loss(loss), _) => {
-                            loss * (training.scale / micro_batches.len() as f64)
-                        }
-                        (StageOutput::Activations(hidden), Some(from)) => {
-                            let gradient = self
-                                .ctx
-                                .pipeline_gradients()
-                                .recv::<B::InnerBackend, 3>(hidden.dims(), from, self.device)?;
-                            (hidden * Tensor::from_inner(gradient)).sum().unsqueeze()
-                        }
-                        (StageOutput::Activations(_), None) => unreachable!("checked in forward"),
-                    };
-                    self.enter_backward_together()?;
-                    let mut grads = root.backward();
-                    if let (Some(input), Some(to)) =
-                        (input, self.schedule.previous_stage(stage, chunk))
-                    {
-                        let gradient = input
-                            .grad_remove(&mut grads)
-                            .unwrap_or_else(|| input.inner().zeros_like());
-                        self.ctx.pipeline_gradients().send(gradient, to)?;
-                    }
-                    training.main_grads.add::<B, M>(
-                        chunk,
-                        model,
-                        GradientsParams::from_grads(grads, model),
-                    );
+                    let samples = &micro_batches[micro];
+                    let grads = self.backward(model, chunk, samples, forward, loss_weight)?;
+                    training.main_grads.add::<B, M>(chunk, model, grads);
                 }
             }
         }
         Ok(outcome)
+    }
+}
+
+impl<B, S> StageRunner<'_, B, S>
+where
+    B: AutodiffBackend + ParallelBackend,
+    B::InnerBackend: ParallelBackend,
+{
+    /// A training forward under full recompute: runs the chunk's `segments` segments
+    /// without a graph (on a copy of `model` whose parameters do not require gradients),
+    /// keeping each one's input, except the segment that gives the loss (`gives_loss`),
+    /// which keeps its graph.
+    fn forward_segments<M>(
+        &self,
+        model: &M,
+        segments: usize,
+        input: Option<Tensor<B, 3>>,
+        gives_loss: bool,
+        samples: &[GptSample],
+    ) -> Result<ChunkForward<B>>
+    where
+        M: AutodiffModule<B> + ParallelModel,
+        S: TrainStep<B, M>,
+    {
+        let untracked = model.clone().no_grad();
+        let mut recomputed = Vec::new();
+        // Untracked activations (Burn's `detach` keeps `require_grad`).
+        let mut hidden = input.map(|input| Tensor::<B, 3>::from_inner(input.inner()));
+        for segment in 0..segments.max(1) {
+            let last = segment + 1 >= segments;
+            if last && gives_loss {
+                let input = hidden.map(|hidden| hidden.require_grad());
+                let output =
+                    self.step
+                        .forward_segment(model, segment, input.clone(), samples, self.device);
+                let kept = KeptForward {
+                    input,
+                    output: output.clone(),
+                };
+                return Ok(ChunkForward {
+                    output,
+                    kept: Some(kept),
+                    recomputed,
+                });
+            }
+            recomputed.push(SegmentStart {
+                input: hidden.clone().map(Tensor::inner),
+                random_state: model.random_state(),
+            });
+            let output =
+                self.step
+                    .forward_segment(&untracked, segment, hidden, samples, self.device);
+            match output {
+                StageOutput::Activations(output) => {
+                    debug_assert!(
+                        !output.is_require_grad(),
+                        "segment {segment} built a graph without tracked inputs"
+                    );
+                    hidden = Some(output);
+                }
+                StageOutput::Loss(_) if last => {
+                    // Not the last virtual stage: the caller's check reports it.
+                    return Ok(ChunkForward {
+                        output,
+                        kept: None,
+                        recomputed,
+                    });
+                }
+                StageOutput::Loss(_) => {
+                    return Err(Error::InvalidConfig(format!(
+                        "recompute segment {segment} of {segments} returned a loss; only the \
+                         last segment of the last virtual stage gives one"
+                    )));
+                }
+            }
+        }
+        let output = hidden.expect("at least one segment ran");
+        Ok(ChunkForward {
+            output: StageOutput::Activations(output),
+            kept: None,
+            recomputed,
+        })
+    }
+
+    /// The backward of one micro-batch of chunk `chunk` (`model`): backpropagates the
+    /// kept forward from its root (the loss times `loss_weight`, or the gradient received
+    /// from the next stage), then recomputes and backpropagates the dropped segments, last
+    /// to first, and sends the gradient of the chunk's input to the previous stage. Gives
+    /// the parameters' gradients.
+    fn backward<M>(
+        &self,
+        model: &M,
+        chunk: usize,
+        samples: &[GptSample],
+        forward: InFlight<B>,
+        loss_weight: f64,
+    ) -> Result<GradientsParams>
+    where
+        M: AutodiffModule<B> + ParallelModel,
+        S: TrainStep<B, M>,
+    {
+        let stage = self.ctx.coords().pp;
+        let InFlight {
+            kept,
+            recomputed,
+            sent,
+        } = forward;
+        let receive_gradient = || -> Result<Tensor<B::InnerBackend, 3>> {
+            let (Some(from), Some(dims)) = (self.schedule.next_stage(stage, chunk), sent) else {
+                unreachable!("a chunk that sent activations has a next stage")
+            };
+            self.ctx
+                .pipeline_gradients()
+                .recv::<B::InnerBackend, 3>(dims, from, self.device)
+        };
+        let mut grads = GradientsParams::new();
+        // The gradient of the loss with respect to the input of what was backpropagated
+        // last (the end of the segments still to recompute).
+        let mut gradient = match kept {
+            Some(KeptForward { input, output }) => {
+                let root = match output {
+                    StageOutput::Loss(loss) => loss * loss_weight,
+                    StageOutput::Activations(hidden) => {
+                        let gradient = Tensor::from_inner(receive_gradient()?);
+                        (hidden * gradient).sum().unsqueeze()
+                    }
+                };
+                self.backpropagate(model, root, input, &mut grads)?
+            }
+            None => Some(receive_gradient()?),
+        };
+        for (segment, start) in recomputed.into_iter().enumerate().rev() {
+            let input = start
+                .input
+                .map(|input| Tensor::from_inner(input).require_grad());
+            let random_state = model.random_state();
+            model.set_random_state(start.random_state);
+            let output =
+                self.step
+                    .forward_segment(model, segment, input.clone(), samples, self.device);
+            model.set_random_state(random_state);
+            let (StageOutput::Activations(hidden), Some(upstream)) = (output, gradient) else {
+                unreachable!("the segments before the last gave activations in the forward")
+            };
+            let root = (hidden * Tensor::from_inner(upstream)).sum().unsqueeze();
+            gradient = self.backpropagate(model, root, input, &mut grads)?;
+        }
+        if let (Some(gradient), Some(to)) = (gradient, self.schedule.previous_stage(stage, chunk)) {
+            self.ctx.pipeline_gradients().send(gradient, to)?;
+        }
+        Ok(grads)
+    }
+
+    /// Backpropagates from `root` (a one-element tensor): adds the parameters' gradients
+    /// to `grads` and gives the gradient of `input` (zeros when the graph does not reach
+    /// it; `None` without an input).
+    fn backpropagate<M>(
+        &self,
+        model: &M,
+        root: Tensor<B, 1>,
+        input: Option<Tensor<B, 3>>,
+        grads: &mut GradientsParams,
+    ) -> Result<Option<Tensor<B::InnerBackend, 3>>>
+    where
+        M: AutodiffModule<B>,
+    {
+        self.enter_backward_together()?;
+        let mut backward = root.backward();
+        let input_grad = input.map(|input| {
+            input
+                .grad_remove(&mut backward)
+                .unwrap_or_else(|| input.inner().zeros_like())
+        });
+        let params = GradientsParams::from_grads(backward, model);
+        if grads.is_empty() {
+            *grads = params;
+        } else {
+            model.visit(&mut AddGrads {
+                into: grads,
+                from: params,
+            });
+        }
+        Ok(input_grad)
+    }
+}
+
+/// Adds one backward's parameter gradients (`from`) to those of earlier ones (`into`).
+struct AddGrads<'a> {
+    into: &'a mut GradientsParams,
+    from: GradientsParams,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for AddGrads<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let Some(grad) = self.from.remove::<B::InnerBackend, D>(param.id) else {
+            return;
+        };
+        let sum = match self.into.remove::<B::InnerBackend, D>(param.id) {
+            Some(earlier) => earlier + grad,
+            None => grad,
+        };
+        self.into.register(param.id, sum);
     }
 }
 

@@ -96,6 +96,12 @@ pub struct GptConfig {
     /// recomputes the `[batch, heads, seq, seq]` probabilities in its backward.
     #[config(default = true)]
     pub recompute_attention: bool,
+    /// Full activation recomputation (Megatron's `--recompute-granularity full` with the
+    /// uniform method): training keeps only the input of each group of this many
+    /// transformer layers and recomputes the group's forward in its backward. 0 (the
+    /// default) keeps every layer's activations.
+    #[config(default = 0)]
+    pub recompute_num_layers: usize,
     /// Split the residual stream along the sequence across tensor-parallel ranks.
     #[config(default = false)]
     pub sequence_parallel: bool,

@@ -52,6 +52,8 @@ pub struct GptModel<B: Backend> {
     vocab: VocabPartition,
     place: ChunkPlace,
     dropout: DropoutState,
+    /// Layers per full-recompute segment (0: no full recompute).
+    recompute_layers: usize,
 }
 
 /// Where a model chunk sits in the pipeline.
@@ -101,11 +103,30 @@ struct DropoutState {
 }
 
 impl DropoutState {
+    /// Whether forward passes draw dropout masks.
+    fn active(&self) -> bool {
+        self.training.load(Ordering::Relaxed) && (self.hidden > 0.0 || self.attention > 0.0)
+    }
+
+    /// Draws the masks of a new forward pass.
     fn next_pass(&self) -> DropoutPass {
-        if !self.training.load(Ordering::Relaxed) || (self.hidden == 0.0 && self.attention == 0.0) {
+        if !self.active() {
             return DropoutPass::OFF;
         }
-        let pass = self.passes.fetch_add(1, Ordering::Relaxed);
+        self.pass(self.passes.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The masks of the pass drawn last: the later segments of a forward run in segments
+    /// (full recompute) continue the pass that the first segment drew.
+    fn current_pass(&self) -> DropoutPass {
+        if !self.active() {
+            return DropoutPass::OFF;
+        }
+        let drawn = self.passes.load(Ordering::Relaxed);
+        self.pass(drawn.saturating_sub(1))
+    }
+
+    fn pass(&self, pass: u64) -> DropoutPass {
         DropoutPass {
             hidden: self.hidden,
             attention: self.attention,
@@ -277,6 +298,7 @@ impl<B: Backend> GptModel<B> {
                 passes: Arc::new(AtomicU64::new(0)),
                 training: Arc::new(AtomicBool::new(false)),
             },
+            recompute_layers: config.recompute_num_layers,
         })
     }
 
@@ -489,23 +511,103 @@ impl<B: ParallelBackend> GptModel<B> {
         padding: Option<&Tensor<B, 2, Bool>>,
     ) -> Tensor<B, 3> {
         let dropout_pass = self.dropout.next_pass();
-        let mut hidden = match input {
-            StageInput::Tokens(ids) => self.embed(ids, &dropout_pass),
+        let hidden = self.start(0, input, &dropout_pass);
+        let hidden = self.run_layers(hidden, 0..self.layers.len(), padding, &dropout_pass);
+        match self.final_norm {
+            Some(_) => self.head(hidden),
+            None => hidden,
+        }
+    }
+
+    /// Full recompute's segments of this chunk (`None` without full recompute): its layers
+    /// in groups of `recompute_num_layers`, the embeddings with the first group, and on
+    /// the last chunk the final norm and output layer as a segment of their own (which the
+    /// loss backpropagates first, so it is not recomputed).
+    pub fn recompute_segments(&self) -> Option<usize> {
+        if self.recompute_layers == 0 {
+            return None;
+        }
+        let groups = self.layers.len().div_ceil(self.recompute_layers).max(1);
+        Some(groups + usize::from(self.place.last))
+    }
+
+    /// Runs segment `segment` of [`recompute_segments`](Self::recompute_segments): the
+    /// first draws the forward pass's dropout masks, the later ones continue with them.
+    /// Running the segments in order computes [`forward_chunk`](Self::forward_chunk).
+    ///
+    /// # Panics
+    ///
+    /// Without full recompute, for a segment the chunk does not have, and as
+    /// [`forward_chunk`](Self::forward_chunk).
+    pub fn forward_segment(
+        &self,
+        segment: usize,
+        input: StageInput<B>,
+        padding: Option<&Tensor<B, 2, Bool>>,
+    ) -> Tensor<B, 3> {
+        let segments = self
+            .recompute_segments()
+            .expect("forward_segment runs a model built with recompute_num_layers");
+        assert!(segment < segments, "segment {segment} of {segments}");
+        let dropout_pass = if segment == 0 {
+            self.dropout.next_pass()
+        } else {
+            self.dropout.current_pass()
+        };
+        let hidden = self.start(segment, input, &dropout_pass);
+        if self.place.last && segment + 1 == segments {
+            return self.head(hidden);
+        }
+        let first = segment * self.recompute_layers;
+        let layers = first..(first + self.recompute_layers).min(self.layers.len());
+        self.run_layers(hidden, layers, padding, &dropout_pass)
+    }
+
+    /// The hidden states segment `segment` (0: the whole chunk) starts from: the embedded
+    /// tokens, or the activations received.
+    fn start(
+        &self,
+        segment: usize,
+        input: StageInput<B>,
+        dropout_pass: &DropoutPass,
+    ) -> Tensor<B, 3> {
+        match input {
+            StageInput::Tokens(ids) => {
+                assert_eq!(segment, 0, "only a chunk's first segment takes token ids");
+                self.embed(ids, dropout_pass)
+            }
             StageInput::Hidden(hidden) => {
                 assert!(
-                    !self.place.first,
+                    segment > 0 || !self.place.first,
                     "the first model chunk takes token ids, not activations"
                 );
                 hidden
             }
-        };
-        for (offset, layer) in self.layers.iter().enumerate() {
-            let index = self.place.first_layer + offset;
-            hidden = layer.forward(hidden, padding, &dropout_pass, index);
         }
-        let Some(final_norm) = &self.final_norm else {
-            return hidden;
-        };
+    }
+
+    /// Runs the chunk's transformer layers `layers` (positions in the chunk).
+    fn run_layers(
+        &self,
+        mut hidden: Tensor<B, 3>,
+        layers: std::ops::Range<usize>,
+        padding: Option<&Tensor<B, 2, Bool>>,
+        dropout_pass: &DropoutPass,
+    ) -> Tensor<B, 3> {
+        for offset in layers {
+            let index = self.place.first_layer + offset;
+            hidden = self.layers[offset].forward(hidden, padding, dropout_pass, index);
+        }
+        hidden
+    }
+
+    /// The final norm and the output layer (the last chunk): the logits of this rank's
+    /// vocabulary slice.
+    fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let final_norm = self
+            .final_norm
+            .as_ref()
+            .expect("the last chunk's final norm");
         let hidden = final_norm.forward(hidden);
         match (&self.output, &self.embedding) {
             (Some(output), _) => output.forward(hidden),

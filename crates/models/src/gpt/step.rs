@@ -53,12 +53,42 @@ where
     ) -> StageOutput<B> {
         let (tokens, labels) = batch_tensors::<B>(samples, device);
         let output = model.forward_chunk(StageInput::of_step(input, tokens), None);
-        if !model.is_last_chunk() {
-            return StageOutput::Activations(output);
-        }
-        let mask = Tensor::ones(labels.dims(), device);
-        StageOutput::Loss(model.loss_from_logits(output, labels, mask))
+        stage_output(model, output, model.is_last_chunk(), labels, device)
     }
+
+    fn recompute_segments(&self, model: &GptModel<B>) -> Option<usize> {
+        model.recompute_segments()
+    }
+
+    fn forward_segment(
+        &self,
+        model: &GptModel<B>,
+        segment: usize,
+        input: Option<Tensor<B, 3>>,
+        samples: &[GptSample],
+        device: &B::Device,
+    ) -> StageOutput<B> {
+        let (tokens, labels) = batch_tensors::<B>(samples, device);
+        let output = model.forward_segment(segment, StageInput::of_step(input, tokens), None);
+        let last = model.recompute_segments() == Some(segment + 1);
+        stage_output(model, output, last && model.is_last_chunk(), labels, device)
+    }
+}
+
+/// The loss of the logits `output` against `labels` when it `gives_loss` (the end of the
+/// last chunk), the activations `output` otherwise.
+fn stage_output<B: ParallelBackend>(
+    model: &GptModel<B>,
+    output: Tensor<B, 3>,
+    gives_loss: bool,
+    labels: Tensor<B, 2, Int>,
+    device: &B::Device,
+) -> StageOutput<B> {
+    if !gives_loss {
+        return StageOutput::Activations(output);
+    }
+    let mask = Tensor::ones(labels.dims(), device);
+    StageOutput::Loss(model.loss_from_logits(output, labels, mask))
 }
 
 impl<B: Backend> ParallelModel for GptModel<B> {
