@@ -100,8 +100,8 @@ for name in ["kernel_checks.jsonl", "op_checks.jsonl"]:
 PY
 for tokens in 8192 32768; do
     echo; echo "bandwidth, bf16, $tokens tokens:"
-    if grep -q '^(floor' "$OUT/bandwidth_$tokens.log"; then
-        sed -n '/^kernel /,/^(floor/p' "$OUT/bandwidth_$tokens.log"
+    if grep -q '^(device' "$OUT/bandwidth_$tokens.log"; then
+        sed -n '/^kernel /,/^(device/p' "$OUT/bandwidth_$tokens.log"
     else
         echo "failed: see $OUT/bandwidth_$tokens.log"
     fi

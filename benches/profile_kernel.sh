@@ -6,15 +6,15 @@
 #   cargo build --release --features cuda
 #   benches/profile_kernel.sh [path/to/burn-megatron] <kernel name regex> [launches to skip]
 #
-# `bench kernels` first times every kernel on 8 tokens (the `floor µs` column): 53 calls of
-# each kernel (3 untimed, 50 timed), twice that for the GeLU kernel (its forward and
-# backward are one kernel), so the default skip of 120 lands on the calls at TOKENS
-# (default 8192). The full report is written to $OUT/ncu_<regex>.txt.
+# `bench kernels` calls each kernel 104 times at TOKENS (default 8192): 3 untimed and 50
+# timed from the host, one more and 50 timed on the device. The default skip of 10 lands
+# on a forward (the GeLU's forward and backward are one kernel: skip 114 for the
+# backward). The full report is written to $OUT/ncu_<regex>.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/burn-megatron}
 KERNEL=${2:?"name the kernel, for example norm_backward_f or bias_gelu_f"}
-SKIP=${3:-120}
+SKIP=${3:-10}
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}

@@ -42,7 +42,8 @@ pub struct KernelsArgs {
     /// Vocabulary slice of the timed cross-entropy logits (GPT-2's padded vocabulary).
     #[arg(long, default_value_t = 50304)]
     vocab: usize,
-    /// Timed repetitions per kernel (after 3 untimed ones).
+    /// Timed repetitions per kernel, launched from the host and again while the device waits
+    /// (after 3 untimed ones).
     #[arg(long, default_value_t = 50)]
     iters: usize,
     /// Timed repetitions of each unfused plain-Burn counterpart (after 1 untimed one):
@@ -62,8 +63,9 @@ pub struct KernelsArgs {
 pub fn run(args: &KernelsArgs) -> Result<()> {
     match args.device.as_str() {
         #[cfg(feature = "cuda")]
-        "cuda" => burn_megatron::check_gpu(0)
-            .and_then(|_| measure::<super::train::CudaBackend>(args, &Default::default())),
+        "cuda" => burn_megatron::check_gpu(0).and_then(|_| {
+            measure::<super::train::CudaBackend>(args, &Default::default(), Some(cuda_device_time))
+        }),
         other => Err(Error::InvalidConfig(format!(
             "--device {other}: the kernels run on cuda{} (on a CPU they are tested through \
              wgpu: cargo test -p burn-megatron-kernels --features wgpu)",
@@ -76,15 +78,36 @@ pub fn run(args: &KernelsArgs) -> Result<()> {
     }
 }
 
-/// Tokens of the calls that measure the per-call overhead (`floor µs`).
-const OVERHEAD_TOKENS: usize = 8;
+/// Seconds per call of `iters` calls of an op on the device alone, without the host's time
+/// to launch them (see [`burn_megatron::device_seconds`]).
+type DeviceTimer<B> =
+    fn(&mut dyn FnMut() -> Tensor<B, 2>, usize) -> std::result::Result<f64, String>;
 
-/// One timed kernel: fused and unfused seconds per call and the bytes it must move.
+/// [`DeviceTimer`] on CUDA: the calls are queued while the stream is held.
+#[cfg(feature = "cuda")]
+fn cuda_device_time(
+    op: &mut dyn FnMut() -> Tensor<super::train::CudaBackend, 2>,
+    iters: usize,
+) -> std::result::Result<f64, String> {
+    let like = op().into_primitive().tensor();
+    let (seconds, last) = burn_megatron::device_seconds(&like, || (0..iters).map(|_| op()).last())?;
+    drop(last);
+    Ok(seconds / iters.max(1) as f64)
+}
+
+/// One timed kernel: seconds per call and the bytes it must move.
 struct Timing {
     kernel: &'static str,
     dtype: String,
     bytes: f64,
+    /// The fused call on the device (launched while the device waits), or as `host`
+    /// where that could not be timed (`on_device` false).
     fused: f64,
+    on_device: bool,
+    /// The fused call launched one after another from the host (the device idles when
+    /// the host is slower than the kernel).
+    host: f64,
+    /// The unfused plain-Burn ops, from the host.
     unfused: f64,
 }
 
@@ -103,7 +126,11 @@ fn parse_dtypes(args: &KernelsArgs) -> Result<Vec<(&str, DType)>> {
         .collect()
 }
 
-fn measure<B: FusedKernels>(args: &KernelsArgs, device: &B::Device) -> Result<()> {
+fn measure<B: FusedKernels>(
+    args: &KernelsArgs,
+    device: &B::Device,
+    timer: Option<DeviceTimer<B>>,
+) -> Result<()> {
     let dtypes = parse_dtypes(args)?;
     let part = |name: &str| args.parts.iter().any(|p| p == name);
     let mut json = String::new();
@@ -126,7 +153,7 @@ fn measure<B: FusedKernels>(args: &KernelsArgs, device: &B::Device) -> Result<()
     }
     if part("bandwidth") {
         println!(
-            "\n{:<28} {:>6} {:>10} {:>11} {:>11} {:>7} {:>8} {:>9} {:>10}",
+            "\n{:<28} {:>6} {:>10} {:>11} {:>11} {:>7} {:>8} {:>10} {:>9}",
             "kernel",
             "dtype",
             "MB moved",
@@ -134,20 +161,14 @@ fn measure<B: FusedKernels>(args: &KernelsArgs, device: &B::Device) -> Result<()
             "Burn GB/s",
             "% copy",
             "speed-up",
-            "µs/call",
-            "floor µs"
+            "device µs",
+            "host µs"
         );
         for &(name, dtype) in &dtypes {
-            // The same calls on a few rows: what a call costs besides moving its bytes
-            // (launches, allocation, the host); a time near it is overhead, not bandwidth.
-            let floors = bandwidths::<B>(args, OVERHEAD_TOKENS, name, dtype, device);
-            for (timing, floor) in bandwidths::<B>(args, args.tokens, name, dtype, device)
-                .into_iter()
-                .zip(floors)
-            {
+            for timing in bandwidths::<B>(args, name, dtype, device, timer) {
                 let rate = |seconds: f64| timing.bytes / seconds / 1e9;
                 println!(
-                    "{:<28} {:>6} {:>10.1} {:>11.0} {:>11.0} {:>6.0}% {:>7.1}x {:>9.1} {:>10.1}",
+                    "{:<28} {:>6} {:>10.1} {:>11.0} {:>11.0} {:>6.0}% {:>7.1}x {:>10} {:>9.1}",
                     timing.kernel,
                     timing.dtype,
                     timing.bytes / 1e6,
@@ -155,18 +176,26 @@ fn measure<B: FusedKernels>(args: &KernelsArgs, device: &B::Device) -> Result<()
                     rate(timing.unfused),
                     100.0 * rate(timing.fused) / args.copy_bandwidth,
                     timing.unfused / timing.fused,
-                    timing.fused * 1e6,
-                    floor.fused * 1e6
+                    if timing.on_device {
+                        format!("{:.1}", timing.fused * 1e6)
+                    } else {
+                        "-".to_string()
+                    },
+                    timing.host * 1e6
                 );
                 json.push_str(&format!(
-                    "{{\"kind\": \"bandwidth\", \"kernel\": \"{}\", \"dtype\": \"{}\", \"bytes\": {}, \"fused_gbps\": {:.1}, \"unfused_gbps\": {:.1}, \"fused_us\": {:.2}, \"floor_us\": {:.2}}}\n",
-                    timing.kernel, timing.dtype, timing.bytes, rate(timing.fused), rate(timing.unfused), timing.fused * 1e6, floor.fused * 1e6
+                    "{{\"kind\": \"bandwidth\", \"kernel\": \"{}\", \"dtype\": \"{}\", \"bytes\": {}, \"fused_gbps\": {:.1}, \"unfused_gbps\": {:.1}, \"fused_us\": {:.2}, \"device_timed\": {}, \"host_us\": {:.2}}}\n",
+                    timing.kernel, timing.dtype, timing.bytes, rate(timing.fused), rate(timing.unfused), timing.fused * 1e6, timing.on_device, timing.host * 1e6
                 ));
             }
         }
         println!(
-            "(floor: the fused call on {OVERHEAD_TOKENS} tokens; where µs/call is near it, the \
-             figure measures launch overhead rather than the kernel: try a larger --tokens)"
+            "(device µs: {} calls queued while the device waits, then run back to back: the \
+             kernel's own time; host µs: calls launched one after another, where the host's \
+             launch time shows when it exceeds the kernel's; -: the calls made the host wait \
+             for the device while queued, so the GB/s come from the host's time; Burn's ops \
+             timed from the host)",
+            args.iters
         );
     }
     if let Some(path) = &args.output {
@@ -198,12 +227,12 @@ fn print_check(dtype: &str, check: &Check) {
 /// write at least (inputs once, outputs once).
 fn bandwidths<B: FusedKernels>(
     args: &KernelsArgs,
-    tokens: usize,
     name: &str,
     dtype: DType,
     device: &B::Device,
+    timer: Option<DeviceTimer<B>>,
 ) -> Vec<Timing> {
-    let hidden = args.hidden;
+    let (tokens, hidden) = (args.tokens, args.hidden);
     let element = dtype.size() as f64;
     let random = |shape: Vec<usize>| {
         Tensor::<B, 1>::random(
@@ -215,19 +244,24 @@ fn bandwidths<B: FusedKernels>(
     };
     let matrix = |width: usize| random(vec![tokens, width]).reshape([tokens, width]);
     let vector = |width: usize| random(vec![width]);
+    // Host-timed first (which also warms the kernels up), then on the device.
     let time = |op: &mut dyn FnMut() -> Tensor<B, 2>| {
-        seconds_per_call::<B, _>(device, [3, args.iters], op)
+        let host = seconds_per_call::<B, _>(device, [3, args.iters], &mut *op);
+        let device = timer.and_then(|timer| timer(op, args.iters).ok());
+        (device.unwrap_or(host), host, device.is_some())
     };
     let time_unfused = |op: &mut dyn FnMut() -> Tensor<B, 2>| {
         seconds_per_call::<B, _>(device, [1, args.unfused_iters.max(1)], op)
     };
     let mut timings = Vec::new();
-    let mut push = |kernel, bytes: f64, fused: f64, unfused: f64| {
+    let mut push = |kernel, bytes: f64, (fused, host, on_device): (f64, f64, bool), unfused| {
         timings.push(Timing {
             kernel,
             dtype: name.to_string(),
             bytes,
             fused,
+            on_device,
+            host,
             unfused,
         })
     };
@@ -243,7 +277,7 @@ fn bandwidths<B: FusedKernels>(
         "copy (Burn's x + 0)",
         moved(tokens * 4 * hidden, 2.0),
         copy,
-        copy,
+        copy.0,
     );
     drop(big);
 

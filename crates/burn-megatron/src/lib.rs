@@ -23,6 +23,10 @@ pub mod checkpoint;
 mod cuda;
 #[cfg(feature = "cuda")]
 pub use cuda::check_gpu;
+#[cfg(feature = "cuda")]
+mod launch_gate;
+#[cfg(feature = "cuda")]
+pub use launch_gate::device_seconds;
 pub mod data;
 mod error;
 pub mod launch;
