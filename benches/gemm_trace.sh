@@ -19,7 +19,7 @@ TRACE=$(cd "${2:-target/kernel_trace}" && pwd)/libkernel_trace.so
 OUT=${OUT:-bench-out}
 SIZE=${SIZE:-4096}
 mkdir -p "$OUT"
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+source benches/gpu_env.sh
 traced() {
     CUDA_INJECTION64_PATH="$TRACE" KERNEL_TRACE_NO_DRIVER=1 KERNEL_TRACE_LAST_S=0.06 KERNEL_TRACE_TOP=6 \
         KERNEL_TRACE_OUT="$OUT/gemm_trace_$1.txt" "${@:2}" > "$OUT/gemm_trace_$1.log" 2>&1 \

@@ -19,10 +19,8 @@ BIN=${1:-target/release/burn-megatron}
 OUT=${OUT:-bench-out}
 LIMIT=${LIMIT:-300}
 mkdir -p "$OUT"
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
-# The GPU's clocks and power now (lent machines ran the memory-bound kernels up to 2x apart).
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,power.draw,power.limit,temperature.gpu \
-    --format=csv 2>&1 | tee "$OUT/gpu_state.csv"
+source benches/gpu_env.sh
+cat "$OUT/gpu_state.csv"
 
 ONE_BATCH=(train --steps 5 --num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32
     --global-batch-size 8 --log-interval 1 --eval-interval 1000 --dp 1)

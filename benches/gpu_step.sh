@@ -22,10 +22,8 @@ OUT=${OUT:-bench-out}
 STEPS=${STEPS:-8}
 LIMIT=${LIMIT:-300}
 mkdir -p "$OUT"
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
-# The GPU's clocks and power now (lent machines ran the memory-bound kernels up to 2x apart).
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,power.draw,power.limit,temperature.gpu \
-    --format=csv 2>&1 | tee "$OUT/gpu_state.csv"
+source benches/gpu_env.sh
+cat "$OUT/gpu_state.csv"
 
 # Peak GPU memory (MiB) while a command runs, from nvidia-smi every 200 ms.
 with_peak_memory() {

@@ -17,7 +17,7 @@ KERNEL=${2:?"name the kernel, for example norm_backward_f or bias_gelu_f"}
 SKIP=${3:-10}
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+source benches/gpu_env.sh
 NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 REPORT="$OUT/ncu_${KERNEL//[^A-Za-z0-9_]/_}.txt"
 "$NCU" -k "regex:$KERNEL" -s "$SKIP" -c 1 --section LaunchStats --section Occupancy \

@@ -473,7 +473,9 @@ impl TrainArgs {
         Ok(model)
     }
 
-    fn train_config(&self) -> Result<TrainConfig> {
+    /// The training settings for `layout` (its data-parallel size sets the micro-batches a
+    /// step, on which the gradient-accumulation fusion default depends).
+    fn train_config(&self, layout: &Layout) -> Result<TrainConfig> {
         let steps = self.steps.unwrap_or(400);
         let max_lr = self
             .lr
@@ -489,7 +491,7 @@ impl TrainArgs {
                 decay_steps: self.lr_wsd_decay_steps.unwrap_or(steps / 5),
             };
         }
-        Ok(TrainConfig {
+        let mut config = TrainConfig {
             steps,
             micro_batch_size: self.micro_batch_size.unwrap_or(4),
             global_batch_size: self.global_batch_size.unwrap_or(8),
@@ -516,8 +518,7 @@ impl TrainArgs {
                     initial,
                     growth_interval: self.loss_scale_window.unwrap_or(1000),
                 }),
-            // Without the flag, `run` decides once the micro-batches are known.
-            gradient_accumulation_fusion: self.gradient_accumulation_fusion.unwrap_or(false),
+            gradient_accumulation_fusion: false,
             checkpoint: CheckpointConfig {
                 save: self.save.clone(),
                 save_interval: self.save_interval.unwrap_or(0),
@@ -530,7 +531,18 @@ impl TrainArgs {
             eval_iters: self.eval_iters.unwrap_or(4),
             metrics: self.metrics.clone(),
             progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        })
+        };
+        config.gradient_accumulation_fusion = match self.gradient_accumulation_fusion {
+            Some(on) => on,
+            // On by default where it was measured to pay: on CUDA with several micro-batches
+            // a step (GPT-2 774M on an H200, four micro-batches of 2: 27.9k tokens/s against
+            // 26.9k without, 21.7k against 16.7k in an earlier build; the same losses and
+            // gradient norms as one CPU rank); one micro-batch of 8 ran 12% slower.
+            None => {
+                self.device.as_deref() == Some("cuda") && config.micro_batches(layout.data())? > 1
+            }
+        };
+        Ok(config)
     }
 }
 
@@ -591,7 +603,7 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
         None => args.model(tokenizer.vocab_size())?,
     };
     model.check(&layout)?;
-    let mut config = args.train_config()?;
+    let mut config = args.train_config(&layout)?;
     // A model converted from Hugging Face keeps its original config.json.
     let hf_config = checkpoint.as_ref().and_then(hf_config_of);
     config.checkpoint.model = model.checkpoint_json(hf_config);
@@ -612,14 +624,6 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
         )));
     }
     config.schedule(&layout)?;
-    if args.gradient_accumulation_fusion.is_none() {
-        // On by default where it was measured to pay: on CUDA with several micro-batches a
-        // step (GPT-2 774M on an H200, four micro-batches of 2: 27.9k tokens/s against
-        // 26.9k without, 21.7k against 16.7k in an earlier build; the same losses and
-        // gradient norms as one CPU rank); one micro-batch of 8 ran 12% slower.
-        config.gradient_accumulation_fusion =
-            args.device.as_deref() == Some("cuda") && config.micro_batches(layout.data())? > 1;
-    }
 
     let data_path = match &args.data_path {
         Some(values) => parse_data_path(values)?,
@@ -909,7 +913,8 @@ mod tests {
     use super::*;
 
     fn max_lr(args: TrainArgs) -> f64 {
-        args.train_config().unwrap().schedule.max_lr
+        let layout = Layout::new(1, 1, 1).unwrap();
+        args.train_config(&layout).unwrap().schedule.max_lr
     }
 
     #[test]
