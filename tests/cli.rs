@@ -1018,40 +1018,47 @@ fn bench_collectives_checks_every_result() {
 #[test]
 fn selective_and_full_recompute_train_like_storing_everything() {
     let out = tempfile::tempdir().unwrap();
-    let run = |granularity: &str| {
-        let metrics = out.path().join(format!("{granularity}.jsonl"));
+    let run = |recompute: &[&str]| {
+        let metrics = out.path().join(format!("{}.jsonl", recompute.join("_")));
         let mut args = vec!["train", "--tp", "2", "--dp", "1", "--steps", "3"];
-        args.extend([
-            "--log-interval",
-            "1",
-            "--recompute-granularity",
-            granularity,
-        ]);
+        args.extend(["--log-interval", "1", "--recompute-granularity"]);
+        args.extend(recompute);
         args.extend(TINY);
         args.extend(["--metrics", metrics.to_str().unwrap()]);
         let (ok, _, stderr) = burn_megatron(&args);
-        assert!(ok, "{granularity}: {stderr}");
+        assert!(ok, "{recompute:?}: {stderr}");
         metric_values(&metrics)
     };
-    let stored = run("none");
-    for granularity in ["selective", "full"] {
-        let recomputed = run(granularity);
+    let stored = run(&["none"]);
+    for recompute in [
+        &["selective"][..],
+        &["full"],
+        &["full", "--recompute-method", "block"],
+    ] {
+        let recomputed = run(recompute);
         assert_eq!(recomputed.len(), 3, "{recomputed:?}");
         for ((loss, norm), (want_loss, want_norm)) in recomputed.iter().zip(&stored) {
             for (got, want) in [(loss, want_loss), (norm, want_norm)] {
                 let (got, want): (f64, f64) = (got.parse().unwrap(), want.parse().unwrap());
                 assert!(
                     ((got - want) / want).abs() < 1e-5,
-                    "{granularity} recompute {got}, storing everything {want}"
+                    "{recompute:?} recompute {got}, storing everything {want}"
                 );
             }
         }
     }
-    let (ok, _, stderr) = burn_megatron(&["train", "--recompute-num-layers", "2"]);
-    assert!(
-        !ok && stderr.contains("--recompute-granularity full"),
-        "{stderr}"
-    );
+    for flag in ["--recompute-num-layers", "--recompute-method"] {
+        let value = if flag == "--recompute-method" {
+            "block"
+        } else {
+            "2"
+        };
+        let (ok, _, stderr) = burn_megatron(&["train", flag, value]);
+        assert!(
+            !ok && stderr.contains("--recompute-granularity full"),
+            "{stderr}"
+        );
+    }
 }
 
 #[test]

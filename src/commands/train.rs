@@ -23,7 +23,8 @@ use burn_megatron::train::{
 };
 use burn_megatron::{Error, Result};
 use burn_megatron_models::gpt::{
-    Activation, GptConfig, GptModel, GptStep, NormKind, PositionEmbedding, hf_config_of,
+    Activation, GptConfig, GptModel, GptStep, NormKind, PositionEmbedding, RecomputeMethod,
+    hf_config_of,
 };
 use clap::Args;
 use serde::Deserialize;
@@ -190,10 +191,17 @@ pub struct TrainArgs {
     /// [default: selective].
     #[arg(long)]
     recompute_granularity: Option<String>,
-    /// Transformer layers per recomputed group under --recompute-granularity full (as
-    /// Megatron's uniform method) [default: 1].
+    /// Under --recompute-granularity full: the transformer layers per recomputed group
+    /// (uniform), or the layers of each model chunk that are recomputed (block) [default:
+    /// 1].
     #[arg(long)]
     recompute_num_layers: Option<usize>,
+    /// Under --recompute-granularity full: `uniform` (every layer is recomputed, in
+    /// groups of --recompute-num-layers) or `block` (only the first --recompute-num-layers
+    /// layers of each model chunk are, one by one; the others keep their activations:
+    /// less compute, more memory) [default: uniform].
+    #[arg(long)]
+    recompute_method: Option<String>,
     /// Run every fast op (cuBLASLt GEMMs) through its plain-Burn reference instead, for
     /// comparisons; the environment variable BURN_MEGATRON_REFERENCE_OPS=1 does the same.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -337,6 +345,7 @@ impl TrainArgs {
             precision,
             recompute_granularity,
             recompute_num_layers,
+            recompute_method,
             reference_ops,
             reference_kernels,
             tf32,
@@ -411,12 +420,25 @@ impl TrainArgs {
     /// What the model recomputes (`--recompute-granularity`, `--recompute-num-layers`).
     fn set_recompute(&self, model: &mut GptConfig) -> Result<()> {
         let granularity = self.recompute_granularity.as_deref().unwrap_or("selective");
-        if self.recompute_num_layers.is_some() && granularity != "full" {
-            return Err(Error::InvalidConfig(format!(
-                "--recompute-num-layers applies to --recompute-granularity full, not \
-                 {granularity}: drop it or recompute full layers"
-            )));
+        for (flag, given) in [
+            (
+                "--recompute-num-layers",
+                self.recompute_num_layers.is_some(),
+            ),
+            ("--recompute-method", self.recompute_method.is_some()),
+        ] {
+            if given && granularity != "full" {
+                return Err(Error::InvalidConfig(format!(
+                    "{flag} applies to --recompute-granularity full, not {granularity}: drop \
+                     it or recompute full layers"
+                )));
+            }
         }
+        model.recompute_method = match self.recompute_method.as_deref().unwrap_or("uniform") {
+            "uniform" => RecomputeMethod::Uniform,
+            "block" => RecomputeMethod::Block,
+            other => return Err(invalid("recompute-method", other, "uniform or block")),
+        };
         (model.recompute_attention, model.recompute_num_layers) = match granularity {
             "selective" => (true, 0),
             "none" => (false, 0),

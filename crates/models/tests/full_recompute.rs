@@ -1,15 +1,17 @@
-//! Full activation recompute: training that keeps only each layer group's input and runs
-//! the group's forward again in the backward logs the same losses and reaches the same
-//! weights as training that keeps every activation on one rank, with dropout on (the
-//! recomputed forward must draw the masks of the first), alone and under tensor,
-//! sequence and pipeline parallelism (where later micro-batches' forwards run between a
-//! micro-batch's forward and its backward).
+//! Full activation recompute: training that keeps only each recomputed layer group's
+//! input and runs the group's forward again in the backward (every layer: the uniform
+//! method; the first layers of each chunk: the block method) logs the same losses and
+//! reaches the same weights as training that keeps every activation on one rank, with
+//! dropout on (the recomputed forward must draw the masks of the first), alone and under
+//! tensor, sequence and pipeline parallelism (where later micro-batches' forwards run
+//! between a micro-batch's forward and its backward).
 
 mod common;
 
-use burn_megatron::parallel::Layout;
-use burn_megatron_models::gpt::GptConfig;
-use common::{Run, assert_same_training, run, small, train_config};
+use burn_megatron::parallel::{Layout, LocalCluster};
+use burn_megatron::train::Segment::{Recomputed, Stored};
+use burn_megatron_models::gpt::{GptConfig, GptModel, RecomputeMethod};
+use common::{B, Run, assert_same_training, run, small, train_config};
 
 const STEPS: usize = 3;
 
@@ -83,4 +85,55 @@ fn full_recompute_with_interleaved_pipeline_stages() {
     };
     let recomputed = run(&interleaved, layout, &train_config(STEPS));
     assert_same_training("pp 2 x 2 chunks", &recomputed, &reference, 1e-4, 1e-4);
+}
+
+#[test]
+fn block_recompute_of_the_first_layers_of_each_chunk() {
+    let reference = reference();
+    for layers in [1, 2, 3] {
+        let block = model(layers).with_recompute_method(RecomputeMethod::Block);
+        let recomputed = run(&block, Layout::new(1, 1, 1).unwrap(), &train_config(STEPS));
+        let name = format!("block of {layers} layers");
+        assert_same_training(&name, &recomputed, &reference, 1e-4, 1e-4);
+    }
+    let pipelined = model(1)
+        .with_recompute_method(RecomputeMethod::Block)
+        .with_pipeline_layers(Some(vec![2, 1]));
+    let recomputed = run(
+        &pipelined,
+        Layout::new(1, 2, 1).unwrap(),
+        &train_config(STEPS),
+    );
+    assert_same_training("block, pp 2", &recomputed, &reference, 1e-4, 1e-4);
+}
+
+/// What each segment of a three-layer model keeps: the layers as the method groups them,
+/// then the head (final norm and output layer), stored.
+#[test]
+fn the_methods_cut_the_layers_into_segments() {
+    let plan = |layers: usize, method: RecomputeMethod| {
+        let config = model(layers).with_recompute_method(method);
+        LocalCluster::new(Layout::new(1, 1, 1).unwrap())
+            .run(|ctx| GptModel::<B>::init(&config, &ctx, &Default::default()))
+            .unwrap()
+            .remove(0)
+            .recompute_segments()
+    };
+    use RecomputeMethod::{Block, Uniform};
+    assert_eq!(plan(0, Uniform), None);
+    assert_eq!(
+        plan(1, Uniform),
+        Some(vec![Recomputed, Recomputed, Recomputed, Stored])
+    );
+    assert_eq!(plan(2, Uniform), Some(vec![Recomputed, Recomputed, Stored]));
+    assert_eq!(plan(5, Uniform), Some(vec![Recomputed, Stored]));
+    assert_eq!(plan(1, Block), Some(vec![Recomputed, Stored, Stored]));
+    assert_eq!(
+        plan(2, Block),
+        Some(vec![Recomputed, Recomputed, Stored, Stored])
+    );
+    assert_eq!(
+        plan(5, Block),
+        Some(vec![Recomputed, Recomputed, Recomputed, Stored])
+    );
 }

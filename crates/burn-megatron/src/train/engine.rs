@@ -53,15 +53,15 @@ pub trait TrainStep<B: AutodiffBackend, M>: Sync {
         device: &B::Device,
     ) -> StageOutput<B>;
 
-    /// Full activation recompute: the number of segments the chunk's forward is cut into
-    /// (for example one per group of transformer layers), or `None` (the default) to keep
-    /// the whole forward's graph for the backward.
+    /// Activation recompute by segments: what each segment of the chunk's forward keeps
+    /// for the backward, in order (for example one segment per group of transformer
+    /// layers), or `None` (the default) to keep the whole forward's graph.
     ///
-    /// With segments, a training forward runs each segment without a graph and keeps only
-    /// its input; the backward runs each segment's forward again, last to first, and
-    /// backpropagates through it. The segment that gives the loss keeps its graph: its
-    /// backward comes first.
-    fn recompute_segments(&self, _model: &M) -> Option<usize> {
+    /// A training forward runs a [`Segment::Recomputed`] segment without a graph and keeps
+    /// only its input; the backward runs its forward again just before backpropagating
+    /// through it. A [`Segment::Stored`] segment keeps its graph. The segment that gives
+    /// the loss always keeps its graph: its backward comes first.
+    fn recompute_segments(&self, _model: &M) -> Option<Vec<Segment>> {
         None
     }
 
@@ -85,6 +85,16 @@ pub trait TrainStep<B: AutodiffBackend, M>: Sync {
         debug_assert_eq!(segment, 0, "a chunk without recompute segments has one");
         self.forward(model, input, samples, device)
     }
+}
+
+/// What a segment of a model chunk's forward keeps for its backward (see
+/// [`TrainStep::recompute_segments`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Segment {
+    /// Only its input: the backward runs the segment's forward again.
+    Recomputed,
+    /// Its whole graph.
+    Stored,
 }
 
 /// What the engine must know about a model chunk under tensor and pipeline parallelism.

@@ -9,8 +9,8 @@ mod schedule;
 
 pub use checkpointing::{CheckpointParam, save_model};
 pub use engine::{
-    CheckpointConfig, LossScaling, ParallelModel, StageOutput, StepRecord, TrainConfig, TrainStep,
-    train,
+    CheckpointConfig, LossScaling, ParallelModel, Segment, StageOutput, StepRecord, TrainConfig,
+    TrainStep, train,
 };
 pub use optimizer::{AdamWSettings, FlatLayout, LossScaler, OptimizerMemory, ParamRole};
 pub use schedule::{Decay, LrSchedule};

@@ -7,9 +7,10 @@
 //! from downstream enters the chunk's graph through the surrogate loss
 //! `sum(output * gradient)`, whose gradient with respect to the output is that gradient.
 //!
-//! Under full activation recompute ([`TrainStep::recompute_segments`]) a chunk's forward
-//! runs as segments without a graph, keeping only each segment's input; the backward runs
-//! them again one at a time, last to first, each backpropagated the same way.
+//! Under activation recompute ([`TrainStep::recompute_segments`]) a chunk's forward runs
+//! as segments, each from a leaf of its own; a recomputed segment runs without a graph and
+//! keeps only its input, and the backward runs it again just before backpropagating
+//! through it; the segments are backpropagated last to first, each the same way.
 
 use std::collections::HashMap;
 
@@ -18,7 +19,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
-use super::engine::{ParallelModel, StageOutput, TrainStep};
+use super::engine::{ParallelModel, Segment, StageOutput, TrainStep};
 use super::optimizer::MainGrads;
 use crate::data::GptSample;
 use crate::parallel::{ParallelBackend, ParallelContext};
@@ -50,33 +51,27 @@ pub(crate) struct Training<'a, B: Backend> {
 
 /// A forward whose backward has not run yet: what the backward needs.
 struct InFlight<B: AutodiffBackend> {
-    /// The part of the forward whose graph was kept: the whole chunk, or under full
-    /// recompute the segment that gives the loss (`None` when every segment is recomputed).
-    kept: Option<KeptForward<B>>,
-    /// Under full recompute, the segments whose graph was dropped, first to last.
-    recomputed: Vec<SegmentStart<B::InnerBackend>>,
+    /// The chunk's forward segments, first to last (one stored segment without
+    /// activation recompute).
+    segments: Vec<SegmentState<B>>,
     /// The shape of the activations the chunk sent to the next stage (the gradient that
     /// comes back has it).
     sent: Option<[usize; 3]>,
 }
 
-/// A forward that kept its graph.
-struct KeptForward<B: Backend> {
-    input: Option<Tensor<B, 3>>,
-    output: StageOutput<B>,
-}
-
-/// What recomputing a segment needs: its input and the chunk's random state before it ran.
-struct SegmentStart<B: Backend> {
-    input: Option<Tensor<B, 3>>,
-    random_state: u64,
-}
-
-/// A chunk's forward for training: what it gives and what its backward needs.
-struct ChunkForward<B: AutodiffBackend> {
-    output: StageOutput<B>,
-    kept: Option<KeptForward<B>>,
-    recomputed: Vec<SegmentStart<B::InnerBackend>>,
+/// What the backward of a forward segment needs.
+enum SegmentState<B: AutodiffBackend> {
+    /// The segment's graph: its input (a leaf) and output.
+    Stored {
+        input: Option<Tensor<B, 3>>,
+        output: StageOutput<B>,
+    },
+    /// What running the segment again needs: its input and the chunk's random state
+    /// before it ran.
+    Recomputed {
+        input: Option<Tensor<B::InnerBackend, 3>>,
+        random_state: u64,
+    },
 }
 
 /// One rank's runner of a schedule.
@@ -128,41 +123,19 @@ where
                                 from,
                                 self.device,
                             )?;
-                            let input = Tensor::<B, 3>::from_inner(received);
-                            Some(if training.is_some() {
-                                input.require_grad()
-                            } else {
-                                input
-                            })
+                            Some(Tensor::<B, 3>::from_inner(received))
                         }
                         None => None,
                     };
                     let gives_loss = self.schedule.next_stage(stage, chunk).is_none();
-                    let segments = training
-                        .as_ref()
-                        .and_then(|_| self.step.recompute_segments(model));
-                    let ChunkForward {
-                        output,
-                        kept,
-                        recomputed,
-                    } = match segments {
-                        Some(segments) => {
-                            self.forward_segments(model, segments, input, gives_loss, samples)?
-                        }
+                    let (output, segments) = match training {
+                        Some(_) => self.forward_segments(model, input, gives_loss, samples),
                         None => {
-                            let output =
-                                self.step
-                                    .forward(model, input.clone(), samples, self.device);
-                            ChunkForward {
-                                kept: Some(KeptForward {
-                                    input,
-                                    output: output.clone(),
-                                }),
-                                output,
-                                recomputed: Vec::new(),
-                            }
+                            let output = self.step.forward(model, input, samples, self.device);
+                            (Ok(output), Vec::new())
                         }
                     };
+                    let output = output?;
                     let mut sent = None;
                     match (&output, self.schedule.next_stage(stage, chunk)) {
                         (StageOutput::Activations(hidden), Some(to)) => {
@@ -192,11 +165,7 @@ where
                             B::memory_in_use(self.device).map(|after| after.saturating_sub(before));
                     }
                     if training.is_some() {
-                        let forward = InFlight {
-                            kept,
-                            recomputed,
-                            sent,
-                        };
+                        let forward = InFlight { segments, sent };
                         in_flight.insert((chunk, micro), forward);
                         outcome.peak_in_flight = outcome.peak_in_flight.max(in_flight.len());
                     }
@@ -230,87 +199,93 @@ where
     B: AutodiffBackend + ParallelBackend,
     B::InnerBackend: ParallelBackend,
 {
-    /// A training forward under full recompute: runs the chunk's `segments` segments
-    /// without a graph (on a copy of `model` whose parameters do not require gradients),
-    /// keeping each one's input, except the segment that gives the loss (`gives_loss`),
-    /// which keeps its graph.
+    /// A training forward of a chunk, as the segments of the step's recompute plan (one
+    /// stored segment without one): a recomputed segment without a graph (on a copy of `model` whose parameters do not
+    /// require gradients), keeping its input; a stored segment, and the one that gives the
+    /// loss (`gives_loss`), on a fresh leaf, keeping its graph. Gives the chunk's output
+    /// (or the error of a segment before the last that gave a loss) and the segments'
+    /// states.
     fn forward_segments<M>(
         &self,
         model: &M,
-        segments: usize,
         input: Option<Tensor<B, 3>>,
         gives_loss: bool,
         samples: &[GptSample],
-    ) -> Result<ChunkForward<B>>
+    ) -> (Result<StageOutput<B>>, Vec<SegmentState<B>>)
     where
         M: AutodiffModule<B> + ParallelModel,
         S: TrainStep<B, M>,
     {
-        let untracked = model.clone().no_grad();
-        let mut recomputed = Vec::new();
-        // Untracked activations (Burn's `detach` keeps `require_grad`).
-        let mut hidden = input.map(|input| Tensor::<B, 3>::from_inner(input.inner()));
-        for segment in 0..segments.max(1) {
-            let last = segment + 1 >= segments;
-            if last && gives_loss {
-                let input = hidden.map(|hidden| hidden.require_grad());
-                let output =
-                    self.step
-                        .forward_segment(model, segment, input.clone(), samples, self.device);
-                let kept = KeptForward {
-                    input,
-                    output: output.clone(),
-                };
-                return Ok(ChunkForward {
-                    output,
-                    kept: Some(kept),
-                    recomputed,
-                });
-            }
-            recomputed.push(SegmentStart {
-                input: hidden.clone().map(Tensor::inner),
-                random_state: model.random_state(),
-            });
-            let output =
-                self.step
-                    .forward_segment(&untracked, segment, hidden, samples, self.device);
-            match output {
-                StageOutput::Activations(output) => {
-                    debug_assert!(
-                        !output.is_require_grad(),
-                        "segment {segment} built a graph without tracked inputs"
-                    );
-                    hidden = Some(output);
-                }
-                StageOutput::Loss(_) if last => {
-                    // Not the last virtual stage: the caller's check reports it.
-                    return Ok(ChunkForward {
-                        output,
-                        kept: None,
-                        recomputed,
+        let plan = self.step.recompute_segments(model);
+        let segmented = plan.is_some();
+        let plan = plan.unwrap_or_else(|| vec![Segment::Stored]);
+        let untracked = plan
+            .contains(&Segment::Recomputed)
+            .then(|| model.clone().no_grad());
+        let count = plan.len().max(1);
+        let mut states = Vec::with_capacity(count);
+        let mut hidden = input;
+        for segment in 0..count {
+            let last = segment + 1 == count;
+            let kind = plan.get(segment).copied().unwrap_or(Segment::Stored);
+            // Each segment starts from its own leaf, so that it backpropagates alone (Burn's
+            // `detach` keeps `require_grad`: the leaf is made from the inner tensor).
+            let leaf = hidden.take().map(|h| Tensor::<B, 3>::from_inner(h.inner()));
+            let output = match (&untracked, kind == Segment::Stored || (last && gives_loss)) {
+                (Some(untracked), false) => {
+                    states.push(SegmentState::Recomputed {
+                        input: leaf.clone().map(Tensor::inner),
+                        random_state: model.random_state(),
                     });
+                    let output =
+                        self.step
+                            .forward_segment(untracked, segment, leaf, samples, self.device);
+                    if let StageOutput::Activations(output) = &output {
+                        debug_assert!(
+                            !output.is_require_grad(),
+                            "segment {segment} built a graph without tracked inputs"
+                        );
+                    }
+                    output
                 }
+                _ => {
+                    let input = leaf.map(Tensor::require_grad);
+                    let output = if segmented {
+                        let input = input.clone();
+                        self.step
+                            .forward_segment(model, segment, input, samples, self.device)
+                    } else {
+                        self.step
+                            .forward(model, input.clone(), samples, self.device)
+                    };
+                    states.push(SegmentState::Stored {
+                        input,
+                        output: output.clone(),
+                    });
+                    output
+                }
+            };
+            match output {
+                StageOutput::Activations(output) => hidden = Some(output),
+                loss if last => return (Ok(loss), states),
                 StageOutput::Loss(_) => {
-                    return Err(Error::InvalidConfig(format!(
-                        "recompute segment {segment} of {segments} returned a loss; only the \
-                         last segment of the last virtual stage gives one"
-                    )));
+                    let error = Error::InvalidConfig(format!(
+                        "recompute segment {segment} of {count} returned a loss; only the last \
+                         segment of the last virtual stage gives one"
+                    ));
+                    return (Err(error), states);
                 }
             }
         }
-        let output = hidden.expect("at least one segment ran");
-        Ok(ChunkForward {
-            output: StageOutput::Activations(output),
-            kept: None,
-            recomputed,
-        })
+        let output = hidden.expect("the last segment gave activations");
+        (Ok(StageOutput::Activations(output)), states)
     }
 
-    /// The backward of one micro-batch of chunk `chunk` (`model`): backpropagates the
-    /// kept forward from its root (the loss times `loss_weight`, or the gradient received
-    /// from the next stage), then recomputes and backpropagates the dropped segments, last
-    /// to first, and sends the gradient of the chunk's input to the previous stage. Gives
-    /// the parameters' gradients.
+    /// The backward of one micro-batch of chunk `chunk` (`model`): backpropagates its
+    /// segments last to first (running a recomputed segment's forward again first), from
+    /// the loss times `loss_weight` or the gradient received from the next stage, and
+    /// sends the gradient of the chunk's input to the previous stage. Gives the
+    /// parameters' gradients.
     fn backward<M>(
         &self,
         model: &M,
@@ -324,49 +299,53 @@ where
         S: TrainStep<B, M>,
     {
         let stage = self.ctx.coords().pp;
-        let InFlight {
-            kept,
-            recomputed,
-            sent,
-        } = forward;
-        let receive_gradient = || -> Result<Tensor<B::InnerBackend, 3>> {
-            let (Some(from), Some(dims)) = (self.schedule.next_stage(stage, chunk), sent) else {
-                unreachable!("a chunk that sent activations has a next stage")
-            };
-            self.ctx
-                .pipeline_gradients()
-                .recv::<B::InnerBackend, 3>(dims, from, self.device)
-        };
+        let InFlight { segments, sent } = forward;
         let mut grads = GradientsParams::new();
-        // The gradient of the loss with respect to the input of what was backpropagated
-        // last (the end of the segments still to recompute).
-        let mut gradient = match kept {
-            Some(KeptForward { input, output }) => {
-                let root = match output {
-                    StageOutput::Loss(loss) => loss * loss_weight,
-                    StageOutput::Activations(hidden) => {
-                        let gradient = Tensor::from_inner(receive_gradient()?);
-                        (hidden * gradient).sum().unsqueeze()
-                    }
-                };
-                self.backpropagate(model, root, input, &mut grads)?
-            }
-            None => Some(receive_gradient()?),
-        };
-        for (segment, start) in recomputed.into_iter().enumerate().rev() {
-            let input = start
-                .input
-                .map(|input| Tensor::from_inner(input).require_grad());
-            let random_state = model.random_state();
-            model.set_random_state(start.random_state);
-            let output =
-                self.step
-                    .forward_segment(model, segment, input.clone(), samples, self.device);
-            model.set_random_state(random_state);
-            let (StageOutput::Activations(hidden), Some(upstream)) = (output, gradient) else {
-                unreachable!("the segments before the last gave activations in the forward")
+        // The gradient of the loss with respect to the output of the segment to
+        // backpropagate next (`None` for the chunk's own output).
+        let mut gradient: Option<Tensor<B::InnerBackend, 3>> = None;
+        for (segment, state) in segments.into_iter().enumerate().rev() {
+            let (input, output) = match state {
+                SegmentState::Stored { input, output } => (input, output),
+                SegmentState::Recomputed {
+                    input,
+                    random_state,
+                } => {
+                    let input = input.map(|input| Tensor::from_inner(input).require_grad());
+                    let current = model.random_state();
+                    model.set_random_state(random_state);
+                    let output = self.step.forward_segment(
+                        model,
+                        segment,
+                        input.clone(),
+                        samples,
+                        self.device,
+                    );
+                    model.set_random_state(current);
+                    (input, output)
+                }
             };
-            let root = (hidden * Tensor::from_inner(upstream)).sum().unsqueeze();
+            let root = match output {
+                StageOutput::Loss(loss) => loss * loss_weight,
+                StageOutput::Activations(hidden) => {
+                    let upstream = match gradient.take() {
+                        Some(upstream) => upstream,
+                        None => {
+                            let (Some(from), Some(dims)) =
+                                (self.schedule.next_stage(stage, chunk), sent)
+                            else {
+                                unreachable!("a chunk that sent activations has a next stage")
+                            };
+                            self.ctx.pipeline_gradients().recv::<B::InnerBackend, 3>(
+                                dims,
+                                from,
+                                self.device,
+                            )?
+                        }
+                    };
+                    (hidden * Tensor::from_inner(upstream)).sum().unsqueeze()
+                }
+            };
             gradient = self.backpropagate(model, root, input, &mut grads)?;
         }
         if let (Some(gradient), Some(to)) = (gradient, self.schedule.previous_stage(stage, chunk)) {

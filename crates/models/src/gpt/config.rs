@@ -28,6 +28,16 @@ pub enum NormKind {
     RmsNorm,
 }
 
+/// Which layers full activation recompute runs again (Megatron's `--recompute-method`).
+#[derive(Config, Debug, PartialEq, Copy)]
+pub enum RecomputeMethod {
+    /// Every layer, in groups of `recompute_num_layers` (only each group's input is kept).
+    Uniform,
+    /// Only the first `recompute_num_layers` layers of each model chunk, one by one; the
+    /// others keep their activations.
+    Block,
+}
+
 /// The activation of the feed-forward block.
 #[derive(Config, Debug, PartialEq, Copy)]
 pub enum Activation {
@@ -96,12 +106,14 @@ pub struct GptConfig {
     /// recomputes the `[batch, heads, seq, seq]` probabilities in its backward.
     #[config(default = true)]
     pub recompute_attention: bool,
-    /// Full activation recomputation (Megatron's `--recompute-granularity full` with the
-    /// uniform method): training keeps only the input of each group of this many
-    /// transformer layers and recomputes the group's forward in its backward. 0 (the
-    /// default) keeps every layer's activations.
+    /// Full activation recomputation (Megatron's `--recompute-granularity full`): layers
+    /// whose forward training runs again in the backward, keeping only their input (see
+    /// `recompute_method`). 0 (the default) keeps every layer's activations.
     #[config(default = 0)]
     pub recompute_num_layers: usize,
+    /// How `recompute_num_layers` chooses the recomputed layers.
+    #[config(default = "RecomputeMethod::Uniform")]
+    pub recompute_method: RecomputeMethod,
     /// Split the residual stream along the sequence across tensor-parallel ranks.
     #[config(default = false)]
     pub sequence_parallel: bool,

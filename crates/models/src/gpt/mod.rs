@@ -11,7 +11,7 @@ mod native;
 mod step;
 mod weights;
 
-pub use config::{Activation, GptConfig, NormKind, PositionEmbedding};
+pub use config::{Activation, GptConfig, NormKind, PositionEmbedding, RecomputeMethod};
 pub use hf_export::{hf_config_json, hf_tensors, write_hf};
 pub use layers::{DropoutPass, Mlp, Norm, SelfAttention, TransformerLayer, alibi_slopes};
 pub use model::{GptModel, StageInput};

@@ -2,6 +2,7 @@
 //! across the tensor-parallel group, whole or as the model chunk of a pipeline stage.
 
 use std::collections::HashSet;
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -18,9 +19,10 @@ use burn_megatron::tensor_parallel::{
     ColumnParallelLinear, ColumnParallelLinearConfig, ParamInit, VocabParallelEmbedding,
     VocabParallelEmbeddingConfig, VocabPartition, dropout, vocab_parallel_cross_entropy,
 };
+use burn_megatron::train::Segment;
 use burn_megatron::{Error, Result};
 
-use super::config::{GptConfig, PositionEmbedding};
+use super::config::{GptConfig, PositionEmbedding, RecomputeMethod};
 use super::layers::{DropoutPass, Norm, TransformerLayer};
 use super::weights::Weights;
 
@@ -52,8 +54,18 @@ pub struct GptModel<B: Backend> {
     vocab: VocabPartition,
     place: ChunkPlace,
     dropout: DropoutState,
-    /// Layers per full-recompute segment (0: no full recompute).
+    /// Layers full recompute runs again (0: none), chosen by `recompute_method`.
     recompute_layers: usize,
+    recompute_method: RecomputeMethod,
+}
+
+/// One segment of a chunk's forward under full recompute: its layers (positions in the
+/// chunk), or the final norm and output layer (`head`).
+#[derive(Debug, Clone, PartialEq)]
+struct SegmentSpan {
+    layers: Range<usize>,
+    head: bool,
+    kind: Segment,
 }
 
 /// Where a model chunk sits in the pipeline.
@@ -299,6 +311,7 @@ impl<B: Backend> GptModel<B> {
                 training: Arc::new(AtomicBool::new(false)),
             },
             recompute_layers: config.recompute_num_layers,
+            recompute_method: config.recompute_method,
         })
     }
 
@@ -519,16 +532,58 @@ impl<B: ParallelBackend> GptModel<B> {
         }
     }
 
-    /// Full recompute's segments of this chunk (`None` without full recompute): its layers
-    /// in groups of `recompute_num_layers`, the embeddings with the first group, and on
-    /// the last chunk the final norm and output layer as a segment of their own (which the
-    /// loss backpropagates first, so it is not recomputed).
-    pub fn recompute_segments(&self) -> Option<usize> {
-        if self.recompute_layers == 0 {
+    /// What each segment of this chunk's forward keeps under full recompute (`None`
+    /// without): see [`segment_spans`](Self::segment_spans).
+    pub fn recompute_segments(&self) -> Option<Vec<Segment>> {
+        self.segment_spans()
+            .map(|spans| spans.iter().map(|span| span.kind).collect())
+    }
+
+    /// Full recompute's segments of this chunk (`None` without full recompute), the
+    /// embeddings going with the first: under the uniform method its layers in groups of
+    /// `recompute_num_layers`, each recomputed; under the block method its first
+    /// `recompute_num_layers` layers one by one, recomputed, then the other layers as one
+    /// stored segment. On the last chunk the final norm and output layer are a stored
+    /// segment of their own (the loss backpropagates them first).
+    fn segment_spans(&self) -> Option<Vec<SegmentSpan>> {
+        let per_group = self.recompute_layers;
+        if per_group == 0 {
             return None;
         }
-        let groups = self.layers.len().div_ceil(self.recompute_layers).max(1);
-        Some(groups + usize::from(self.place.last))
+        let count = self.layers.len();
+        let span = |layers: Range<usize>, kind| SegmentSpan {
+            layers,
+            head: false,
+            kind,
+        };
+        let mut spans: Vec<SegmentSpan> = match self.recompute_method {
+            RecomputeMethod::Uniform => (0..count)
+                .step_by(per_group)
+                .map(|first| span(first..(first + per_group).min(count), Segment::Recomputed))
+                .collect(),
+            RecomputeMethod::Block => {
+                let recomputed = per_group.min(count);
+                let mut spans: Vec<_> = (0..recomputed)
+                    .map(|layer| span(layer..layer + 1, Segment::Recomputed))
+                    .collect();
+                if recomputed < count {
+                    spans.push(span(recomputed..count, Segment::Stored));
+                }
+                spans
+            }
+        };
+        if spans.is_empty() {
+            // A chunk without layers: its embeddings or received activations.
+            spans.push(span(0..0, Segment::Recomputed));
+        }
+        if self.place.last {
+            spans.push(SegmentSpan {
+                layers: count..count,
+                head: true,
+                kind: Segment::Stored,
+            });
+        }
+        Some(spans)
     }
 
     /// Runs segment `segment` of [`recompute_segments`](Self::recompute_segments): the
@@ -545,22 +600,20 @@ impl<B: ParallelBackend> GptModel<B> {
         input: StageInput<B>,
         padding: Option<&Tensor<B, 2, Bool>>,
     ) -> Tensor<B, 3> {
-        let segments = self
-            .recompute_segments()
+        let spans = self
+            .segment_spans()
             .expect("forward_segment runs a model built with recompute_num_layers");
-        assert!(segment < segments, "segment {segment} of {segments}");
+        let span = spans
+            .get(segment)
+            .unwrap_or_else(|| panic!("segment {segment} of {}", spans.len()));
         let dropout_pass = if segment == 0 {
             self.dropout.next_pass()
         } else {
             self.dropout.current_pass()
         };
         let hidden = self.start(segment, input, &dropout_pass);
-        if self.place.last && segment + 1 == segments {
-            return self.head(hidden);
-        }
-        let first = segment * self.recompute_layers;
-        let layers = first..(first + self.recompute_layers).min(self.layers.len());
-        self.run_layers(hidden, layers, padding, &dropout_pass)
+        let hidden = self.run_layers(hidden, span.layers.clone(), padding, &dropout_pass);
+        if span.head { self.head(hidden) } else { hidden }
     }
 
     /// The hidden states segment `segment` (0: the whole chunk) starts from: the embedded
@@ -590,7 +643,7 @@ impl<B: ParallelBackend> GptModel<B> {
     fn run_layers(
         &self,
         mut hidden: Tensor<B, 3>,
-        layers: std::ops::Range<usize>,
+        layers: Range<usize>,
         padding: Option<&Tensor<B, 2, Bool>>,
         dropout_pass: &DropoutPass,
     ) -> Tensor<B, 3> {

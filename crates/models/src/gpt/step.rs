@@ -7,7 +7,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_megatron::data::GptSample;
 use burn_megatron::parallel::ParallelBackend;
-use burn_megatron::train::{CheckpointParam, ParallelModel, StageOutput, TrainStep};
+use burn_megatron::train::{CheckpointParam, ParallelModel, Segment, StageOutput, TrainStep};
 
 use super::model::{GptModel, StageInput};
 
@@ -56,7 +56,7 @@ where
         stage_output(model, output, model.is_last_chunk(), labels, device)
     }
 
-    fn recompute_segments(&self, model: &GptModel<B>) -> Option<usize> {
+    fn recompute_segments(&self, model: &GptModel<B>) -> Option<Vec<Segment>> {
         model.recompute_segments()
     }
 
@@ -70,7 +70,9 @@ where
     ) -> StageOutput<B> {
         let (tokens, labels) = batch_tensors::<B>(samples, device);
         let output = model.forward_segment(segment, StageInput::of_step(input, tokens), None);
-        let last = model.recompute_segments() == Some(segment + 1);
+        let last = model
+            .recompute_segments()
+            .is_some_and(|segments| segments.len() == segment + 1);
         stage_output(model, output, last && model.is_last_chunk(), labels, device)
     }
 }
