@@ -1025,17 +1025,22 @@ fn selective_and_full_recompute_train_like_storing_everything() {
         args.extend(recompute);
         args.extend(TINY);
         args.extend(["--metrics", metrics.to_str().unwrap()]);
-        let (ok, _, stderr) = burn_megatron(&args);
+        let (ok, stdout, stderr) = burn_megatron(&args);
         assert!(ok, "{recompute:?}: {stderr}");
-        metric_values(&metrics)
+        (metric_values(&metrics), stdout)
     };
-    let stored = run(&["none"]);
-    for recompute in [
-        &["selective"][..],
-        &["full"],
-        &["full", "--recompute-method", "block"],
+    let (stored, stdout) = run(&["none"]);
+    assert!(stdout.contains("recompute none;"), "{stdout}");
+    for (recompute, logged) in [
+        (&["selective"][..], "recompute selective;"),
+        (&["full"], "recompute full (every layer, groups of 1);"),
+        (
+            &["full", "--recompute-method", "block"],
+            "recompute full (the first layer of each model chunk);",
+        ),
     ] {
-        let recomputed = run(recompute);
+        let (recomputed, stdout) = run(recompute);
+        assert!(stdout.contains(logged), "{stdout}");
         assert_eq!(recomputed.len(), 3, "{recomputed:?}");
         for ((loss, norm), (want_loss, want_norm)) in recomputed.iter().zip(&stored) {
             for (got, want) in [(loss, want_loss), (norm, want_norm)] {

@@ -568,6 +568,20 @@ impl TrainArgs {
     }
 }
 
+/// What the model recomputes in its backward, for the log: `selective`, `none`, or `full`
+/// with its method and layers.
+fn recompute_description(model: &GptConfig) -> String {
+    match (model.recompute_num_layers, model.recompute_method) {
+        (0, _) if model.recompute_attention => "selective".to_string(),
+        (0, _) => "none".to_string(),
+        (layers, RecomputeMethod::Uniform) => format!("full (every layer, groups of {layers})"),
+        (1, RecomputeMethod::Block) => "full (the first layer of each model chunk)".to_string(),
+        (layers, RecomputeMethod::Block) => {
+            format!("full (the first {layers} layers of each model chunk)")
+        }
+    }
+}
+
 fn invalid(key: &str, value: &str, valid: &str) -> Error {
     Error::InvalidConfig(format!("--{} {value}: use {valid}", key.replace('_', "-")))
 }
@@ -703,11 +717,12 @@ pub fn run(flags: &TrainArgs) -> Result<()> {
             }
         }
         println!(
-            "model: {} layers, hidden {}, {} heads, {} parameters; data: {}",
+            "model: {} layers, hidden {}, {} heads, {} parameters, recompute {}; data: {}",
             model.layers,
             model.hidden,
             model.heads,
             model.num_params(),
+            recompute_description(&model),
             data_path
                 .iter()
                 .map(|(w, p)| format!("{w} x {}", p.display()))
