@@ -95,18 +95,30 @@ fn cuda_device_time(
     Ok(seconds / iters.max(1) as f64)
 }
 
+/// Seconds per fused call.
+#[derive(Debug, Clone, Copy)]
+struct FusedTime {
+    /// On the device alone, the calls launched while the device waits (`None` where they
+    /// made the host wait for the device while queued).
+    device: Option<f64>,
+    /// Launched one after another from the host (the device idles when the host is slower
+    /// than the kernel).
+    host: f64,
+}
+
+impl FusedTime {
+    /// The device's time where measured, the host's otherwise.
+    fn seconds(self) -> f64 {
+        self.device.unwrap_or(self.host)
+    }
+}
+
 /// One timed kernel: seconds per call and the bytes it must move.
 struct Timing {
     kernel: &'static str,
     dtype: String,
     bytes: f64,
-    /// The fused call on the device (launched while the device waits), or as `host`
-    /// where that could not be timed (`on_device` false).
-    fused: f64,
-    on_device: bool,
-    /// The fused call launched one after another from the host (the device idles when
-    /// the host is slower than the kernel).
-    host: f64,
+    fused: FusedTime,
     /// The unfused plain-Burn ops, from the host.
     unfused: f64,
 }
@@ -167,25 +179,25 @@ fn measure<B: FusedKernels>(
         for &(name, dtype) in &dtypes {
             for timing in bandwidths::<B>(args, name, dtype, device, timer) {
                 let rate = |seconds: f64| timing.bytes / seconds / 1e9;
+                let fused = timing.fused.seconds();
                 println!(
                     "{:<28} {:>6} {:>10.1} {:>11.0} {:>11.0} {:>6.0}% {:>7.1}x {:>10} {:>9.1}",
                     timing.kernel,
                     timing.dtype,
                     timing.bytes / 1e6,
-                    rate(timing.fused),
+                    rate(fused),
                     rate(timing.unfused),
-                    100.0 * rate(timing.fused) / args.copy_bandwidth,
-                    timing.unfused / timing.fused,
-                    if timing.on_device {
-                        format!("{:.1}", timing.fused * 1e6)
-                    } else {
-                        "-".to_string()
-                    },
-                    timing.host * 1e6
+                    100.0 * rate(fused) / args.copy_bandwidth,
+                    timing.unfused / fused,
+                    timing
+                        .fused
+                        .device
+                        .map_or("-".to_string(), |device| format!("{:.1}", device * 1e6)),
+                    timing.fused.host * 1e6
                 );
                 json.push_str(&format!(
                     "{{\"kind\": \"bandwidth\", \"kernel\": \"{}\", \"dtype\": \"{}\", \"bytes\": {}, \"fused_gbps\": {:.1}, \"unfused_gbps\": {:.1}, \"fused_us\": {:.2}, \"device_timed\": {}, \"host_us\": {:.2}}}\n",
-                    timing.kernel, timing.dtype, timing.bytes, rate(timing.fused), rate(timing.unfused), timing.fused * 1e6, timing.on_device, timing.host * 1e6
+                    timing.kernel, timing.dtype, timing.bytes, rate(fused), rate(timing.unfused), fused * 1e6, timing.fused.device.is_some(), timing.fused.host * 1e6
                 ));
             }
         }
@@ -248,20 +260,18 @@ fn bandwidths<B: FusedKernels>(
     let time = |op: &mut dyn FnMut() -> Tensor<B, 2>| {
         let host = seconds_per_call::<B, _>(device, [3, args.iters], &mut *op);
         let device = timer.and_then(|timer| timer(op, args.iters).ok());
-        (device.unwrap_or(host), host, device.is_some())
+        FusedTime { device, host }
     };
     let time_unfused = |op: &mut dyn FnMut() -> Tensor<B, 2>| {
         seconds_per_call::<B, _>(device, [1, args.unfused_iters.max(1)], op)
     };
     let mut timings = Vec::new();
-    let mut push = |kernel, bytes: f64, (fused, host, on_device): (f64, f64, bool), unfused| {
+    let mut push = |kernel, bytes: f64, fused: FusedTime, unfused: f64| {
         timings.push(Timing {
             kernel,
             dtype: name.to_string(),
             bytes,
             fused,
-            on_device,
-            host,
             unfused,
         })
     };
@@ -277,7 +287,7 @@ fn bandwidths<B: FusedKernels>(
         "copy (Burn's x + 0)",
         moved(tokens * 4 * hidden, 2.0),
         copy,
-        copy.0,
+        copy.seconds(),
     );
     drop(big);
 
