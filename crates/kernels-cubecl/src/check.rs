@@ -103,10 +103,11 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
     for shape in [[3001, 40], [17, 77]] {
         checks.extend(check_bias_add::<B>(device, dtype, shape));
     }
-    // Rows enough that each row group of the norm's one-pass backward visits several,
-    // not all the same number.
+    // Rows enough that each cube of the norm's one-pass backward takes several tiles, the
+    // last of them part-filled and past the end ([3, 1100] below takes the two-kernel
+    // backward).
     for centered in [true, false] {
-        checks.extend(check_norm::<B>(device, dtype, [3000, 40], centered));
+        checks.extend(check_norm::<B>(device, dtype, [3001, 40], centered));
     }
     for shape in [[4, 256], [3, 1000], [17, 77], [2, 5], [3, 1100]] {
         for centered in [true, false] {

@@ -6,6 +6,11 @@
 //! Matrices are addressed through their row strides: CubeCL allocates pitched tensors on
 //! CUDA (each row padded to an alignment), so rows are not `width` apart in general. The
 //! last dimension is always dense, and 1-D tensors (weights, biases, statistics) too.
+//!
+//! The strides come in as scalar arguments (in elements), never from `tensor.stride(dim)`:
+//! a kernel that reads a tensor's shape or stride makes CubeCL copy the launch's shapes and
+//! strides to the device, one host-to-device copy per launch, and every 64 copies the host
+//! waits for the device to reach the copy 64 before (CubeCL's pending-drop queue).
 
 use cubecl::prelude::*;
 
@@ -120,6 +125,8 @@ pub(super) fn norm_forward<F: Float, N: Size>(
     rstd: &mut Tensor<f32>,
     rows: u32,
     width: u32,
+    input_stride: u32,
+    output_stride: u32,
     epsilon: f32,
     #[comptime] centered: bool,
     #[comptime] plane: bool,
@@ -132,8 +139,8 @@ pub(super) fn norm_forward<F: Float, N: Size>(
     let row = slot.row;
     let vectors = slot.columns;
     let mut shared = SharedMemory::<f32>::new(256usize);
-    let start = row * input.stride(0) / lanes;
-    let output_start = row * output.stride(0) / lanes;
+    let start = row * input_stride as usize / lanes;
+    let output_start = row * output_stride as usize / lanes;
     let step = CUBE_DIM_X as usize;
     let count = f32::cast_from(width);
 
@@ -266,6 +273,9 @@ pub(super) fn norm_backward_input<F: Float, N: Size>(
     input_grad: &mut Tensor<Vector<F, N>>,
     rows: u32,
     width: u32,
+    grad_stride: u32,
+    input_stride: u32,
+    input_grad_stride: u32,
     #[comptime] centered: bool,
     #[comptime] plane: bool,
     #[comptime] cached: usize,
@@ -276,9 +286,9 @@ pub(super) fn norm_backward_input<F: Float, N: Size>(
     let row = slot.row;
     let vectors = slot.columns;
     let mut shared = SharedMemory::<f32>::new(256usize);
-    let start = row * input.stride(0) / lanes;
-    let grad_start = row * grad.stride(0) / lanes;
-    let output_start = row * input_grad.stride(0) / lanes;
+    let start = row * input_stride as usize / lanes;
+    let grad_start = row * grad_stride as usize / lanes;
+    let output_start = row * input_grad_stride as usize / lanes;
     let step = CUBE_DIM_X as usize;
     let lane = UNIT_POS_X as usize;
     let count = f32::cast_from(width);
@@ -332,16 +342,19 @@ pub(super) fn norm_backward_input<F: Float, N: Size>(
     }
 }
 
-/// The whole norm backward in one pass over `grad` and `input` for rows whose vectors fit
-/// `per_unit` per unit (`width / N ≤ per_unit · CUBE_DIM_X`): each row group visits rows
-/// `group, group + groups, ...` (`iterations` of them, the same count for every group so
-/// that the cube's barriers line up), writes each row's input gradient as
-/// [`norm_backward_input`] does, and sums `grad · x̂` and `grad` for its columns in
-/// registers; the cube then adds its groups' sums in shared memory and writes them as rows
-/// `CUBE_POS` (weight) and `cubes + CUBE_POS` (bias, for LayerNorm) of the
-/// `[(1 or 2) · cubes, width]` fp32 partials (summed over cubes afterwards), through
-/// [`PARTIAL_SLOTS`] slots of `row_capacity` (`per_unit · CUBE_DIM_X · N`) floats of shared
-/// memory. A row is read again for its second pass, which the cache serves.
+/// The whole norm backward in one pass over `grad` and `input`, for rows that fit a tile of
+/// shared memory. The cube's `groups` row groups take a tile of `groups` adjacent rows at a
+/// time (`tiles` tiles of the cube's chunk of rows, `CUBE_POS · tiles · groups` onwards):
+/// each group reads its row once, keeping it in the tile, reduces it, and writes its input
+/// gradient as [`norm_backward_input`] does from the tile. After a barrier every unit of
+/// the cube adds `grad · x̂` and `grad` of the tile's rows for its own columns (vectors
+/// `UNIT_POS + i · units`, `column_vectors` of them), in registers across tiles. The sums
+/// end as rows `CUBE_POS` (weight) and `CUBE_COUNT + CUBE_POS` (bias, for LayerNorm) of the
+/// `[(1 or 2) · cubes, width]` fp32 partials, summed over cubes afterwards.
+///
+/// Why the tile: with every row group keeping sums for all of a row's columns (the kernel
+/// before this one), a unit held 164 registers at width 1280 and an H200 ran one cube per
+/// multiprocessor; the tile leaves a unit only its own columns' sums.
 #[cube(launch)]
 pub(super) fn norm_backward<F: Float, N: Size>(
     grad: &Tensor<Vector<F, N>>,
@@ -353,163 +366,129 @@ pub(super) fn norm_backward<F: Float, N: Size>(
     partials: &mut Tensor<f32>,
     rows: u32,
     width: u32,
-    iterations: u32,
+    grad_stride: u32,
+    input_stride: u32,
+    input_grad_stride: u32,
+    partials_stride: u32,
+    tiles: u32,
     #[comptime] centered: bool,
     #[comptime] plane: bool,
-    #[comptime] per_unit: usize,
-    #[comptime] row_capacity: usize,
+    #[comptime] groups: usize,
+    #[comptime] row_vectors: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let lanes = input.vector_size();
-    let vectors = (width / lanes as u32) as usize;
     let lane = UNIT_POS_X as usize;
     let step = CUBE_DIM_X as usize;
-    let groups = CUBE_COUNT * CUBE_DIM_Y as usize;
-    let group = CUBE_POS * CUBE_DIM_Y as usize + UNIT_POS_Y as usize;
+    let per_unit = comptime!(row_vectors.div_ceil(GROUP_UNITS as usize));
+    let units = comptime!(groups * GROUP_UNITS as usize);
+    let column_vectors = comptime!(row_vectors.div_ceil(units));
     let count = f32::cast_from(width);
     let mut shared = SharedMemory::<f32>::new(256usize);
-    let mut weight_sums = Array::<Vector<f32, N>>::new(per_unit);
-    let mut bias_sums = Array::<Vector<f32, N>>::new(per_unit);
+    let mut grad_tile = SharedMemory::<Vector<F, N>>::new(groups * row_vectors);
+    let mut input_tile = SharedMemory::<Vector<F, N>>::new(groups * row_vectors);
+    // Each tile row's mean and reciprocal standard deviation, for the column sums.
+    let mut tile_statistics = SharedMemory::<f32>::new(2 * groups);
+    let mut weight_sums = Array::<Vector<f32, N>>::new(column_vectors);
+    let mut bias_sums = Array::<Vector<f32, N>>::new(column_vectors);
     #[unroll]
-    for i in 0..per_unit {
+    for i in 0..column_vectors {
         weight_sums[i] = Vector::<f32, N>::new(0.0f32);
         bias_sums[i] = Vector::<f32, N>::new(0.0f32);
     }
+    let tile_row = UNIT_POS_Y as usize;
+    let in_tile = tile_row * row_vectors;
 
-    for iteration in 0..iterations as usize {
-        let visited = group + iteration * groups;
+    for tile in 0..tiles as usize {
+        let first = (CUBE_POS * tiles as usize + tile) * groups;
+        let visited = first + tile_row;
         let active = visited < rows as usize;
         let row = select(active, visited, 0usize);
-        let columns = select(active, vectors, 0usize);
-        let start = row * input.stride(0) / lanes;
-        let grad_start = row * grad.stride(0) / lanes;
-        let mean_vector = Vector::<f32, N>::new(mean[row]);
-        let rstd_vector = Vector::<f32, N>::new(rstd[row]);
+        let start = row * input_stride as usize / lanes;
+        let grad_start = row * grad_stride as usize / lanes;
+        let row_mean = mean[row];
+        let row_rstd = rstd[row];
+        let mean_vector = Vector::<f32, N>::new(row_mean);
+        let rstd_vector = Vector::<f32, N>::new(row_rstd);
 
         let mut scaled_sum = Vector::<f32, N>::new(0.0f32);
         let mut projection = Vector::<f32, N>::new(0.0f32);
         #[unroll]
         for i in 0..per_unit {
             let vector = lane + i * step;
-            if vector < columns {
-                let upstream = Vector::<f32, N>::cast_from(grad[grad_start + vector]);
-                let normalized = normalized_input(input, start + vector, mean_vector, rstd_vector);
-                let scaled = upstream * Vector::<f32, N>::cast_from(weight[vector]);
+            if active && vector < row_vectors {
+                let upstream = grad[grad_start + vector];
+                let x = input[start + vector];
+                grad_tile[in_tile + vector] = upstream;
+                input_tile[in_tile + vector] = x;
+                let scaled = Vector::<f32, N>::cast_from(upstream)
+                    * Vector::<f32, N>::cast_from(weight[vector]);
                 scaled_sum += scaled;
-                projection += scaled * normalized;
-                weight_sums[i] += upstream * normalized;
-                bias_sums[i] += upstream;
+                projection +=
+                    scaled * ((Vector::<f32, N>::cast_from(x) - mean_vector) * rstd_vector);
             }
         }
         let means = grad_means(scaled_sum, projection, &mut shared, count, centered, plane);
 
-        let output_start = row * input_grad.stride(0) / lanes;
+        let output_start = row * input_grad_stride as usize / lanes;
         #[unroll]
         for i in 0..per_unit {
             let vector = lane + i * step;
-            if vector < columns {
-                let value = norm_input_grad(
-                    scaled_grad(grad, weight, grad_start + vector, vector),
-                    normalized_input(input, start + vector, mean_vector, rstd_vector),
-                    &means,
-                    rstd_vector,
-                );
+            if active && vector < row_vectors {
+                let scaled = Vector::<f32, N>::cast_from(grad_tile[in_tile + vector])
+                    * Vector::<f32, N>::cast_from(weight[vector]);
+                let normalized = (Vector::<f32, N>::cast_from(input_tile[in_tile + vector])
+                    - mean_vector)
+                    * rstd_vector;
+                let value = norm_input_grad(scaled, normalized, &means, rstd_vector);
                 input_grad[output_start + vector] = Vector::cast_from(value);
             }
         }
-    }
-
-    // The cube's sums, weight then bias (one shared buffer serves both), as rows
-    // `CUBE_POS` and `CUBE_COUNT + CUBE_POS` of the partials.
-    let mut slots = SharedMemory::<f32>::new(row_capacity * PARTIAL_SLOTS as usize);
-    add_groups(&weight_sums, &mut slots, vectors, per_unit, row_capacity);
-    write_partial(&slots, partials, CUBE_POS, width, row_capacity);
-    if centered {
+        if lane == 0 {
+            tile_statistics[2 * tile_row] = row_mean;
+            tile_statistics[2 * tile_row + 1] = row_rstd;
+        }
         sync_cube();
-        add_groups(&bias_sums, &mut slots, vectors, per_unit, row_capacity);
-        write_partial(&slots, partials, CUBE_COUNT + CUBE_POS, width, row_capacity);
-    }
-}
 
-/// Slots of the one-pass norm backward's shared sums: half the row groups store theirs,
-/// then the other half add theirs to the same slots (two barriers, whatever the groups).
-const PARTIAL_SLOTS: u32 = ROW_GROUPS / 2;
-
-/// Puts the cube's row groups' `sums` (vector `UNIT_POS_X + i · CUBE_DIM_X` of a row at
-/// index `i`) into [`PARTIAL_SLOTS`] slots of `row_capacity` floats: group `g` stores into
-/// slot `g` when `g < PARTIAL_SLOTS`, then adds into slot `g - PARTIAL_SLOTS`. The cube
-/// runs [`ROW_GROUPS`] groups.
-#[cube]
-fn add_groups<N: Size>(
-    sums: &Array<Vector<f32, N>>,
-    slots: &mut SharedMemory<f32>,
-    vectors: usize,
-    #[comptime] per_unit: usize,
-    #[comptime] row_capacity: usize,
-) {
-    let storing = UNIT_POS_Y < PARTIAL_SLOTS;
-    let slot = (UNIT_POS_Y % PARTIAL_SLOTS) as usize * row_capacity;
-    if storing {
-        put_sums(sums, slots, slot, vectors, per_unit, false);
-    }
-    sync_cube();
-    if !storing {
-        put_sums(sums, slots, slot, vectors, per_unit, true);
-    }
-    sync_cube();
-}
-
-/// Stores (or with `adding` adds) this unit's `sums` into the slot starting at `slot`.
-#[cube]
-fn put_sums<N: Size>(
-    sums: &Array<Vector<f32, N>>,
-    slots: &mut SharedMemory<f32>,
-    slot: usize,
-    vectors: usize,
-    #[comptime] per_unit: usize,
-    #[comptime] adding: bool,
-) {
-    let lanes = sums[0].vector_size();
-    let lane = UNIT_POS_X as usize;
-    let step = CUBE_DIM_X as usize;
-    #[unroll]
-    for i in 0..per_unit {
-        let vector = lane + i * step;
-        if vector < vectors {
-            #[unroll]
-            for element in 0..lanes {
-                let at = slot + vector * lanes + element;
-                if adding {
-                    slots[at] += sums[i][element];
-                } else {
-                    slots[at] = sums[i][element];
+        // The tile's column sums; rows past the end are skipped.
+        let tile_rows = select(first < rows as usize, rows as usize - first, 0usize);
+        #[unroll]
+        for i in 0..column_vectors {
+            let vector = UNIT_POS as usize + i * units;
+            if vector < row_vectors {
+                #[unroll]
+                for r in 0..groups {
+                    if r < tile_rows {
+                        let upstream =
+                            Vector::<f32, N>::cast_from(grad_tile[r * row_vectors + vector]);
+                        let normalized =
+                            (Vector::<f32, N>::cast_from(input_tile[r * row_vectors + vector])
+                                - Vector::new(tile_statistics[2 * r]))
+                                * Vector::new(tile_statistics[2 * r + 1]);
+                        weight_sums[i] += upstream * normalized;
+                        bias_sums[i] += upstream;
+                    }
                 }
             }
         }
+        sync_cube();
     }
-}
 
-/// Writes the sum of the [`PARTIAL_SLOTS`] slots' first `width` floats as row `row` of
-/// `partial`, all the cube's units storing adjacent elements.
-#[cube]
-fn write_partial(
-    slots: &SharedMemory<f32>,
-    partial: &mut Tensor<f32>,
-    row: usize,
-    width: u32,
-    #[comptime] row_capacity: usize,
-) {
-    let start = row * partial.stride(0);
-    let units = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
-    let mut column = UNIT_POS as usize;
-    while column < width as usize {
-        let mut total = 0.0f32;
-        #[unroll]
-        for slot in 0..PARTIAL_SLOTS as usize {
-            total += slots[slot * row_capacity + column];
+    let weight_row = CUBE_POS * partials_stride as usize;
+    let bias_row = (CUBE_COUNT + CUBE_POS) * partials_stride as usize;
+    #[unroll]
+    for i in 0..column_vectors {
+        let vector = UNIT_POS as usize + i * units;
+        if vector < row_vectors {
+            #[unroll]
+            for element in 0..lanes {
+                let column = vector * lanes + element;
+                partials[weight_row + column] = weight_sums[i][element];
+                if centered {
+                    partials[bias_row + column] = bias_sums[i][element];
+                }
+            }
         }
-        partial[start + column] = total;
-        column += units;
     }
 }
 
@@ -547,6 +526,9 @@ pub(super) fn norm_backward_parameters<F: Float, N: Size>(
     partials: &mut Tensor<Vector<f32, N>>,
     rows: u32,
     width: u32,
+    grad_stride: u32,
+    input_stride: u32,
+    partials_stride: u32,
     rows_per_chunk: u32,
     #[comptime] centered: bool,
     #[define(F)] _dtype: StorageType,
@@ -561,14 +543,15 @@ pub(super) fn norm_backward_parameters<F: Float, N: Size>(
     let mut bias_sum = Vector::<f32, N>::new(0.0f32);
     let mut row = first;
     while row < end {
-        let upstream = Vector::<f32, N>::cast_from(grad[row * grad.stride(0) / lanes + vector]);
-        let x = Vector::<f32, N>::cast_from(input[row * input.stride(0) / lanes + vector]);
+        let upstream =
+            Vector::<f32, N>::cast_from(grad[row * grad_stride as usize / lanes + vector]);
+        let x = Vector::<f32, N>::cast_from(input[row * input_stride as usize / lanes + vector]);
         let normalized = (x - Vector::new(mean[row])) * Vector::new(rstd[row]);
         weight_sum += upstream * normalized;
         bias_sum += upstream;
         row += 1;
     }
-    let stride = partials.stride(0) / lanes;
+    let stride = partials_stride as usize / lanes;
     partials[chunk * stride + vector] = weight_sum;
     if centered {
         partials[(CUBE_COUNT_Y as usize + chunk) * stride + vector] = bias_sum;
@@ -585,6 +568,8 @@ pub(super) fn column_sums<F: Float, N: Size>(
     partial: &mut Tensor<Vector<f32, N>>,
     rows: u32,
     width: u32,
+    input_stride: u32,
+    partial_stride: u32,
     rows_per_chunk: u32,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -594,7 +579,7 @@ pub(super) fn column_sums<F: Float, N: Size>(
         terminate!();
     }
     let ChunkRows { chunk, first, end } = chunk_rows(rows, rows_per_chunk);
-    let stride = input.stride(0) / lanes;
+    let stride = input_stride as usize / lanes;
     let mut sum = Vector::<f32, N>::new(0.0f32);
     let mut row = first;
     while row + 4 <= end {
@@ -610,7 +595,7 @@ pub(super) fn column_sums<F: Float, N: Size>(
         sum += Vector::<f32, N>::cast_from(input[row * stride + vector]);
         row += 1;
     }
-    partial[chunk * partial.stride(0) / lanes + vector] = sum;
+    partial[chunk * partial_stride as usize / lanes + vector] = sum;
 }
 
 /// The cubic coefficient of the tanh GeLU.
@@ -643,6 +628,9 @@ pub(super) fn bias_gelu<F: Float, N: Size>(
     output: &mut Tensor<Vector<F, N>>,
     vectors: u32,
     row_vectors: u32,
+    input_stride: u32,
+    grad_stride: u32,
+    output_stride: u32,
     #[comptime] has_bias: bool,
     #[comptime] tanh: bool,
     #[comptime] derivative: bool,
@@ -657,7 +645,7 @@ pub(super) fn bias_gelu<F: Float, N: Size>(
     let index = position as u32;
     let row = (index / row_vectors) as usize;
     let column = (index % row_vectors) as usize;
-    let mut x = Vector::<f32, N>::cast_from(input[row * input.stride(0) / lanes + column]);
+    let mut x = Vector::<f32, N>::cast_from(input[row * input_stride as usize / lanes + column]);
     if has_bias {
         x += Vector::<f32, N>::cast_from(bias[column]);
     }
@@ -692,9 +680,10 @@ pub(super) fn bias_gelu<F: Float, N: Size>(
             x * cdf
         }
     };
-    let output_index = row * output.stride(0) / lanes + column;
+    let output_index = row * output_stride as usize / lanes + column;
     if derivative {
-        let upstream = Vector::<f32, N>::cast_from(grad[row * grad.stride(0) / lanes + column]);
+        let upstream =
+            Vector::<f32, N>::cast_from(grad[row * grad_stride as usize / lanes + column]);
         output[output_index] = Vector::cast_from(value * upstream);
     } else {
         output[output_index] = Vector::cast_from(value);
@@ -823,6 +812,12 @@ pub(super) fn bias_dropout_add<F: Float, N: Size>(
     width: u32,
     full_seq: u32,
     full_width: u32,
+    input_batch_stride: u32,
+    input_token_stride: u32,
+    residual_batch_stride: u32,
+    residual_token_stride: u32,
+    output_batch_stride: u32,
+    output_token_stride: u32,
     offset_batch: u32,
     offset_seq: u32,
     offset_column: u32,
@@ -850,7 +845,8 @@ pub(super) fn bias_dropout_add<F: Float, N: Size>(
     let step = (token % seq) as usize;
     let within = column as usize;
     let mut value = Vector::<f32, N>::cast_from(
-        input[(batch * input.stride(0) + step * input.stride(1) + within) / lanes],
+        input[(batch * input_batch_stride as usize + step * input_token_stride as usize + within)
+            / lanes],
     );
     if has_bias {
         value += Vector::<f32, N>::cast_from(bias[column as usize / lanes]);
@@ -905,11 +901,14 @@ pub(super) fn bias_dropout_add<F: Float, N: Size>(
     }
     if has_residual {
         value += Vector::<f32, N>::cast_from(
-            residual[(batch * residual.stride(0) + step * residual.stride(1) + within) / lanes],
+            residual[(batch * residual_batch_stride as usize
+                + step * residual_token_stride as usize
+                + within)
+                / lanes],
         );
     }
-    output[(batch * output.stride(0) + step * output.stride(1) + within) / lanes] =
-        Vector::cast_from(value);
+    output[(batch * output_batch_stride as usize + step * output_token_stride as usize + within)
+        / lanes] = Vector::cast_from(value);
 }
 
 // The kernels with exponentials compile with fast math: CUDA's `__expf` (within a few
@@ -920,11 +919,12 @@ pub(super) fn bias_dropout_add<F: Float, N: Size>(
 /// row comes out uniform.
 const MASKED: f32 = -3.402_823_5e38;
 
-/// Whether key `key` is hidden from query `query` of batch `batch`.
+/// Whether key `key` is hidden from query `query` whose batch's padding row starts at
+/// `padding_start`.
 #[cube]
 fn hidden_key(
     padding: &Tensor<f32>,
-    batch: usize,
+    padding_start: usize,
     query: usize,
     key: usize,
     #[comptime] causal: bool,
@@ -935,33 +935,55 @@ fn hidden_key(
         hidden = key > query;
     }
     if has_padding {
-        hidden = hidden || padding[batch * padding.stride(0) + key] > 0.5f32;
+        hidden = hidden || padding[padding_start + key] > 0.5f32;
     }
     hidden
 }
 
-/// An attention row: query `query` of head `head` of batch `batch`.
+/// An attention row: query `query` of head `head` of batch `batch`, whose batch's row of
+/// the padding mask starts at `padding_start`.
 #[derive(CubeType, Clone, Copy)]
 struct AttentionRow {
+    batch: usize,
+    head: usize,
+    query: usize,
+    padding_start: usize,
+}
+
+#[cube]
+fn attention_row(row: usize, heads: u32, queries: u32, padding_stride: u32) -> AttentionRow {
+    let queries = queries as usize;
+    let batch = row / (queries * heads as usize);
+    AttentionRow {
+        batch,
+        head: (row / queries) % heads as usize,
+        query: row % queries,
+        padding_start: batch * padding_stride as usize,
+    }
+}
+
+/// The strides (in elements) of a `[batch, heads, queries, keys]` tensor's first three
+/// dimensions.
+#[derive(CubeType, Clone, Copy)]
+struct HeadStrides {
     batch: usize,
     head: usize,
     query: usize,
 }
 
 #[cube]
-fn attention_row(row: usize, heads: u32, queries: u32) -> AttentionRow {
-    let queries = queries as usize;
-    AttentionRow {
-        batch: row / (queries * heads as usize),
-        head: (row / queries) % heads as usize,
-        query: row % queries,
+fn head_strides(batch: u32, head: u32, query: u32) -> HeadStrides {
+    HeadStrides {
+        batch: batch as usize,
+        head: head as usize,
+        query: query as usize,
     }
 }
 
-/// Where the row's first key is in `tensor` (`[batch, heads, queries, keys]`).
+/// Where the row's first key is in a `[batch, heads, queries, keys]` tensor of `strides`.
 #[cube]
-fn row_start<E: CubePrimitive>(tensor: &Tensor<E>, at: AttentionRow) -> usize {
-    at.batch * tensor.stride(0) + at.head * tensor.stride(1) + at.query * tensor.stride(2)
+fn row_start(strides: HeadStrides, at: AttentionRow) -> usize {
+    at.batch * strides.batch + at.head * strides.head + at.query * strides.query
 }
 
 /// This row's scores of key vector `vector` times `scale`, masked keys at [`MASKED`].
@@ -997,6 +1019,13 @@ pub(super) fn softmax_forward<F: Float, N: Size>(
     scores: &Tensor<Vector<F, N>>,
     padding: &Tensor<f32>,
     probabilities: &mut Tensor<Vector<F, N>>,
+    scores_batch_stride: u32,
+    scores_head_stride: u32,
+    scores_query_stride: u32,
+    probabilities_batch_stride: u32,
+    probabilities_head_stride: u32,
+    probabilities_query_stride: u32,
+    padding_stride: u32,
     rows: u32,
     heads: u32,
     queries: u32,
@@ -1013,9 +1042,15 @@ pub(super) fn softmax_forward<F: Float, N: Size>(
     let row = slot.row;
     let vectors = slot.columns;
     let mut shared = SharedMemory::<f32>::new(256usize);
-    let at = attention_row(row, heads, queries);
-    let start = row_start::<Vector<F, N>>(scores, at) / lanes;
-    let out_start = row_start::<Vector<F, N>>(probabilities, at) / lanes;
+    let at = attention_row(row, heads, queries, padding_stride);
+    let scores_strides = head_strides(scores_batch_stride, scores_head_stride, scores_query_stride);
+    let probabilities_strides = head_strides(
+        probabilities_batch_stride,
+        probabilities_head_stride,
+        probabilities_query_stride,
+    );
+    let start = row_start(scores_strides, at) / lanes;
+    let out_start = row_start(probabilities_strides, at) / lanes;
     let step = CUBE_DIM_X as usize;
 
     let lane = UNIT_POS_X as usize;
@@ -1140,6 +1175,16 @@ pub(super) fn softmax_backward<F: Float, N: Size>(
     grad: &Tensor<Vector<F, N>>,
     padding: &Tensor<f32>,
     grad_scores: &mut Tensor<Vector<F, N>>,
+    probabilities_batch_stride: u32,
+    probabilities_head_stride: u32,
+    probabilities_query_stride: u32,
+    grad_batch_stride: u32,
+    grad_head_stride: u32,
+    grad_query_stride: u32,
+    grad_scores_batch_stride: u32,
+    grad_scores_head_stride: u32,
+    grad_scores_query_stride: u32,
+    padding_stride: u32,
     rows: u32,
     heads: u32,
     queries: u32,
@@ -1156,10 +1201,21 @@ pub(super) fn softmax_backward<F: Float, N: Size>(
     let row = slot.row;
     let vectors = slot.columns;
     let mut shared = SharedMemory::<f32>::new(256usize);
-    let at = attention_row(row, heads, queries);
-    let p_start = row_start::<Vector<F, N>>(probabilities, at) / lanes;
-    let g_start = row_start::<Vector<F, N>>(grad, at) / lanes;
-    let out_start = row_start::<Vector<F, N>>(grad_scores, at) / lanes;
+    let at = attention_row(row, heads, queries, padding_stride);
+    let p_strides = head_strides(
+        probabilities_batch_stride,
+        probabilities_head_stride,
+        probabilities_query_stride,
+    );
+    let g_strides = head_strides(grad_batch_stride, grad_head_stride, grad_query_stride);
+    let out_strides = head_strides(
+        grad_scores_batch_stride,
+        grad_scores_head_stride,
+        grad_scores_query_stride,
+    );
+    let p_start = row_start(p_strides, at) / lanes;
+    let g_start = row_start(g_strides, at) / lanes;
+    let out_start = row_start(out_strides, at) / lanes;
     let step = CUBE_DIM_X as usize;
     let lane = UNIT_POS_X as usize;
     // Key vectors past the query under a causal mask: their gradient is 0, nothing to read.
@@ -1247,7 +1303,14 @@ fn with_masked_keys<N: Size>(
         #[unroll]
         for lane in 0..lanes {
             let key = vector * lanes + lane;
-            let hidden = hidden_key(padding, at.batch, at.query, key, causal, has_padding);
+            let hidden = hidden_key(
+                padding,
+                at.padding_start,
+                at.query,
+                key,
+                causal,
+                has_padding,
+            );
             masked.store_at(lane, select(hidden, fill, value[lane]));
         }
         result = masked.consume();
@@ -1269,6 +1332,7 @@ pub(super) fn logit_statistics<F: Float, N: Size>(
     target: &mut Tensor<f32>,
     sum: &mut Tensor<f32>,
     rows: u32,
+    logits_stride: u32,
     real_width: u32,
     real_vectors: u32,
     #[comptime] plane: bool,
@@ -1278,7 +1342,7 @@ pub(super) fn logit_statistics<F: Float, N: Size>(
     let real = real_width as usize;
     let slot = row_slot(rows, real_vectors);
     let row = slot.row;
-    let start = row * logits.stride(0) / lanes;
+    let start = row * logits_stride as usize / lanes;
     let mut shared = SharedMemory::<f32>::new(256usize);
 
     let step = CUBE_DIM_X as usize;
@@ -1354,6 +1418,8 @@ pub(super) fn cross_entropy_backward<F: Float, N: Size>(
     grad: &Tensor<f32>,
     grad_logits: &mut Tensor<Vector<F, N>>,
     vectors: u32,
+    logits_stride: u32,
+    grad_logits_stride: u32,
     row_vectors: u32,
     real_width: u32,
     target_weight: f32,
@@ -1369,7 +1435,7 @@ pub(super) fn cross_entropy_backward<F: Float, N: Size>(
     let row = (index / row_vectors) as usize;
     let vector = (index % row_vectors) as usize;
     let shift = Vector::<f32, N>::new(log_sum_exp[row]);
-    let x = Vector::<f32, N>::cast_from(logits[row * logits.stride(0) / lanes + vector]);
+    let x = Vector::<f32, N>::cast_from(logits[row * logits_stride as usize / lanes + vector]);
     let probabilities = Vector::exp(x - shift);
     let upstream = grad[row];
     let target_column = targets[row];
@@ -1387,7 +1453,7 @@ pub(super) fn cross_entropy_backward<F: Float, N: Size>(
             select(column < real_width as usize, coefficient * upstream, 0.0f32),
         );
     }
-    grad_logits[row * grad_logits.stride(0) / lanes + vector] =
+    grad_logits[row * grad_logits_stride as usize / lanes + vector] =
         Vector::cast_from(gradient.consume());
 }
 

@@ -25,12 +25,21 @@ use kernels::{GROUP_UNITS, ROW_GROUPS};
 /// Units per cube of the element-wise kernels.
 const ELEMENT_UNITS: u32 = 256;
 /// The most vectors of its row that a unit of the row kernels (norm backward, softmax) keeps
-/// in registers between passes (beyond, the later passes read the rest again).
+/// between passes, in registers or the norm backward's tile (beyond, the later passes read
+/// the rest again, and the norm backward takes two kernels).
 const CACHED_VECTORS: usize = 8;
 
 /// The most cubes of the sum of squares (beyond, each unit loops over more vectors): 4 per
 /// multiprocessor of an H200, whose fp64 partials (2 MiB) are then summed by Burn.
 const SQUARES_CUBES: usize = 528;
+
+/// Shared memory for the one-pass norm backward's tile of rows (its `grad` and `input`):
+/// 8 rows of 1280 bf16 (GPT-2 774M's hidden size) fit, in 40 KiB.
+const NORM_TILE_BYTES: usize = 40 * 1024;
+
+/// The most cubes of the one-pass norm backward per multiprocessor: each writes a row of
+/// partial sums, so more cubes hide more latency but add partials to sum.
+const NORM_CUBES_PER_MULTIPROCESSOR: usize = 2;
 
 /// Row chunks of the column-sum partials (the norm's weight gradient, bias gradients; at
 /// most: fewer for short inputs).
@@ -134,18 +143,45 @@ fn cached_vectors(vectors: usize) -> usize {
     vectors.div_ceil(GROUP_UNITS as usize).min(CACHED_VECTORS)
 }
 
-/// Cubes of the one-pass norm backward for `rows` rows: one per multiprocessor where the
-/// runtime tells their number (its registers fit one cube per multiprocessor on an H200,
-/// so more would run as a second wave, and the partials it sums over stay small), at most
-/// one per [`ROW_GROUPS`] rows.
-fn norm_backward_cubes<R: CubeRuntime>(like: &CubeTensor<R>, rows: usize) -> usize {
-    let multiprocessors = like
-        .client
-        .properties()
-        .hardware
-        .num_streaming_multiprocessors
-        .unwrap_or(64) as usize;
-    rows.div_ceil(ROW_GROUPS as usize).clamp(1, multiprocessors)
+/// The one-pass norm backward's tiling of `rows` rows of `row_vectors` vectors of
+/// `vector_bytes` bytes, or `None` for rows of more than [`CACHED_VECTORS`] vectors a unit
+/// (its loops are unrolled) or when not even one row's `grad` and `input` fit
+/// [`NORM_TILE_BYTES`] (or the device's shared memory): the row groups per cube (rows per tile, at most [`ROW_GROUPS`]), the cubes (up to
+/// [`NORM_CUBES_PER_MULTIPROCESSOR`] per multiprocessor where the runtime tells their number),
+/// and the tiles each cube takes.
+struct NormTiling {
+    groups: usize,
+    cubes: usize,
+    tiles: usize,
+}
+
+fn norm_tiling<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    rows: usize,
+    row_vectors: usize,
+    vector_bytes: usize,
+) -> Option<NormTiling> {
+    if row_vectors.div_ceil(GROUP_UNITS as usize) > CACHED_VECTORS {
+        return None;
+    }
+    let row_bytes = row_vectors * vector_bytes;
+    let hardware = &like.client.properties().hardware;
+    // The tile's two tensors, and the reductions' 1 KiB.
+    let budget = NORM_TILE_BYTES.min(hardware.max_shared_memory_size.saturating_sub(1024));
+    let groups = (budget / (2 * row_bytes)).min(ROW_GROUPS as usize);
+    if groups == 0 {
+        return None;
+    }
+    let multiprocessors = hardware.num_streaming_multiprocessors.unwrap_or(64) as usize;
+    let all_tiles = rows.div_ceil(groups);
+    let cubes = all_tiles.clamp(1, NORM_CUBES_PER_MULTIPROCESSOR * multiprocessors);
+    let tiles = all_tiles.div_ceil(cubes);
+    Some(NormTiling {
+        groups,
+        // No cube without rows.
+        cubes: all_tiles.div_ceil(tiles).max(1),
+        tiles,
+    })
 }
 
 /// The cubes of a column-sum kernel: [`ELEMENT_UNITS`] column vectors by one row chunk
@@ -156,6 +192,12 @@ fn column_chunk_cubes(vectors: usize, chunks: usize) -> CubeCount {
         chunks as u32,
         1,
     )
+}
+
+/// `tensor`'s stride along `dim`, in elements, as the kernels take it (a scalar: see
+/// [`kernels`] for why).
+fn stride<R: CubeRuntime>(tensor: &CubeTensor<R>, dim: usize) -> u32 {
+    u32_of(tensor.meta.strides()[dim], "a stride")
 }
 
 /// Checked narrowing of a size the kernels index with 32-bit integers.
@@ -223,6 +265,8 @@ where
                 rstd.clone().into_tensor_arg(),
                 u32_of(rows, "rows"),
                 u32_of(width, "width"),
+                stride(&input, 0),
+                stride(&output, 0),
                 epsilon as f32,
                 centered,
                 rows_are_planes(&input),
@@ -256,23 +300,24 @@ where
         let rstd = primitive(statistics.rstd);
         let input_grad = empty_like(&input, Shape::new([rows, width]), dtype);
         let lanes = vector_lanes(&[&grad, &input, &weight, &input_grad]);
-        let per_unit = (width / lanes).div_ceil(GROUP_UNITS as usize);
-        let one_pass = per_unit <= CACHED_VECTORS;
+        let row_vectors = width / lanes;
+        let tiling = norm_tiling(&input, rows, row_vectors, lanes * dtype.size());
         // Partial rows: one per cube of the one-pass kernel, or per row chunk.
-        let chunks = if one_pass {
-            norm_backward_cubes(&input, rows)
-        } else {
-            rows.clamp(1, PARAMETER_CHUNKS)
+        let chunks = match &tiling {
+            Some(tiling) => tiling.cubes,
+            None => rows.clamp(1, PARAMETER_CHUNKS),
         };
         // Weight partials, then bias partials for LayerNorm: one buffer, one reduction.
         let kinds = 1 + usize::from(has_bias);
         let partials = empty_like(&input, Shape::new([kinds * chunks, width]), DType::F32);
-        if one_pass {
-            let groups = chunks * ROW_GROUPS as usize;
+        let (rows32, width32) = (u32_of(rows, "rows"), u32_of(width, "width"));
+        let (grad_stride, input_stride) = (stride(&grad, 0), stride(&input, 0));
+        let (input_grad_stride, partials_stride) = (stride(&input_grad, 0), stride(&partials, 0));
+        if let Some(tiling) = tiling {
             kernels::norm_backward::launch::<R>(
                 &input.client,
-                CubeCount::Static(chunks as u32, 1, 1),
-                row_cube_dim(),
+                CubeCount::Static(tiling.cubes as u32, 1, 1),
+                CubeDim::new_2d(GROUP_UNITS, tiling.groups as u32),
                 lanes,
                 grad.into_tensor_arg(),
                 input.clone().into_tensor_arg(),
@@ -281,18 +326,21 @@ where
                 rstd.into_tensor_arg(),
                 input_grad.clone().into_tensor_arg(),
                 partials.clone().into_tensor_arg(),
-                u32_of(rows, "rows"),
-                u32_of(width, "width"),
-                u32_of(rows.div_ceil(groups), "rows per group"),
+                rows32,
+                width32,
+                grad_stride,
+                input_stride,
+                input_grad_stride,
+                partials_stride,
+                u32_of(tiling.tiles, "tiles per cube"),
                 has_bias,
                 rows_are_planes(&input),
-                per_unit,
-                per_unit * GROUP_UNITS as usize * lanes,
+                tiling.groups,
+                row_vectors,
                 dtype.into(),
             );
         } else {
             let rows_per_chunk = rows.div_ceil(chunks).max(1);
-            let (rows32, width32) = (u32_of(rows, "rows"), u32_of(width, "width"));
             kernels::norm_backward_input::launch::<R>(
                 &input.client,
                 row_cubes(&input, rows),
@@ -306,9 +354,12 @@ where
                 input_grad.clone().into_tensor_arg(),
                 rows32,
                 width32,
+                grad_stride,
+                input_stride,
+                input_grad_stride,
                 has_bias,
                 rows_are_planes(&input),
-                cached_vectors(width / lanes),
+                cached_vectors(row_vectors),
                 dtype.into(),
             );
             let lanes = vector_lanes(&[&grad, &input, &partials]);
@@ -324,6 +375,9 @@ where
                 partials.clone().into_tensor_arg(),
                 rows32,
                 width32,
+                grad_stride,
+                input_stride,
+                partials_stride,
                 u32_of(rows_per_chunk, "rows per chunk"),
                 has_bias,
                 dtype.into(),
@@ -389,6 +443,8 @@ where
             partial.clone().into_tensor_arg(),
             u32_of(rows, "rows"),
             u32_of(width, "width"),
+            stride(&input, 0),
+            stride(&partial, 0),
             u32_of(rows.div_ceil(chunks), "rows per chunk"),
             input.dtype.into(),
         );
@@ -563,8 +619,15 @@ where
                 row_cube_dim(),
                 lanes,
                 scores.clone().into_tensor_arg(),
-                padding.into_tensor_arg(),
+                padding.clone().into_tensor_arg(),
                 probabilities.clone().into_tensor_arg(),
+                stride(&scores, 0),
+                stride(&scores, 1),
+                stride(&scores, 2),
+                stride(&probabilities, 0),
+                stride(&probabilities, 1),
+                stride(&probabilities, 2),
+                stride(&padding, 0),
                 u32_of(rows, "attention rows"),
                 heads as u32,
                 queries as u32,
@@ -607,9 +670,19 @@ where
                 row_cube_dim(),
                 lanes,
                 probabilities.clone().into_tensor_arg(),
-                grad.into_tensor_arg(),
-                padding.into_tensor_arg(),
+                grad.clone().into_tensor_arg(),
+                padding.clone().into_tensor_arg(),
                 grad_scores.clone().into_tensor_arg(),
+                stride(&probabilities, 0),
+                stride(&probabilities, 1),
+                stride(&probabilities, 2),
+                stride(&grad, 0),
+                stride(&grad, 1),
+                stride(&grad, 2),
+                stride(&grad_scores, 0),
+                stride(&grad_scores, 1),
+                stride(&grad_scores, 2),
+                stride(&padding, 0),
                 u32_of(rows, "attention rows"),
                 heads as u32,
                 queries as u32,
@@ -657,6 +730,7 @@ where
                 target.clone().into_tensor_arg(),
                 sum.clone().into_tensor_arg(),
                 u32_of(rows, "rows"),
+                stride(&logits, 0),
                 u32_of(real_width, "vocabulary slice"),
                 u32_of(real_width.div_ceil(lanes), "vocabulary slice"),
                 rows_are_planes(&logits),
@@ -710,6 +784,8 @@ where
                 grad.into_tensor_arg(),
                 output.clone().into_tensor_arg(),
                 u32_of(vectors, "logits"),
+                stride(&logits, 0),
+                stride(&output, 0),
                 u32_of(width / lanes, "width"),
                 u32_of(cross_entropy.real_width, "vocabulary slice"),
                 (1.0 - smoothing) as f32,
@@ -759,6 +835,8 @@ fn launch_bias_gelu<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElem
     let vectors = rows * width / lanes;
     if vectors > 0 {
         let cube_dim = CubeDim::new_1d(ELEMENT_UNITS);
+        let (input_stride, grad_stride) = (stride(&input, 0), stride(&grad, 0));
+        let output_stride = stride(&output, 0);
         kernels::bias_gelu::launch::<R>(
             &input.client,
             calculate_cube_count_elemwise(&input.client, vectors, cube_dim),
@@ -770,6 +848,9 @@ fn launch_bias_gelu<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElem
             output.clone().into_tensor_arg(),
             u32_of(vectors, "elements"),
             u32_of(width / lanes, "width"),
+            input_stride,
+            grad_stride,
+            output_stride,
             has_bias,
             gelu == Gelu::Tanh,
             derivative,
@@ -825,6 +906,10 @@ fn launch_bias_dropout_add<R: CubeRuntime, F: FloatElement, I: IntElement, BT: B
     let vectors = batch * seq * width / lanes;
     if vectors > 0 {
         let cube_dim = CubeDim::new_1d(ELEMENT_UNITS);
+        let token_strides = |t: &CubeTensor<R>| [stride(t, 0), stride(t, 1)];
+        let [input_batch, input_token] = token_strides(&input);
+        let [residual_batch, residual_token] = token_strides(&residual);
+        let [output_batch, output_token] = token_strides(&output);
         kernels::bias_dropout_add::launch::<R>(
             &input.client,
             calculate_cube_count_elemwise(&input.client, vectors, cube_dim),
@@ -839,6 +924,12 @@ fn launch_bias_dropout_add<R: CubeRuntime, F: FloatElement, I: IntElement, BT: B
             width as u32,
             site.full[1] as u32,
             u32_of(site.full[2], "hidden"),
+            input_batch,
+            input_token,
+            residual_batch,
+            residual_token,
+            output_batch,
+            output_token,
             site.offsets[0] as u32,
             site.offsets[1] as u32,
             site.offsets[2] as u32,
