@@ -561,11 +561,12 @@ pub(super) fn norm_backward_parameters<F: Float, N: Size>(
 /// Partial column sums: unit `vector` of cube `(CUBE_POS_X, chunk = CUBE_POS_Y)` sums its
 /// `N` adjacent columns over the chunk's rows (four rows a step, their loads independent)
 /// into row `chunk` of the `[chunks, width]` fp32 partials (summed over chunks afterwards).
-/// Adjacent units read adjacent vectors.
+/// Adjacent units read adjacent vectors; the partials are written one float at a time, so
+/// that `N` follows the input alone (16-byte loads of 16-bit floats: 8 lanes).
 #[cube(launch)]
 pub(super) fn column_sums<F: Float, N: Size>(
     input: &Tensor<Vector<F, N>>,
-    partial: &mut Tensor<Vector<f32, N>>,
+    partial: &mut Tensor<f32>,
     rows: u32,
     width: u32,
     input_stride: u32,
@@ -595,7 +596,54 @@ pub(super) fn column_sums<F: Float, N: Size>(
         sum += Vector::<f32, N>::cast_from(input[row * stride + vector]);
         row += 1;
     }
-    partial[chunk * partial_stride as usize / lanes + vector] = sum;
+    let start = chunk * partial_stride as usize + vector * lanes;
+    #[unroll]
+    for lane in 0..lanes {
+        partial[start + lane] = sum[lane];
+    }
+}
+
+/// Columns per cube of [`partial_sums`] (a warp: adjacent units read adjacent columns).
+pub(super) const SUM_COLUMNS: u32 = 32;
+/// Row groups per cube of [`partial_sums`], each adding every `SUM_GROUPS`-th partial row.
+pub(super) const SUM_GROUPS: u32 = 16;
+
+/// The totals of `[kinds · chunks, width]` fp32 partial rows over their chunks (a norm's
+/// weight and bias partials, a bias gradient's row chunks), written in `F` as row `kind` of
+/// the `[kinds, width]` sums. Cube `(CUBE_POS_X, kind = CUBE_POS_Y)` takes [`SUM_COLUMNS`]
+/// adjacent columns of partial rows `kind · chunks ..`; its [`SUM_GROUPS`] row groups add
+/// every `SUM_GROUPS`-th row, and shared memory adds the groups, always in the same order.
+#[cube(launch)]
+pub(super) fn partial_sums<F: Float>(
+    partials: &Tensor<f32>,
+    sums: &mut Tensor<F>,
+    chunks: u32,
+    width: u32,
+    partials_stride: u32,
+    sums_stride: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let column = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+    let kind = CUBE_POS_Y as usize;
+    let group = UNIT_POS_Y as usize;
+    let inside = column < width as usize;
+    let mut total = 0.0f32;
+    let mut chunk = select(inside, group, chunks as usize);
+    while chunk < chunks as usize {
+        total += partials[(kind * chunks as usize + chunk) * partials_stride as usize + column];
+        chunk += SUM_GROUPS as usize;
+    }
+    let mut shared = SharedMemory::<f32>::new((SUM_GROUPS * SUM_COLUMNS) as usize);
+    shared[group * SUM_COLUMNS as usize + UNIT_POS_X as usize] = total;
+    sync_cube();
+    if group == 0 && inside {
+        let mut sum = 0.0f32;
+        #[unroll]
+        for g in 0..SUM_GROUPS as usize {
+            sum += shared[g * SUM_COLUMNS as usize + UNIT_POS_X as usize];
+        }
+        sums[kind * sums_stride as usize + column] = F::cast_from(sum);
+    }
 }
 
 /// The cubic coefficient of the tanh GeLU.

@@ -20,14 +20,21 @@ use crate::{
     reference_norm_backward, reference_norm_forward, reference_softmax, reference_softmax_backward,
     reference_sum_of_squares, with_dtype,
 };
-use kernels::{GROUP_UNITS, ROW_GROUPS};
+use kernels::{GROUP_UNITS, ROW_GROUPS, SUM_COLUMNS, SUM_GROUPS};
 
 /// Units per cube of the element-wise kernels.
 const ELEMENT_UNITS: u32 = 256;
-/// The most vectors of its row that a unit of the row kernels (norm backward, softmax) keeps
-/// between passes, in registers or the norm backward's tile (beyond, the later passes read
-/// the rest again, and the norm backward takes two kernels).
+/// The most vectors of its row that a unit of the norm backward keeps between passes, in
+/// registers or its tile (beyond, the later passes read the rest again, and the backward
+/// takes two kernels).
 const CACHED_VECTORS: usize = 8;
+
+/// The most vectors of its row that a unit of the softmax kernels keeps in registers between
+/// passes (the later passes read the rest again, from the cache). Fewer registers, more
+/// rows at once: on an H200 (bf16, [8, 20, 1024, 1024] causal) the backward with 4 cached
+/// vectors held 110 registers a unit and 25% occupancy and moved 2610 GB/s; with 2 the
+/// forward moved 3290 against 2931 GB/s and the backward 3456 (none cached: 3120).
+const SOFTMAX_CACHED_VECTORS: usize = 2;
 
 /// The most cubes of the sum of squares (beyond, each unit loops over more vectors): 4 per
 /// multiprocessor of an H200, whose fp64 partials (2 MiB) are then summed by Burn.
@@ -137,10 +144,18 @@ fn vector_lanes<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> usize {
         .unwrap_or(1)
 }
 
-/// How many of its row's vectors a unit of a backward row kernel caches: all of them
+/// How many of its row's vectors a unit of the norm's backward caches: all of them
 /// (`vectors / GROUP_UNITS`, rounded up) up to [`CACHED_VECTORS`].
 fn cached_vectors(vectors: usize) -> usize {
     vectors.div_ceil(GROUP_UNITS as usize).min(CACHED_VECTORS)
+}
+
+/// How many of its row's vectors a unit of the softmax kernels caches: up to
+/// [`SOFTMAX_CACHED_VECTORS`].
+fn softmax_cached_vectors(vectors: usize) -> usize {
+    vectors
+        .div_ceil(GROUP_UNITS as usize)
+        .min(SOFTMAX_CACHED_VECTORS)
 }
 
 /// The one-pass norm backward's tiling of `rows` rows of `row_vectors` vectors of
@@ -192,6 +207,36 @@ fn column_chunk_cubes(vectors: usize, chunks: usize) -> CubeCount {
         chunks as u32,
         1,
     )
+}
+
+/// The totals over chunks of `[kinds · chunks, width]` fp32 partial rows, as `[kinds,
+/// width]` in `dtype` (one kernel, in a fixed order: Burn's reduction and cast would be
+/// three launches).
+fn sum_partials<R: CubeRuntime>(
+    partials: &CubeTensor<R>,
+    kinds: usize,
+    chunks: usize,
+    width: usize,
+    dtype: DType,
+) -> CubeTensor<R> {
+    let sums = empty_like(partials, Shape::new([kinds, width]), dtype);
+    kernels::partial_sums::launch::<R>(
+        &partials.client,
+        CubeCount::Static(
+            u32_of(width.div_ceil(SUM_COLUMNS as usize), "width"),
+            kinds as u32,
+            1,
+        ),
+        CubeDim::new_2d(SUM_COLUMNS, SUM_GROUPS),
+        partials.clone().into_tensor_arg(),
+        sums.clone().into_tensor_arg(),
+        u32_of(chunks, "chunks"),
+        u32_of(width, "width"),
+        stride(partials, 0),
+        stride(&sums, 0),
+        dtype.into(),
+    );
+    sums
 }
 
 /// `tensor`'s stride along `dim`, in elements, as the kernels take it (a scalar: see
@@ -384,11 +429,8 @@ where
             );
         }
         // [kinds, width] sums in the weight's type: row 0 the weight's, row 1 the bias's.
-        let partials: Tensor<Self, 2> = tensor(partials);
-        let sums = with_dtype(
-            partials.reshape([kinds, chunks, width]).sum_dim(1),
-            weight_dtype,
-        );
+        let sums: Tensor<Self, 2> =
+            tensor(sum_partials(&partials, kinds, chunks, width, weight_dtype));
         let row = |kind: usize| sums.clone().slice(kind..kind + 1).reshape([width]);
         NormGradients {
             input: tensor(input_grad),
@@ -433,7 +475,7 @@ where
         let input = primitive(input);
         let chunks = rows.min(PARAMETER_CHUNKS);
         let partial = empty_like(&input, Shape::new([chunks, width]), DType::F32);
-        let lanes = vector_lanes(&[&input, &partial]);
+        let lanes = vector_lanes(&[&input]);
         kernels::column_sums::launch::<R>(
             &input.client,
             column_chunk_cubes(width / lanes, chunks),
@@ -448,8 +490,8 @@ where
             u32_of(rows.div_ceil(chunks), "rows per chunk"),
             input.dtype.into(),
         );
-        let partial: Tensor<Self, 2> = tensor(partial);
-        partial.sum_dim(0).reshape([width])
+        let sums: Tensor<Self, 2> = tensor(sum_partials(&partial, 1, chunks, width, DType::F32));
+        sums.reshape([width])
     }
 
     fn bias_dropout_add(
@@ -636,7 +678,7 @@ where
                 causal,
                 has_padding,
                 plane,
-                cached_vectors(keys / lanes),
+                softmax_cached_vectors(keys / lanes),
                 dtype.into(),
             );
         }
@@ -691,7 +733,7 @@ where
                 causal,
                 has_padding,
                 plane,
-                cached_vectors(keys / lanes),
+                softmax_cached_vectors(keys / lanes),
                 dtype.into(),
             );
         }
