@@ -1010,28 +1010,13 @@ fn attention_row(row: usize, heads: u32, queries: u32, padding_stride: u32) -> A
     }
 }
 
-/// The strides (in elements) of a `[batch, heads, queries, keys]` tensor's first three
-/// dimensions.
-#[derive(CubeType, Clone, Copy)]
-struct HeadStrides {
-    batch: usize,
-    head: usize,
-    query: usize,
-}
-
+/// Where the row's first key is in a `[batch, heads, queries, keys]` tensor whose first
+/// three dimensions have these strides (in elements).
 #[cube]
-fn head_strides(batch: u32, head: u32, query: u32) -> HeadStrides {
-    HeadStrides {
-        batch: batch as usize,
-        head: head as usize,
-        query: query as usize,
-    }
-}
-
-/// Where the row's first key is in a `[batch, heads, queries, keys]` tensor of `strides`.
-#[cube]
-fn row_start(strides: HeadStrides, at: AttentionRow) -> usize {
-    at.batch * strides.batch + at.head * strides.head + at.query * strides.query
+fn row_start(batch_stride: u32, head_stride: u32, query_stride: u32, at: AttentionRow) -> usize {
+    at.batch * batch_stride as usize
+        + at.head * head_stride as usize
+        + at.query * query_stride as usize
 }
 
 /// This row's scores of key vector `vector` times `scale`, masked keys at [`MASKED`].
@@ -1091,14 +1076,18 @@ pub(super) fn softmax_forward<F: Float, N: Size>(
     let vectors = slot.columns;
     let mut shared = SharedMemory::<f32>::new(256usize);
     let at = attention_row(row, heads, queries, padding_stride);
-    let scores_strides = head_strides(scores_batch_stride, scores_head_stride, scores_query_stride);
-    let probabilities_strides = head_strides(
+    let start = row_start(
+        scores_batch_stride,
+        scores_head_stride,
+        scores_query_stride,
+        at,
+    ) / lanes;
+    let out_start = row_start(
         probabilities_batch_stride,
         probabilities_head_stride,
         probabilities_query_stride,
-    );
-    let start = row_start(scores_strides, at) / lanes;
-    let out_start = row_start(probabilities_strides, at) / lanes;
+        at,
+    ) / lanes;
     let step = CUBE_DIM_X as usize;
 
     let lane = UNIT_POS_X as usize;
@@ -1250,20 +1239,19 @@ pub(super) fn softmax_backward<F: Float, N: Size>(
     let vectors = slot.columns;
     let mut shared = SharedMemory::<f32>::new(256usize);
     let at = attention_row(row, heads, queries, padding_stride);
-    let p_strides = head_strides(
+    let p_start = row_start(
         probabilities_batch_stride,
         probabilities_head_stride,
         probabilities_query_stride,
-    );
-    let g_strides = head_strides(grad_batch_stride, grad_head_stride, grad_query_stride);
-    let out_strides = head_strides(
+        at,
+    ) / lanes;
+    let g_start = row_start(grad_batch_stride, grad_head_stride, grad_query_stride, at) / lanes;
+    let out_start = row_start(
         grad_scores_batch_stride,
         grad_scores_head_stride,
         grad_scores_query_stride,
-    );
-    let p_start = row_start(p_strides, at) / lanes;
-    let g_start = row_start(g_strides, at) / lanes;
-    let out_start = row_start(out_strides, at) / lanes;
+        at,
+    ) / lanes;
     let step = CUBE_DIM_X as usize;
     let lane = UNIT_POS_X as usize;
     // Key vectors past the query under a causal mask: their gradient is 0, nothing to read.

@@ -158,18 +158,21 @@ fn softmax_cached_vectors(vectors: usize) -> usize {
         .min(SOFTMAX_CACHED_VECTORS)
 }
 
-/// The one-pass norm backward's tiling of `rows` rows of `row_vectors` vectors of
-/// `vector_bytes` bytes, or `None` for rows of more than [`CACHED_VECTORS`] vectors a unit
-/// (its loops are unrolled) or when not even one row's `grad` and `input` fit
-/// [`NORM_TILE_BYTES`] (or the device's shared memory): the row groups per cube (rows per tile, at most [`ROW_GROUPS`]), the cubes (up to
-/// [`NORM_CUBES_PER_MULTIPROCESSOR`] per multiprocessor where the runtime tells their number),
-/// and the tiles each cube takes.
+/// How the one-pass norm backward splits its rows.
 struct NormTiling {
+    /// Row groups per cube: rows per tile, at most [`ROW_GROUPS`].
     groups: usize,
+    /// Cubes: up to [`NORM_CUBES_PER_MULTIPROCESSOR`] per multiprocessor where the runtime
+    /// tells their number, none without rows.
     cubes: usize,
+    /// Tiles each cube takes.
     tiles: usize,
 }
 
+/// The one-pass norm backward's tiling of `rows` rows of `row_vectors` vectors of
+/// `vector_bytes` bytes, or `None` for rows of more than [`CACHED_VECTORS`] vectors a unit
+/// (its loops are unrolled) or when not even one row's `grad` and `input` fit
+/// [`NORM_TILE_BYTES`] (or the device's shared memory).
 fn norm_tiling<R: CubeRuntime>(
     like: &CubeTensor<R>,
     rows: usize,
@@ -193,7 +196,6 @@ fn norm_tiling<R: CubeRuntime>(
     let tiles = all_tiles.div_ceil(cubes);
     Some(NormTiling {
         groups,
-        // No cube without rows.
         cubes: all_tiles.div_ceil(tiles).max(1),
         tiles,
     })
