@@ -69,7 +69,11 @@ fn full_recompute_under_tensor_sequence_and_pipeline_parallelism() {
         .with_pipeline_layers(Some(vec![2, 1]));
     let layout = Layout::new(2, 2, 1).unwrap();
     let recomputed = run(&parallel, layout, &train_config(STEPS));
-    assert_same_training("tp 2 x pp 2, sp", &recomputed, &reference, 1e-4, 1e-4);
+    // Losses to 1e-4 as elsewhere; weights to 2.5e-4 of their norm: layer 1's fc2 bias
+    // (small gradients, which Adam scales up) came out between 4.5e-5 and 1.04e-4 of its
+    // norm from the reference over 15 runs of this test, the same code each time (CPU
+    // reductions on threads), and 1.04e-4 failed a CI run at the former limit of 1e-4.
+    assert_same_training("tp 2 x pp 2, sp", &recomputed, &reference, 1e-4, 2.5e-4);
 }
 
 #[test]
