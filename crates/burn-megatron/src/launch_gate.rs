@@ -21,7 +21,9 @@ use cudarc::driver::{CudaContext, CudaStream};
 use crate::cuda::{address, wait_for_burn};
 
 /// How long the gate holds the stream at most: work that synchronizes the device while
-/// queued (a module load, a synchronous free) would wait for the held stream forever.
+/// queued would wait for the held stream forever (a module load, a synchronous free, or
+/// CubeCL's wait every 64 launches of kernels that read tensor shapes or strides, whose
+/// metadata it copies to the device: see `burn_megatron_kernels`' kernels).
 const GATE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Seconds from the moment the device may start the work `queue` queues on the calling

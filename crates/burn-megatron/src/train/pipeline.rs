@@ -216,18 +216,20 @@ where
         M: AutodiffModule<B> + ParallelModel,
         S: TrainStep<B, M>,
     {
-        let plan = self.step.recompute_segments(model);
+        let plan = self
+            .step
+            .recompute_segments(model)
+            .filter(|plan| !plan.is_empty());
         let segmented = plan.is_some();
         let plan = plan.unwrap_or_else(|| vec![Segment::Stored]);
         let untracked = plan
             .contains(&Segment::Recomputed)
             .then(|| model.clone().no_grad());
-        let count = plan.len().max(1);
+        let count = plan.len();
         let mut states = Vec::with_capacity(count);
         let mut hidden = input;
-        for segment in 0..count {
+        for (segment, &kind) in plan.iter().enumerate() {
             let last = segment + 1 == count;
-            let kind = plan.get(segment).copied().unwrap_or(Segment::Stored);
             // Each segment starts from its own leaf, so that it backpropagates alone (Burn's
             // `detach` keeps `require_grad`: the leaf is made from the inner tensor).
             let leaf = hidden.take().map(|h| Tensor::<B, 3>::from_inner(h.inner()));

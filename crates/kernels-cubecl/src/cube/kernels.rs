@@ -207,7 +207,17 @@ fn normalized_input<F: Float, N: Size>(
     mean: Vector<f32, N>,
     rstd: Vector<f32, N>,
 ) -> Vector<f32, N> {
-    (Vector::<f32, N>::cast_from(input[at]) - mean) * rstd
+    normalized(input[at], mean, rstd)
+}
+
+/// `x̂ = (x - mean) · rstd` of the input vector `x`.
+#[cube]
+fn normalized<F: Float, N: Size>(
+    x: Vector<F, N>,
+    mean: Vector<f32, N>,
+    rstd: Vector<f32, N>,
+) -> Vector<f32, N> {
+    (Vector::<f32, N>::cast_from(x) - mean) * rstd
 }
 
 /// `g = grad · weight` of the gradient vector at `at`, column vector `vector`.
@@ -424,8 +434,7 @@ pub(super) fn norm_backward<F: Float, N: Size>(
                 let scaled = Vector::<f32, N>::cast_from(upstream)
                     * Vector::<f32, N>::cast_from(weight[vector]);
                 scaled_sum += scaled;
-                projection +=
-                    scaled * ((Vector::<f32, N>::cast_from(x) - mean_vector) * rstd_vector);
+                projection += scaled * normalized(x, mean_vector, rstd_vector);
             }
         }
         let means = grad_means(scaled_sum, projection, &mut shared, count, centered, plane);
@@ -437,10 +446,8 @@ pub(super) fn norm_backward<F: Float, N: Size>(
             if active && vector < row_vectors {
                 let scaled = Vector::<f32, N>::cast_from(grad_tile[in_tile + vector])
                     * Vector::<f32, N>::cast_from(weight[vector]);
-                let normalized = (Vector::<f32, N>::cast_from(input_tile[in_tile + vector])
-                    - mean_vector)
-                    * rstd_vector;
-                let value = norm_input_grad(scaled, normalized, &means, rstd_vector);
+                let x_hat = normalized(input_tile[in_tile + vector], mean_vector, rstd_vector);
+                let value = norm_input_grad(scaled, x_hat, &means, rstd_vector);
                 input_grad[output_start + vector] = Vector::cast_from(value);
             }
         }
@@ -451,7 +458,7 @@ pub(super) fn norm_backward<F: Float, N: Size>(
         sync_cube();
 
         // The tile's column sums; rows past the end are skipped.
-        let tile_rows = select(first < rows as usize, rows as usize - first, 0usize);
+        let tile_rows = rows as usize - select(first < rows as usize, first, rows as usize);
         #[unroll]
         for i in 0..column_vectors {
             let vector = UNIT_POS as usize + i * units;
@@ -459,13 +466,14 @@ pub(super) fn norm_backward<F: Float, N: Size>(
                 #[unroll]
                 for r in 0..groups {
                     if r < tile_rows {
-                        let upstream =
-                            Vector::<f32, N>::cast_from(grad_tile[r * row_vectors + vector]);
-                        let normalized =
-                            (Vector::<f32, N>::cast_from(input_tile[r * row_vectors + vector])
-                                - Vector::new(tile_statistics[2 * r]))
-                                * Vector::new(tile_statistics[2 * r + 1]);
-                        weight_sums[i] += upstream * normalized;
+                        let at = r * row_vectors + vector;
+                        let upstream = Vector::<f32, N>::cast_from(grad_tile[at]);
+                        let x_hat = normalized(
+                            input_tile[at],
+                            Vector::new(tile_statistics[2 * r]),
+                            Vector::new(tile_statistics[2 * r + 1]),
+                        );
+                        weight_sums[i] += upstream * x_hat;
                         bias_sums[i] += upstream;
                     }
                 }

@@ -24,20 +24,29 @@ pub fn batch_tensors<B: Backend>(
     samples: &[GptSample],
     device: &B::Device,
 ) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
-    let seq = samples.first().map_or(0, |s| s.tokens.len());
-    let stack = |pick: fn(&GptSample) -> &Vec<i64>| {
-        let values: Vec<i64> = samples
-            .iter()
-            .flat_map(|s| pick(s).iter().copied())
-            .collect();
-        assert_eq!(
-            values.len(),
-            samples.len() * seq,
-            "samples of different lengths"
-        );
-        Tensor::from_data(TensorData::new(values, [samples.len(), seq]), device)
-    };
-    (stack(|s| &s.tokens), stack(|s| &s.labels))
+    (
+        stack_ids(samples, |s| &s.tokens, device),
+        stack_ids(samples, |s| &s.labels, device),
+    )
+}
+
+/// The ids `pick` gives of each sample (its tokens or labels) as a `[batch, seq]` tensor.
+fn stack_ids<B: Backend>(
+    samples: &[GptSample],
+    pick: fn(&GptSample) -> &Vec<i64>,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let seq = samples.first().map_or(0, |s| pick(s).len());
+    let values: Vec<i64> = samples
+        .iter()
+        .flat_map(|s| pick(s).iter().copied())
+        .collect();
+    assert_eq!(
+        values.len(),
+        samples.len() * seq,
+        "samples of different lengths"
+    );
+    Tensor::from_data(TensorData::new(values, [samples.len(), seq]), device)
 }
 
 impl<B> TrainStep<B, GptModel<B>> for GptStep
@@ -51,9 +60,8 @@ where
         samples: &[GptSample],
         device: &B::Device,
     ) -> StageOutput<B> {
-        let (tokens, labels) = batch_tensors::<B>(samples, device);
-        let output = model.forward_chunk(StageInput::of_step(input, tokens), None);
-        stage_output(model, output, model.is_last_chunk(), labels, device)
+        let output = model.forward_chunk(stage_input(input, samples, device), None);
+        stage_output(model, output, model.is_last_chunk(), samples, device)
     }
 
     fn recompute_segments(&self, model: &GptModel<B>) -> Option<Vec<Segment>> {
@@ -68,27 +76,46 @@ where
         samples: &[GptSample],
         device: &B::Device,
     ) -> StageOutput<B> {
-        let (tokens, labels) = batch_tensors::<B>(samples, device);
-        let output = model.forward_segment(segment, StageInput::of_step(input, tokens), None);
+        let output = model.forward_segment(segment, stage_input(input, samples, device), None);
         let last = model
             .recompute_segments()
             .is_some_and(|segments| segments.len() == segment + 1);
-        stage_output(model, output, last && model.is_last_chunk(), labels, device)
+        stage_output(
+            model,
+            output,
+            last && model.is_last_chunk(),
+            samples,
+            device,
+        )
     }
 }
 
-/// The loss of the logits `output` against `labels` when it `gives_loss` (the end of the
-/// last chunk), the activations `output` otherwise.
+/// What a chunk (or a segment of it) starts from: the activations `received`, or else the
+/// samples' token ids (sent to the device only then: a segment runs several times a step).
+fn stage_input<B: Backend>(
+    received: Option<Tensor<B, 3>>,
+    samples: &[GptSample],
+    device: &B::Device,
+) -> StageInput<B> {
+    match received {
+        Some(hidden) => StageInput::Hidden(hidden),
+        None => StageInput::Tokens(stack_ids(samples, |s| &s.tokens, device)),
+    }
+}
+
+/// The loss of the logits `output` against the samples' labels when it `gives_loss` (the
+/// end of the last chunk), the activations `output` otherwise.
 fn stage_output<B: ParallelBackend>(
     model: &GptModel<B>,
     output: Tensor<B, 3>,
     gives_loss: bool,
-    labels: Tensor<B, 2, Int>,
+    samples: &[GptSample],
     device: &B::Device,
 ) -> StageOutput<B> {
     if !gives_loss {
         return StageOutput::Activations(output);
     }
+    let labels = stack_ids(samples, |s| &s.labels, device);
     let mask = Tensor::ones(labels.dims(), device);
     StageOutput::Loss(model.loss_from_logits(output, labels, mask))
 }
