@@ -13,10 +13,14 @@
  *   KERNEL_TRACE_OUT      file to write the report to (default: stderr)
  *   KERNEL_TRACE_TOP      how many kernel names to list (default 40)
  *   KERNEL_TRACE_NO_DRIVER  set: do not record driver calls (less overhead)
+ *   KERNEL_TRACE_GAPS     how many of the longest idle gaps to list (default 15)
  *
  * Busy time is the union of the intervals of all non-spinning activity on all streams;
  * idle is the rest of the window: time the GPU waited for the host. A second table sums
  * the host's time inside CUDA driver calls (all threads), by call: where the host blocks.
+ * The idle time is then split by gap length (many short gaps: launches slower than the
+ * kernels; a few long ones: the host waiting for something), and the longest gaps are
+ * listed with the activity that ends before each and the one that starts after it.
  */
 #include <cupti.h>
 #include <stdint.h>
@@ -132,6 +136,20 @@ static int by_total(const void *a, const void *b) {
     return (x < y) - (x > y);
 }
 
+typedef struct {
+    uint64_t length;
+    int before, after; /* names of the activities around the gap */
+} Gap;
+
+static int by_length(const void *a, const void *b) {
+    uint64_t x = ((const Gap *)a)->length, y = ((const Gap *)b)->length;
+    return (x < y) - (x > y);
+}
+
+/* Upper bounds (ns) of the gap-length classes; the last class is everything longer. */
+static const uint64_t gap_classes[] = {2000, 10000, 50000, 200000, 1000000};
+#define GAP_CLASSES (sizeof gap_classes / sizeof gap_classes[0] + 1)
+
 static int is_spin(const char *name, const char *spin) {
     char parts[512];
     snprintf(parts, sizeof parts, "%s", spin);
@@ -168,6 +186,10 @@ static void report(void) {
     Sum *sums = calloc(name_count, sizeof *sums);
     for (size_t i = 0; i < name_count; i++) sums[i].name = (int)i;
     uint64_t busy = 0, cover_end = window_start, all_time = 0, launches = 0;
+    Gap *gaps = calloc(record_count + 1, sizeof *gaps);
+    size_t gap_count = 0;
+    int last_name = -1;
+    uint64_t class_time[GAP_CLASSES] = {0}, class_count[GAP_CLASSES] = {0};
     for (size_t i = 0; i < record_count; i++) {
         Record r = records[i];
         if (r.end <= window_start) continue;
@@ -181,9 +203,18 @@ static void report(void) {
         if (spinning[r.name]) continue;
         all_time += r.end - r.start;
         /* Records are sorted by start: extend the covered union. */
+        if (r.start > cover_end && last_name >= 0) {
+            uint64_t length = r.start - cover_end;
+            gaps[gap_count++] = (Gap){length, last_name, r.name};
+            size_t c = 0;
+            while (c < GAP_CLASSES - 1 && length > gap_classes[c]) c++;
+            class_time[c] += length;
+            class_count[c]++;
+        }
         if (r.end > cover_end) {
             busy += r.end - (r.start > cover_end ? r.start : cover_end);
             cover_end = r.end;
+            last_name = r.name;
         }
     }
     double window = (double)(last_end - window_start);
@@ -214,6 +245,25 @@ static void report(void) {
                 (unsigned long long)sums[i].count, sums[i].total / 1e3 / sums[i].count,
                 names[sums[i].name]);
     }
+    fprintf(out, "\nidle gaps between GPU activities, by length\n");
+    fprintf(out, "%14s %10s %9s\n", "length", "total ms", "count");
+    for (size_t c = 0; c < GAP_CLASSES; c++) {
+        char label[32];
+        if (c < GAP_CLASSES - 1)
+            snprintf(label, sizeof label, "<= %.0f us", gap_classes[c] / 1e3);
+        else
+            snprintf(label, sizeof label, "> %.0f us", gap_classes[c - 1] / 1e3);
+        fprintf(out, "%14s %10.2f %9llu\n", label, class_time[c] / 1e6,
+                (unsigned long long)class_count[c]);
+    }
+    qsort(gaps, gap_count, sizeof *gaps, by_length);
+    const char *gaps_s = getenv("KERNEL_TRACE_GAPS");
+    size_t shown_gaps = gaps_s ? (size_t)atoi(gaps_s) : 15;
+    fprintf(out, "\nlongest idle gaps\n%10s  %s\n", "us", "after -> before");
+    for (size_t i = 0; i < gap_count && i < shown_gaps; i++)
+        fprintf(out, "%10.1f  %.70s -> %.70s\n", gaps[i].length / 1e3, names[gaps[i].before],
+                names[gaps[i].after]);
+    free(gaps);
     free(sums);
     free(spinning);
 done:
