@@ -1082,16 +1082,17 @@ fn bench_ops_checks_the_reference_paths_on_cpu() {
     let rows: Vec<&str> = stdout
         .lines()
         .filter(|l| {
-            ["gemm", "batched gemm", "attention"]
+            ["gemm", "batched gemm", "linear", "attention"]
                 .iter()
                 .any(|p| l.starts_with(p))
         })
         .collect();
     // 8 GEMM paths (4 transposes, a transposed view, a linear layer's backward as one
-    // group, the accumulating weight-gradient GEMM onto a sum and without), 8 batched ones
-    // (4 transposes, 2 layouts), and 16 attention outputs and gradients (2 masks, 2
-    // layouts), every one within its limit.
-    assert_eq!(rows.len(), 32, "{stdout}");
+    // group, the accumulating weight-gradient GEMM onto a sum and without), a linear
+    // layer's forward with its bias and its 3 gradients, 8 batched ones (4 transposes, 2
+    // layouts), and 16 attention outputs and gradients (2 masks, 2 layouts), every one
+    // within its limit.
+    assert_eq!(rows.len(), 36, "{stdout}");
     assert!(rows.iter().all(|row| row.ends_with(" ok")), "{stdout}");
     // The same rows as JSON lines.
     let json = std::fs::read_to_string(&output).unwrap();
@@ -1099,7 +1100,7 @@ fn bench_ops_checks_the_reference_paths_on_cpu() {
         .lines()
         .filter(|l| l.contains("\"kind\": \"check\""))
         .collect();
-    assert_eq!(checks.len(), 32, "{json}");
+    assert_eq!(checks.len(), 36, "{json}");
     assert!(
         checks.iter().all(|l| l.ends_with("\"ok\": true}")),
         "{json}"

@@ -373,6 +373,14 @@ fn gemm_checks<B: MegatronOps>(
                     relative_error(&got, &want)
                 },
             ));
+            checks.extend(linear_checks::<B>(
+                shape_name,
+                [m, k, n],
+                dtype_name,
+                dtype,
+                limit,
+                device,
+            ));
             // The weight-gradient GEMM of gradient-accumulation fusion: `aᵀ · b` added in
             // fp32 to an fp32 sum (in place on CUDA), and without a sum.
             let a = random::<B, 2>([k, m], dtype, device);
@@ -406,6 +414,74 @@ fn gemm_checks<B: MegatronOps>(
     }
     set_tf32(false);
     checks
+}
+
+/// A linear layer `x · w + bias` (`x`: `[m, k]`): the forward with the bias in the GEMM's
+/// epilogue (`MegatronOps::gemm_bias`), and on autodiff the gradients of `Σ out · g` for
+/// the input, the weight and the bias (`ops::linear`: the GEMM group and the bias's column
+/// sums), against the f64 results of the same (rounded) inputs on the host.
+fn linear_checks<B: MegatronOps>(
+    shape_name: &str,
+    [m, k, n]: [usize; 3],
+    dtype_name: &'static str,
+    dtype: DType,
+    limit: f64,
+    device: &B::Device,
+) -> Vec<Check> {
+    let x = random::<B, 2>([m, k], dtype, device);
+    let w = random::<B, 2>([k, n], dtype, device);
+    let bias = Tensor::<B, 1>::random([n], Distribution::Normal(0.0, 1.0), device).cast(dtype);
+    let g = random::<B, 2>([m, n], dtype, device);
+    let (host_x, host_w, host_bias, host_g) = (
+        host(x.clone()),
+        host(w.clone()),
+        host(bias.clone()),
+        host(g.clone()),
+    );
+    let mut want_output = host_gemm(&host_x, &host_w, [m, k, n], false, false);
+    for row in want_output.chunks_mut(n) {
+        row.iter_mut().zip(&host_bias).for_each(|(v, b)| *v += b);
+    }
+    let (x2, w2, bias2) = (x.clone(), w.clone(), bias.clone());
+    let forward = Check::guarded(
+        format!("gemm_bias {shape_name} {m}x{k}x{n}: the bias in the epilogue"),
+        dtype_name,
+        limit,
+        || relative_error(&host(B::gemm_bias(x2, w2, bias2)), &want_output),
+    );
+    let want = [
+        host_gemm(&host_g, &host_w, [m, n, k], false, true),
+        host_gemm(&host_x, &host_g, [k, m, n], true, false),
+        (0..n)
+            .map(|j| (0..m).map(|i| host_g[i * n + j]).sum())
+            .collect(),
+    ];
+    let backward = ["d input", "d weight", "d bias"]
+        .into_iter()
+        .zip(want)
+        .map(|(name, want)| {
+            let (x, w, bias, g) = (x.clone(), w.clone(), bias.clone(), g.clone());
+            Check::guarded(
+                format!("linear {shape_name} {m}x{k}x{n} with bias: {name}"),
+                dtype_name,
+                limit,
+                move || {
+                    type A<B> = Autodiff<B>;
+                    let x = Tensor::<A<B>, 2>::from_inner(x).require_grad();
+                    let w = Tensor::<A<B>, 2>::from_inner(w).require_grad();
+                    let bias = Tensor::<A<B>, 1>::from_inner(bias).require_grad();
+                    let out = burn_megatron::ops::linear(x.clone(), w.clone(), Some(bias.clone()));
+                    let grads = (out * Tensor::from_inner(g)).sum().backward();
+                    let got = match name {
+                        "d input" => host(x.grad(&grads).expect("d input")),
+                        "d weight" => host(w.grad(&grads).expect("d weight")),
+                        _ => host(bias.grad(&grads).expect("d bias")),
+                    };
+                    relative_error(&got, &want)
+                },
+            )
+        });
+    std::iter::once(forward).chain(backward).collect()
 }
 
 /// Attention's batched products: `[batch, heads]` grids of matrices stored one after the

@@ -93,7 +93,29 @@ where
         transpose_a: bool,
         transpose_b: bool,
     ) -> Tensor<Self, 4> {
-        batched_product(a, b, transpose_a, transpose_b, false)
+        batched_product(a, b, transpose_a, transpose_b, false, None)
+    }
+
+    fn gemm_bias(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        bias: Tensor<Self, 1>,
+    ) -> Tensor<Self, 2> {
+        if reference_ops() || !epilogue_bias_applies(&x, &weight, &bias) {
+            let product = Self::gemm(x, weight, false, false);
+            return <Self as burn_megatron_kernels::FusedKernels>::bias_add(product, bias);
+        }
+        let bias = bias.into_primitive().tensor();
+        let output = batched_product(
+            x.unsqueeze(),
+            weight.unsqueeze(),
+            false,
+            false,
+            false,
+            Some(bias),
+        );
+        let [_, _, m, n] = output.dims();
+        output.reshape([m, n])
     }
 
     fn batched_gemm_heads_merged(
@@ -102,7 +124,7 @@ where
         transpose_a: bool,
         transpose_b: bool,
     ) -> Tensor<Self, 4> {
-        batched_product(a, b, transpose_a, transpose_b, true)
+        batched_product(a, b, transpose_a, transpose_b, true, None)
     }
 
     fn gemm_accumulate(
@@ -151,20 +173,54 @@ where
             grid: [1, 1],
             tf32: tf32_allowed(),
             accumulate,
+            bias: None,
         });
         output
     }
 }
 
+/// Whether cuBLASLt's bias epilogue computes `x · weight + bias` here: one type for the
+/// three (one cuBLASLt takes), nothing empty, and the bias a contiguous vector at a
+/// 16-byte aligned address (cubecl's buffers start 512-byte aligned, so its offset in its
+/// buffer tells; the epilogue's loads may assume that much, as Marian's use of it found).
+fn epilogue_bias_applies<F, I, BT>(
+    x: &Tensor<CubeBackend<CudaRuntime, F, I, BT>, 2>,
+    weight: &Tensor<CubeBackend<CudaRuntime, F, I, BT>, 2>,
+    bias: &Tensor<CubeBackend<CudaRuntime, F, I, BT>, 1>,
+) -> bool
+where
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    const BIAS_ALIGNMENT: u64 = 16;
+    let dtype = x.dtype();
+    let [m, k] = x.dims();
+    let [k_weight, n] = weight.dims();
+    if weight.dtype() != dtype
+        || bias.dtype() != dtype
+        || data_type(dtype).is_none()
+        || m * n * k == 0
+        || k != k_weight
+        || bias.dims() != [n]
+    {
+        return false;
+    }
+    let bias = bias.clone().into_primitive().tensor();
+    bias.meta.strides()[0] == 1 && bias.handle.offset_start.unwrap_or(0) % BIAS_ALIGNMENT == 0
+}
+
 /// `op(a) · op(b)` over the `[batch, heads]` grid of 4-D `a` and `b` on cuBLASLt (Burn's
 /// matmul where cuBLASLt does not apply); `heads_merged`: stored `[batch, m, heads, n]`
-/// (see `MegatronOps::batched_gemm_heads_merged`).
+/// (see `MegatronOps::batched_gemm_heads_merged`); `bias`: added to every row in the
+/// epilogue (a single product, checked by [`epilogue_bias_applies`]).
 fn batched_product<F, I, BT>(
     a: Tensor<CubeBackend<CudaRuntime, F, I, BT>, 4>,
     b: Tensor<CubeBackend<CudaRuntime, F, I, BT>, 4>,
     transpose_a: bool,
     transpose_b: bool,
     heads_merged: bool,
+    bias: Option<CubeTensor<CudaRuntime>>,
 ) -> Tensor<CubeBackend<CudaRuntime, F, I, BT>, 4>
 where
     F: FloatElement,
@@ -215,6 +271,7 @@ where
         grid: [batch, heads],
         tf32: tf32_allowed(),
         accumulate: false,
+        bias,
     });
     Tensor::from_primitive(TensorPrimitive::Float(result))
 }
@@ -431,7 +488,8 @@ impl Drop for Plan {
 
 /// The key of a plan: the inputs' and the output's types, TF32, transposes, sizes, leading
 /// dimensions, the byte alignment of the A, B and D addresses (algorithms may assume more
-/// than Burn's buffers give), and the matrices per call with their strides (A, B, D).
+/// than Burn's buffers give), the matrices per call with their strides (A, B, D), and the
+/// bias's type when the epilogue adds one.
 type PlanKey = (
     [DType; 2],
     bool,
@@ -440,6 +498,7 @@ type PlanKey = (
     [usize; 3],
     [u32; 3],
     (usize, [usize; 3]),
+    Option<DType>,
 );
 
 /// cuBLASLt on one GPU: handle, stream, workspace and the plans made so far.
@@ -576,6 +635,7 @@ impl Plan {
             [lda, ldb, ldd],
             [align_a, align_b, align_d],
             (count, [stride_a, stride_b, stride_d]),
+            bias,
         ): PlanKey,
         sm_count: Option<i32>,
     ) -> Result<Self, String> {
@@ -605,6 +665,20 @@ impl Plan {
             sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
             &op_a,
         )?;
+        if let Some(bias) = bias {
+            // Column-major D has a row per output feature: the bias is one per row.
+            set_desc(
+                desc,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                &sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            )?;
+            let bias_data = data_type(bias).expect("checked by the caller");
+            set_desc(
+                desc,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                &bias_data,
+            )?;
+        }
         if let Some(sm_count) = sm_count {
             set_desc(
                 desc,
@@ -724,6 +798,9 @@ struct QueuedGemm {
     tf32: bool,
     /// Add the product to the output's values (`beta = 1`) rather than overwrite them.
     accumulate: bool,
+    /// Added to every row of the output by the epilogue (one product; see
+    /// [`epilogue_bias_applies`]).
+    bias: Option<CubeTensor<CudaRuntime>>,
 }
 
 impl QueuedGemm {
@@ -864,6 +941,8 @@ struct Resolved {
     /// Bytes per element of A, B and D.
     elements: [usize; 3],
     accumulate: bool,
+    /// The bias's address, for the epilogue.
+    bias: Option<*mut c_void>,
 }
 
 impl Resolved {
@@ -877,6 +956,7 @@ impl Resolved {
             grid,
             tf32,
             accumulate,
+            bias,
         } = gemm;
         let batching = Batching::new(*grid, [a, b, output]);
         let elements = [a, b, output].map(|operand| operand.tensor.dtype.size());
@@ -903,6 +983,7 @@ impl Resolved {
             [a.ld, b.ld, output.ld],
             [alignment(0), alignment(1), alignment(2)],
             (batching.count, batching.strides),
+            bias.as_ref().map(|bias| bias.dtype),
         );
         Ok(Self {
             key,
@@ -910,6 +991,7 @@ impl Resolved {
             batching,
             elements,
             accumulate: *accumulate,
+            bias: bias.as_ref().map(address).transpose()?,
         })
     }
 
@@ -960,6 +1042,14 @@ impl Device {
             for gemm in &resolved {
                 let plan = &plans[&gemm.key];
                 let (alpha, beta) = (1f32, if gemm.accumulate { 1f32 } else { 0f32 });
+                if let Some(bias) = gemm.bias {
+                    // The descriptor is this plan's, used by one thread at a time.
+                    set_desc(
+                        plan.desc,
+                        sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                        &bias,
+                    )?;
+                }
                 for call in 0..gemm.batching.calls {
                     let (pa, pb, pd) = (gemm.at(0, call), gemm.at(1, call), gemm.at(2, call));
                     unsafe {

@@ -9,8 +9,8 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::module::{Param, ParamId};
-use burn::tensor::{Tensor, TensorPrimitive, backend::Backend};
-use burn_megatron_kernels::FusedKernels;
+use burn::tensor::{DType, Tensor, TensorPrimitive, backend::Backend};
+use burn_megatron_kernels::with_dtype;
 
 use super::MegatronOps;
 use super::weight_grads::accumulate;
@@ -56,8 +56,9 @@ fn product<B: MegatronOps, const D: usize>(
 }
 
 /// `x · weight + bias` over the last dimension of `x` (`weight`: `[d_input, d_output]`, as
-/// Burn's `Linear` stores it). Where the backend has a fast GEMM the product and its
-/// gradients run on it; elsewhere this is Burn's `linear`, unchanged.
+/// Burn's `Linear` stores it). Where the backend has a fast GEMM this is
+/// [`MegatronOps::linear_product`] (the bias in the GEMM's epilogue on CUDA, the gradients
+/// GEMMs of the same kind); elsewhere Burn's `linear`, unchanged.
 pub fn linear<B: MegatronOps, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
@@ -66,35 +67,28 @@ pub fn linear<B: MegatronOps, const D: usize>(
     if !B::has_fast_gemm() {
         return burn::tensor::module::linear(x, weight, bias);
     }
-    let d_output = weight.dims()[1];
-    over_rows(x, d_output, bias, |rows| {
-        B::gemm(rows, weight, false, false)
+    over_rows(x, weight.dims()[1], |rows| {
+        B::linear_product(rows, weight, bias, None)
     })
 }
 
-/// `product(x as rows) + bias`, in `x`'s shape with the last dimension `d_output`.
-fn over_rows<B: FusedKernels, const D: usize>(
+/// `product(x as rows)`, in `x`'s shape with the last dimension `d_output`.
+fn over_rows<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     d_output: usize,
-    bias: Option<Tensor<B, 1>>,
     product: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>,
 ) -> Tensor<B, D> {
     let mut shape = x.dims();
     let d_input = shape[D - 1];
     let rows = x.shape().num_elements() / d_input.max(1);
     shape[D - 1] = d_output;
-    let output = product(x.reshape([rows, d_input]));
-    let output = match bias {
-        Some(bias) => B::bias_add(output, bias),
-        None => output,
-    };
-    output.reshape(shape)
+    product(x.reshape([rows, d_input])).reshape(shape)
 }
 
 /// [`linear`] of a layer's weight parameter: while this thread's weight-gradient
 /// accumulators are open (a training step with gradient-accumulation fusion, see
 /// [`begin_weight_grads`](super::begin_weight_grads)) the product is
-/// [`MegatronOps::linear_product`], whose weight gradient goes to the parameter's fp32
+/// [`MegatronOps::linear_product`] of the parameter, whose weight gradient goes to its fp32
 /// accumulator; otherwise this is [`linear`].
 pub fn linear_param<B: MegatronOps, const D: usize>(
     x: Tensor<B, D>,
@@ -104,57 +98,71 @@ pub fn linear_param<B: MegatronOps, const D: usize>(
     if !super::accumulating() {
         return linear(x, weight.val(), bias);
     }
-    let d_output = weight.dims()[1];
-    over_rows(x, d_output, bias, |rows| {
-        B::linear_product(rows, weight.val(), weight.id)
+    over_rows(x, weight.dims()[1], |rows| {
+        B::linear_product(rows, weight.val(), bias, Some(weight.id))
     })
 }
 
-/// `x · w` on an autodiff backend as one op whose input gradient is registered as usual
-/// and whose weight gradient `xᵀ · d out` is added to the accumulator of parameter `id`
-/// while this thread's accumulators are open (registered as usual when they are not).
-pub(super) fn matmul_accumulating_weight_grad<B: MegatronOps, C: CheckpointStrategy>(
+/// `x · w + bias` on an autodiff backend as one op ([`MegatronOps::linear_product`]): the
+/// forward is the inner backend's `linear_product`; the backward makes the input gradient
+/// and the weight gradient `xᵀ · d out` as one GEMM group (the weight gradient added to the
+/// accumulator of parameter `id` instead while this thread's accumulators are open), and
+/// the bias gradient as the column sums of `d out`.
+pub(super) fn linear_op<B: MegatronOps, C: CheckpointStrategy>(
     x: Tensor<Autodiff<B, C>, 2>,
     w: Tensor<Autodiff<B, C>, 2>,
-    id: ParamId,
+    bias: Option<Tensor<Autodiff<B, C>, 1>>,
+    id: Option<ParamId>,
 ) -> Tensor<Autodiff<B, C>, 2> {
-    let (x, w, nodes) = burn_megatron_kernels::detach_inner!(B; x, w);
-    let output = B::gemm(x.clone(), w.clone(), false, false)
+    let bias_dtype = bias.as_ref().map(|bias| bias.dtype());
+    // Without a bias, an empty untracked tensor in its place: the op's third parent is
+    // then none.
+    let b = bias.unwrap_or_else(|| Tensor::empty([0], &x.device()));
+    let (x, w, b, nodes) = burn_megatron_kernels::detach_inner!(B; x, w, b);
+    let output = B::linear_product(x.clone(), w.clone(), bias_dtype.map(|_| b), id)
         .into_primitive()
         .tensor();
-    let output = match AccumulatingGemmBackward
+    let output = match LinearBackward
         .prepare::<C>(nodes)
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => prep.finish((x, w, id), output),
+        OpsKind::Tracked(prep) => prep.finish((x, w, id, bias_dtype), output),
         OpsKind::UnTracked(prep) => prep.finish(output),
     };
     Tensor::from_primitive(TensorPrimitive::Float(output))
 }
 
-/// The backward of [`matmul_accumulating_weight_grad`].
+/// The backward of [`linear_op`]. Parents: input, weight, bias.
 #[derive(Debug)]
-struct AccumulatingGemmBackward;
+struct LinearBackward;
 
-impl<B: MegatronOps> Backward<B, 2> for AccumulatingGemmBackward {
-    type State = (Tensor<B, 2>, Tensor<B, 2>, ParamId);
+impl<B: MegatronOps> Backward<B, 3> for LinearBackward {
+    /// The input, the weight, the weight parameter, the bias's type (none: no bias).
+    type State = (Tensor<B, 2>, Tensor<B, 2>, Option<ParamId>, Option<DType>);
 
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (x, w, id) = ops.state;
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, w, id, bias_dtype) = ops.state;
         let grad =
             Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grads.consume::<B>(&ops.node)));
-        let [x_parent, w_parent] = ops.parents;
+        let [x_parent, w_parent, bias_parent] = ops.parents;
         // Both products as one group (the weight gradient onto its accumulator, or into
-        // the graph when the accumulators are closed); registered after it.
+        // the graph when there is none open); registered after it.
         let (weight_grad, input_grad) = B::gemm_group(|| {
             let weight_grad = w_parent.as_ref().and_then(|_| {
-                (!accumulate::<B>(id, x.clone(), grad.clone(), true, false))
-                    .then(|| B::gemm(x, grad.clone(), true, false))
+                let accumulated =
+                    id.is_some_and(|id| accumulate::<B>(id, x.clone(), grad.clone(), true, false));
+                (!accumulated).then(|| B::gemm(x, grad.clone(), true, false))
             });
-            let input_grad = x_parent.as_ref().map(|_| B::gemm(grad, w, false, true));
+            let input_grad = x_parent
+                .as_ref()
+                .map(|_| B::gemm(grad.clone(), w, false, true));
             (weight_grad, input_grad)
         });
+        let bias_grad = bias_parent
+            .as_ref()
+            .zip(bias_dtype)
+            .map(|(_, dtype)| with_dtype(B::column_sums(grad), dtype));
         register(
             grads,
             [
@@ -162,6 +170,9 @@ impl<B: MegatronOps> Backward<B, 2> for AccumulatingGemmBackward {
                 (x_parent.map(|p| p.id), input_grad),
             ],
         );
+        if let (Some(parent), Some(grad)) = (bias_parent, bias_grad) {
+            grads.register::<B>(parent.id, grad.into_primitive().tensor());
+        }
     }
 }
 
@@ -269,6 +280,47 @@ mod tests {
         };
         for (ours, burns) in run(true).iter().zip(run(false).iter()) {
             ours.assert_approx_eq::<f32>(burns, burn::tensor::Tolerance::absolute(1e-6));
+        }
+    }
+
+    #[test]
+    fn linear_op_matches_burn_linear() {
+        let device = Default::default();
+        Inner::seed(&device, 11);
+        let normal = |shape: [usize; 2]| {
+            Tensor::<Inner, 2>::random(shape, Distribution::Normal(0.0, 1.0), &device)
+        };
+        let (x, w, weights) = (normal([5, 4]), normal([4, 3]), normal([5, 3]));
+        let bias = Tensor::<Inner, 1>::random([3], Distribution::Normal(0.0, 1.0), &device);
+        for with_bias in [true, false] {
+            let run = |ours: bool| -> Vec<TensorData> {
+                let x = Tensor::<B, 2>::from_inner(x.clone()).require_grad();
+                let w = Tensor::<B, 2>::from_inner(w.clone()).require_grad();
+                let b = Tensor::<B, 1>::from_inner(bias.clone()).require_grad();
+                let b_used = with_bias.then(|| b.clone());
+                let out = if ours {
+                    linear_op(x.clone(), w.clone(), b_used, None)
+                } else {
+                    burn::tensor::module::linear(x.clone(), w.clone(), b_used)
+                };
+                let grads = (out.clone() * Tensor::from_inner(weights.clone()))
+                    .sum()
+                    .backward();
+                let mut results = vec![
+                    out.into_data(),
+                    x.grad(&grads).unwrap().into_data(),
+                    w.grad(&grads).unwrap().into_data(),
+                ];
+                if with_bias {
+                    results.push(b.grad(&grads).unwrap().into_data());
+                } else {
+                    assert!(b.grad(&grads).is_none(), "no gradient for an unused bias");
+                }
+                results
+            };
+            for (ours, burns) in run(true).iter().zip(run(false).iter()) {
+                ours.assert_approx_eq::<f32>(burns, burn::tensor::Tolerance::absolute(1e-6));
+            }
         }
     }
 

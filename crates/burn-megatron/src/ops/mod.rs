@@ -97,16 +97,36 @@ pub trait MegatronOps: burn_megatron_kernels::FusedKernels {
         reference_gemm_accumulate(a, b, transpose_a, transpose_b, sum)
     }
 
-    /// `x · weight` for the weight parameter `id` of a linear layer. On autodiff, while
-    /// this thread's weight-gradient accumulators are open ([`begin_weight_grads`]), one op
-    /// whose weight gradient goes to the accumulator of `id` ([`gemm_accumulate`]
-    /// (Self::gemm_accumulate)) rather than to the graph; elsewhere the product.
+    /// `x · weight + bias`, `bias` (`[n]`) added to every row: a linear layer's product
+    /// and bias as one operation. On CUDA the bias is added by cuBLASLt's epilogue as the
+    /// product is written (no second pass over the output); elsewhere, and where the
+    /// epilogue does not apply, it is [`gemm`](Self::gemm) then
+    /// [`bias_add`](burn_megatron_kernels::FusedKernels::bias_add).
+    fn gemm_bias(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        bias: Tensor<Self, 1>,
+    ) -> Tensor<Self, 2> {
+        Self::bias_add(Self::gemm(x, weight, false, false), bias)
+    }
+
+    /// A linear layer's `x · weight (+ bias)` for rows `x`, through [`gemm`](Self::gemm) or
+    /// [`gemm_bias`](Self::gemm_bias). On autodiff, one op whose backward is the input- and
+    /// weight-gradient GEMMs (as one [`gemm_group`](Self::gemm_group)) and the bias's
+    /// column sums; with `id`, the weight parameter's, and this thread's weight-gradient
+    /// accumulators open ([`begin_weight_grads`]), the weight gradient goes to the
+    /// accumulator of `id` ([`gemm_accumulate`](Self::gemm_accumulate)) rather than to
+    /// the graph.
     fn linear_product(
         x: Tensor<Self, 2>,
         weight: Tensor<Self, 2>,
-        _id: ParamId,
+        bias: Option<Tensor<Self, 1>>,
+        _id: Option<ParamId>,
     ) -> Tensor<Self, 2> {
-        Self::gemm(x, weight, false, false)
+        match bias {
+            Some(bias) => Self::gemm_bias(x, weight, bias),
+            None => Self::gemm(x, weight, false, false),
+        }
     }
 
     /// `op(a) · op(b)` for each of the `[batch, heads]` matrices of 4-D `a` and `b` (the
@@ -181,8 +201,13 @@ impl<B: MegatronOps, C: CheckpointStrategy> MegatronOps for Autodiff<B, C> {
         }
     }
 
-    fn linear_product(x: Tensor<Self, 2>, weight: Tensor<Self, 2>, id: ParamId) -> Tensor<Self, 2> {
-        gemm::matmul_accumulating_weight_grad(x, weight, id)
+    fn linear_product(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+        id: Option<ParamId>,
+    ) -> Tensor<Self, 2> {
+        gemm::linear_op(x, weight, bias, id)
     }
 
     fn batched_gemm(
