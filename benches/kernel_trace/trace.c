@@ -20,7 +20,9 @@
  * the host's time inside CUDA driver calls (all threads), by call: where the host blocks.
  * The idle time is then split by gap length (many short gaps: launches slower than the
  * kernels; a few long ones: the host waiting for something), and the longest gaps are
- * listed with the activity that ends before each and the one that starts after it.
+ * listed with the activity that ends before each and the one that starts after it. The
+ * kernels launched right after a host-to-device copy on their stream are counted (CubeCL
+ * copies a launch's shapes and strides just before a kernel that reads them).
  */
 #include <cupti.h>
 #include <stdint.h>
@@ -31,8 +33,10 @@
 
 typedef struct {
     uint64_t start, end;
-    int name; /* index into `names` */
-    int host; /* a driver call on the host, not GPU activity */
+    int name;        /* index into `names` */
+    int host;        /* a driver call on the host, not GPU activity */
+    uint32_t stream; /* the GPU activity's stream */
+    int upload;      /* a host-to-device copy */
 } Record;
 
 static Record *records;
@@ -61,12 +65,13 @@ static int name_index(const char *name) {
     return (int)name_count++;
 }
 
-static void add(uint64_t start, uint64_t end, const char *name, int host) {
+static void add(uint64_t start, uint64_t end, const char *name, int host, uint32_t stream,
+                int upload) {
     if (record_count == record_capacity) {
         record_capacity = record_capacity ? 2 * record_capacity : 1 << 16;
         records = realloc(records, record_capacity * sizeof *records);
     }
-    records[record_count++] = (Record){start, end, name_index(name), host};
+    records[record_count++] = (Record){start, end, name_index(name), host, stream, upload};
 }
 
 #define BUFFER_BYTES (8u << 20)
@@ -89,17 +94,18 @@ static void CUPTIAPI buffer_completed(CUcontext context, uint32_t stream, uint8_
         case CUPTI_ACTIVITY_KIND_KERNEL:
         case CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL: {
             CUpti_ActivityKernel10 *k = (CUpti_ActivityKernel10 *)record;
-            add(k->start, k->end, k->name ? k->name : "(unnamed kernel)", 0);
+            add(k->start, k->end, k->name ? k->name : "(unnamed kernel)", 0, k->streamId, 0);
             break;
         }
         case CUPTI_ACTIVITY_KIND_MEMCPY: {
             CUpti_ActivityMemcpy6 *m = (CUpti_ActivityMemcpy6 *)record;
-            add(m->start, m->end, "[memcpy]", 0);
+            int upload = m->copyKind == CUPTI_ACTIVITY_MEMCPY_KIND_HTOD;
+            add(m->start, m->end, upload ? "[memcpy HtoD]" : "[memcpy]", 0, m->streamId, upload);
             break;
         }
         case CUPTI_ACTIVITY_KIND_MEMSET: {
             CUpti_ActivityMemset4 *m = (CUpti_ActivityMemset4 *)record;
-            add(m->start, m->end, "[memset]", 0);
+            add(m->start, m->end, "[memset]", 0, m->streamId, 0);
             break;
         }
         case CUPTI_ACTIVITY_KIND_DRIVER: {
@@ -108,7 +114,7 @@ static void CUPTIAPI buffer_completed(CUcontext context, uint32_t stream, uint8_
             if (cuptiGetCallbackName(CUPTI_CB_DOMAIN_DRIVER_API, api->cbid, &name) != CUPTI_SUCCESS ||
                 !name)
                 name = "(driver call)";
-            add(api->start, api->end, name, 1);
+            add(api->start, api->end, name, 1, 0, 0);
             break;
         }
         default:
@@ -128,6 +134,7 @@ typedef struct {
     int name;
     uint64_t total;
     uint64_t count;
+    uint64_t uploaded; /* launches that a host-to-device copy on their stream preceded */
     int host;
 } Sum;
 
@@ -186,6 +193,12 @@ static void report(void) {
     Sum *sums = calloc(name_count, sizeof *sums);
     for (size_t i = 0; i < name_count; i++) sums[i].name = (int)i;
     uint64_t busy = 0, cover_end = window_start, all_time = 0, launches = 0;
+    /* Per stream (a few), whether its last activity was a host-to-device copy: CubeCL
+     * copies a launch's shapes and strides just before the kernel that reads them. */
+    enum { STREAMS = 64 };
+    uint32_t stream_ids[STREAMS];
+    int stream_uploaded[STREAMS];
+    size_t stream_count = 0;
     Gap *gaps = calloc(record_count + 1, sizeof *gaps);
     size_t gap_count = 0;
     int last_name = -1;
@@ -200,6 +213,16 @@ static void report(void) {
         sums[r.name].host = r.host;
         if (r.host) continue;
         launches++;
+        size_t s = 0;
+        while (s < stream_count && stream_ids[s] != r.stream) s++;
+        if (s == stream_count && stream_count < STREAMS) {
+            stream_ids[stream_count] = r.stream;
+            stream_uploaded[stream_count++] = 0;
+        }
+        if (s < stream_count) {
+            if (!r.upload && stream_uploaded[s]) sums[r.name].uploaded++;
+            stream_uploaded[s] = r.upload;
+        }
         if (spinning[r.name]) continue;
         all_time += r.end - r.start;
         /* Records are sorted by start: extend the covered union. */
@@ -225,16 +248,31 @@ static void report(void) {
     qsort(sums, name_count, sizeof *sums, by_total);
     const char *top_s = getenv("KERNEL_TRACE_TOP");
     size_t top = top_s ? (size_t)atoi(top_s) : 40;
-    fprintf(out, "%10s %9s %8s %6s  %s\n", "total ms", "count", "mean us", "% busy", "name");
+    fprintf(out, "%10s %9s %8s %6s %8s  %s\n", "total ms", "count", "mean us", "% busy",
+            "uploads", "name");
     for (size_t i = 0, shown = 0; i < name_count && shown < top; i++) {
         if (sums[i].count == 0) break;
         if (sums[i].host) continue;
         shown++;
-        fprintf(out, "%10.2f %9llu %8.1f %6.1f  %s%.150s\n", sums[i].total / 1e6,
+        fprintf(out, "%10.2f %9llu %8.1f %6.1f %8llu  %s%.150s\n", sums[i].total / 1e6,
                 (unsigned long long)sums[i].count, sums[i].total / 1e3 / sums[i].count,
                 spinning[sums[i].name] ? 0.0 : 100.0 * sums[i].total / busy,
+                (unsigned long long)sums[i].uploaded,
                 spinning[sums[i].name] ? "(spin) " : "", names[sums[i].name]);
     }
+    /* The kernels that host-to-device copies preceded most often. */
+    Sum *by_uploads = malloc(name_count * sizeof *by_uploads);
+    memcpy(by_uploads, sums, name_count * sizeof *sums);
+    for (size_t i = 0; i < name_count; i++) by_uploads[i].total = by_uploads[i].uploaded;
+    qsort(by_uploads, name_count, sizeof *by_uploads, by_total);
+    fprintf(out, "\nkernels launched right after a host-to-device copy on their stream\n");
+    fprintf(out, "%9s %9s  %s\n", "uploads", "count", "name");
+    for (size_t i = 0; i < name_count && i < top; i++) {
+        if (by_uploads[i].uploaded == 0) break;
+        fprintf(out, "%9llu %9llu  %.150s\n", (unsigned long long)by_uploads[i].uploaded,
+                (unsigned long long)by_uploads[i].count, names[by_uploads[i].name]);
+    }
+    free(by_uploads);
     fprintf(out, "\nhost time in CUDA driver calls over the window (all threads)\n");
     fprintf(out, "%10s %9s %8s  %s\n", "total ms", "count", "mean us", "call");
     for (size_t i = 0, shown = 0; i < name_count && shown < 25; i++) {
