@@ -10,9 +10,9 @@ use burn::tensor::{DType, ElementConversion, Shape};
 use crate::{
     AdamWState, AdamWStep, CrossEntropy, Dropout, FusedKernels, Gelu, reference_adamw,
     reference_bias_dropout_add, reference_bias_gelu, reference_bias_gelu_backward,
-    reference_column_sums, reference_cross_entropy_backward, reference_kernels,
-    reference_logit_statistics, reference_norm, reference_softmax, reference_softmax_backward,
-    with_dtype,
+    reference_column_sums, reference_cross_entropy_backward, reference_flatten_into,
+    reference_kernels, reference_logit_statistics, reference_norm, reference_softmax,
+    reference_softmax_backward, with_dtype,
 };
 
 /// One comparison: a quantity of a kernel against the reference.
@@ -169,6 +169,9 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
             label_smoothing,
         ));
     }
+    for with_sum in [false, true] {
+        checks.push(check_flatten_into::<B>(device, dtype, with_sum));
+    }
     // The optimizer's buffers are fp32 whatever the model's type.
     if dtype == DType::F32 {
         for (len, grad_factor, step) in [(1000, 1.0, 1), (4099, 0.37, 7)] {
@@ -193,6 +196,39 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
         }
     }
     checks
+}
+
+/// A micro-batch's gradients into the flat fp32 main grads: parts in `dtype` of lengths
+/// that do not keep the vectors aligned (a view starting inside its buffer among them) and
+/// an fp32 part, written fresh or added in place to a sum nothing else holds, against the
+/// reference on copies.
+fn check_flatten_into<B: FusedKernels>(device: &B::Device, dtype: DType, with_sum: bool) -> Check {
+    let mut parts: Vec<Tensor<B, 1>> = [5, 8, 1001, 3, 4096]
+        .into_iter()
+        .map(|len| random::<B, 1>([len], device, dtype, 1.0))
+        .collect();
+    parts.push(random::<B, 1>([700], device, dtype, 1.0).narrow(0, 3, 613));
+    parts.push(random::<B, 1>([64], device, DType::F32, 1.0));
+    let total = parts.iter().map(|part| part.dims()[0]).sum();
+    let sum = with_sum.then(|| random::<B, 1>([total], device, DType::F32, 1.0));
+    // The reference's sum is a copy: the kernel adds in place to the only holder of its own.
+    let sum_copy = sum
+        .as_ref()
+        .map(|sum| Tensor::<B, 1>::from_data(sum.to_data(), (device, DType::F32)));
+    let expected = reference_flatten_into(parts.clone(), sum_copy);
+    let fused = B::flatten_into(parts, sum);
+    row(
+        if with_sum {
+            "flatten_into_added"
+        } else {
+            "flatten_into"
+        },
+        &[total],
+        dtype,
+        "flat",
+        fused,
+        expected,
+    )
 }
 
 /// An AdamW step on fresh fp32 state (the second moment positive, half the elements

@@ -54,7 +54,7 @@ impl<R: CubeRuntime> HandoffCounters<R> {
             &self.counters.client,
             CubeCount::Static(1, 1, 1),
             CubeDim::new_1d(1),
-            self.counters.clone().into_tensor_arg(),
+            self.counters.clone().into_array_arg(),
             slot as u32,
             ticket,
         );
@@ -68,7 +68,7 @@ impl<R: CubeRuntime> HandoffCounters<R> {
             &self.counters.client,
             CubeCount::Static(1, 1, 1),
             CubeDim::new_1d(1),
-            self.counters.clone().into_tensor_arg(),
+            self.counters.clone().into_array_arg(),
             slot as u32,
             ticket,
         );
@@ -76,12 +76,12 @@ impl<R: CubeRuntime> HandoffCounters<R> {
 }
 
 #[cube(launch)]
-fn set_counter(counters: &mut Tensor<u32>, slot: u32, ticket: u32) {
+fn set_counter(counters: &mut Array<u32>, slot: u32, ticket: u32) {
     counters[slot as usize] = ticket;
 }
 
 #[cube(launch)]
-fn await_counter(counters: &Tensor<Atomic<u32>>, slot: u32, ticket: u32) {
+fn await_counter(counters: &Array<Atomic<u32>>, slot: u32, ticket: u32) {
     loop {
         // Reached when the counter is at most 2^31 - 1 past the ticket (modulo 2^32).
         let past = counters[slot as usize].load() - ticket;

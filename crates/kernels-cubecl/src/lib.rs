@@ -46,9 +46,9 @@ use burn::tensor::{Bool, DType, Int, Tensor, backend::Backend};
 pub use reference::{
     attention_mask, reference_adamw, reference_bias_dropout_add, reference_bias_gelu,
     reference_bias_gelu_backward, reference_column_sums, reference_cross_entropy_backward,
-    reference_cross_entropy_loss, reference_logit_statistics, reference_norm,
-    reference_norm_backward, reference_norm_forward, reference_softmax, reference_softmax_backward,
-    reference_sum_of_squares, softmax_dtype,
+    reference_cross_entropy_loss, reference_flatten_into, reference_logit_statistics,
+    reference_norm, reference_norm_backward, reference_norm_forward, reference_softmax,
+    reference_softmax_backward, reference_sum_of_squares, softmax_dtype,
 };
 
 static REFERENCE_OPS: AtomicBool = AtomicBool::new(false);
@@ -349,6 +349,15 @@ pub trait FusedKernels: Backend {
     fn sums_squares_in_kernel(device: &Self::Device) -> bool {
         let _ = device;
         false
+    }
+
+    /// `parts` (1-D, of any float types) concatenated in fp32, or added to `sum` (fp32,
+    /// their total length) when given: a micro-batch's parameter gradients into the flat
+    /// main-grad buffer. On CUDA one kernel per part writes (or adds) its fp32 values in
+    /// place in the buffer, which `sum` then must be alone to hold; elsewhere it is Burn's
+    /// cast, concatenation and add.
+    fn flatten_into(parts: Vec<Tensor<Self, 1>>, sum: Option<Tensor<Self, 1>>) -> Tensor<Self, 1> {
+        reference_flatten_into(parts, sum)
     }
 
     /// One AdamW step on `state` with gradients `grads` and per-element weight-decay mask

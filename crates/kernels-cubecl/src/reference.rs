@@ -405,6 +405,29 @@ pub fn reference_cross_entropy_loss<B: Backend>(
     with_dtype(loss.detach(), DType::F32) + attached.reshape([rows])
 }
 
+/// `parts` concatenated in fp32 (parts of one type are concatenated first and cast once:
+/// one kernel instead of one per part), added to `sum` when given.
+pub fn reference_flatten_into<B: Backend>(
+    parts: Vec<Tensor<B, 1>>,
+    sum: Option<Tensor<B, 1>>,
+) -> Tensor<B, 1> {
+    let device = sum.as_ref().map(|sum| sum.device());
+    let dtype = parts.first().map(|part| part.dtype());
+    let flat = if parts.is_empty() {
+        let device = device.expect("flatten_into: no parts and no sum");
+        Tensor::zeros([0], (&device, DType::F32))
+    } else if parts.iter().all(|part| Some(part.dtype()) == dtype) {
+        crate::with_dtype(Tensor::cat(parts, 0), DType::F32)
+    } else {
+        let parts = parts.into_iter().map(|p| crate::with_dtype(p, DType::F32));
+        Tensor::cat(parts.collect(), 0)
+    };
+    match sum {
+        Some(sum) => sum + flat,
+        None => flat,
+    }
+}
+
 /// The sum of squares of the `counted` elements of `grads` (all without a mask; each mask
 /// multiplication reads 8 bytes and writes 4 per element), accumulated in fp64 chunk by
 /// chunk: an fp32 sum over millions of elements is off by about 1e-4 relative, and

@@ -16,7 +16,7 @@ use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData};
-use burn_megatron_kernels::{AdamWState, AdamWStep, with_dtype};
+use burn_megatron_kernels::{AdamWState, AdamWStep, FusedKernels, with_dtype};
 
 use crate::Result;
 use crate::checkpoint::{ScalerState, StateKind};
@@ -228,7 +228,7 @@ struct ChunkGrads<B: Backend> {
     params: Vec<(ParamId, usize, bool)>,
 }
 
-impl<B: Backend> MainGrads<B> {
+impl<B: FusedKernels> MainGrads<B> {
     /// Empty buffers for `chunks` model chunks.
     pub fn new(chunks: usize) -> Self {
         Self {
@@ -259,11 +259,7 @@ impl<B: Backend> MainGrads<B> {
         if parts.is_empty() {
             return;
         }
-        let flat = cat_fp32(parts);
-        slot.sum = Some(match slot.sum.take() {
-            Some(sum) => sum + flat,
-            None => flat,
-        });
+        slot.sum = Some(B::flatten_into(parts, slot.sum.take()));
     }
 
     /// Each chunk's flat fp32 gradients in module order (`None`: no gradients), the
@@ -286,7 +282,7 @@ impl<B: Backend> MainGrads<B> {
                         sum.slice(offset - len..offset)
                     }
                 });
-                Some(Tensor::cat(parts.collect(), 0))
+                Some(B::flatten_into(parts.collect(), None))
             })
             .collect()
     }
@@ -655,18 +651,6 @@ fn sum_slots<B: ParallelBackend>(
     Ok(flat)
 }
 
-/// `parts` concatenated, in fp32: parts of one type are concatenated first and cast once
-/// (one kernel instead of one per part).
-fn cat_fp32<B: Backend>(parts: Vec<Tensor<B, 1>>) -> Tensor<B, 1> {
-    let dtype = parts.first().map(|part| part.dtype());
-    if parts.iter().all(|part| Some(part.dtype()) == dtype) {
-        with_dtype(Tensor::cat(parts, 0), DType::F32)
-    } else {
-        let parts = parts.into_iter().map(|p| with_dtype(p, DType::F32));
-        Tensor::cat(parts.collect(), 0)
-    }
-}
-
 /// An fp32 vector on `device`, whatever the backend's default float type.
 fn fp32<B: Backend>(values: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
     let len = values.len();
@@ -725,7 +709,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for FlattenGrads<'_, B> {
             return;
         }
         let grad = grad.unwrap_or_else(|| param.val().inner().zeros_like());
-        // Main grads are fp32 whatever the parameters' type (cast by `cat_fp32`).
+        // Main grads are fp32 whatever the parameters' type (cast by `flatten_into`).
         self.parts.push(grad.flatten(0, D - 1));
     }
 }

@@ -7,10 +7,12 @@
 //! CUDA (each row padded to an alignment), so rows are not `width` apart in general. The
 //! last dimension is always dense, and 1-D tensors (weights, biases, statistics) too.
 //!
-//! The strides come in as scalar arguments (in elements), never from `tensor.stride(dim)`:
-//! a kernel that reads a tensor's shape or stride makes CubeCL copy the launch's shapes and
-//! strides to the device, one host-to-device copy per launch, and every 64 copies the host
-//! waits for the device to reach the copy 64 before (CubeCL's pending-drop queue).
+//! Buffers are `Array` arguments, never `Tensor` ones, and the strides come in as scalar
+//! arguments (in elements): for every `Tensor` argument CubeCL copies its shape and strides
+//! to the device at each launch (whether the kernel reads them or not), one host-to-device
+//! copy per launch, and every 64 copies the host waits for the device to reach the copy 64
+//! before (CubeCL's pending-drop queue). An `Array`'s length and a kernel's scalars travel
+//! in the launch's parameters.
 
 use cubecl::prelude::*;
 
@@ -117,12 +119,12 @@ fn lanes_max<N: Size>(vector: Vector<f32, N>) -> f32 {
 /// elements: writes the output and the row's mean and reciprocal standard deviation.
 #[cube(launch)]
 pub(super) fn norm_forward<F: Float, N: Size>(
-    input: &Tensor<Vector<F, N>>,
-    weight: &Tensor<Vector<F, N>>,
-    bias: &Tensor<Vector<F, N>>,
-    output: &mut Tensor<Vector<F, N>>,
-    mean: &mut Tensor<f32>,
-    rstd: &mut Tensor<f32>,
+    input: &Array<Vector<F, N>>,
+    weight: &Array<Vector<F, N>>,
+    bias: &Array<Vector<F, N>>,
+    output: &mut Array<Vector<F, N>>,
+    mean: &mut Array<f32>,
+    rstd: &mut Array<f32>,
     rows: u32,
     width: u32,
     input_stride: u32,
@@ -202,7 +204,7 @@ pub(super) fn norm_forward<F: Float, N: Size>(
 /// `x̂ = (x - mean) · rstd` of the input vector at `at`.
 #[cube]
 fn normalized_input<F: Float, N: Size>(
-    input: &Tensor<Vector<F, N>>,
+    input: &Array<Vector<F, N>>,
     at: usize,
     mean: Vector<f32, N>,
     rstd: Vector<f32, N>,
@@ -223,8 +225,8 @@ fn normalized<F: Float, N: Size>(
 /// `g = grad · weight` of the gradient vector at `at`, column vector `vector`.
 #[cube]
 fn scaled_grad<F: Float, N: Size>(
-    grad: &Tensor<Vector<F, N>>,
-    weight: &Tensor<Vector<F, N>>,
+    grad: &Array<Vector<F, N>>,
+    weight: &Array<Vector<F, N>>,
     at: usize,
     vector: usize,
 ) -> Vector<f32, N> {
@@ -275,12 +277,12 @@ fn norm_input_grad<N: Size>(
 /// passes; the rest are read again.
 #[cube(launch)]
 pub(super) fn norm_backward_input<F: Float, N: Size>(
-    grad: &Tensor<Vector<F, N>>,
-    input: &Tensor<Vector<F, N>>,
-    weight: &Tensor<Vector<F, N>>,
-    mean: &Tensor<f32>,
-    rstd: &Tensor<f32>,
-    input_grad: &mut Tensor<Vector<F, N>>,
+    grad: &Array<Vector<F, N>>,
+    input: &Array<Vector<F, N>>,
+    weight: &Array<Vector<F, N>>,
+    mean: &Array<f32>,
+    rstd: &Array<f32>,
+    input_grad: &mut Array<Vector<F, N>>,
     rows: u32,
     width: u32,
     grad_stride: u32,
@@ -367,13 +369,13 @@ pub(super) fn norm_backward_input<F: Float, N: Size>(
 /// multiprocessor; the tile leaves a unit only its own columns' sums.
 #[cube(launch)]
 pub(super) fn norm_backward<F: Float, N: Size>(
-    grad: &Tensor<Vector<F, N>>,
-    input: &Tensor<Vector<F, N>>,
-    weight: &Tensor<Vector<F, N>>,
-    mean: &Tensor<f32>,
-    rstd: &Tensor<f32>,
-    input_grad: &mut Tensor<Vector<F, N>>,
-    partials: &mut Tensor<f32>,
+    grad: &Array<Vector<F, N>>,
+    input: &Array<Vector<F, N>>,
+    weight: &Array<Vector<F, N>>,
+    mean: &Array<f32>,
+    rstd: &Array<f32>,
+    input_grad: &mut Array<Vector<F, N>>,
+    partials: &mut Array<f32>,
     rows: u32,
     width: u32,
     grad_stride: u32,
@@ -527,11 +529,11 @@ fn chunk_rows(rows: u32, rows_per_chunk: u32) -> ChunkRows {
 /// afterwards). Adjacent units read adjacent vectors.
 #[cube(launch)]
 pub(super) fn norm_backward_parameters<F: Float, N: Size>(
-    grad: &Tensor<Vector<F, N>>,
-    input: &Tensor<Vector<F, N>>,
-    mean: &Tensor<f32>,
-    rstd: &Tensor<f32>,
-    partials: &mut Tensor<Vector<f32, N>>,
+    grad: &Array<Vector<F, N>>,
+    input: &Array<Vector<F, N>>,
+    mean: &Array<f32>,
+    rstd: &Array<f32>,
+    partials: &mut Array<Vector<f32, N>>,
     rows: u32,
     width: u32,
     grad_stride: u32,
@@ -573,8 +575,8 @@ pub(super) fn norm_backward_parameters<F: Float, N: Size>(
 /// that `N` follows the input alone (16-byte loads of 16-bit floats: 8 lanes).
 #[cube(launch)]
 pub(super) fn column_sums<F: Float, N: Size>(
-    input: &Tensor<Vector<F, N>>,
-    partial: &mut Tensor<f32>,
+    input: &Array<Vector<F, N>>,
+    partial: &mut Array<f32>,
     rows: u32,
     width: u32,
     input_stride: u32,
@@ -623,8 +625,8 @@ pub(super) const SUM_GROUPS: u32 = 16;
 /// every `SUM_GROUPS`-th row, and shared memory adds the groups, always in the same order.
 #[cube(launch)]
 pub(super) fn partial_sums<F: Float>(
-    partials: &Tensor<f32>,
-    sums: &mut Tensor<F>,
+    partials: &Array<f32>,
+    sums: &mut Array<F>,
     chunks: u32,
     width: u32,
     partials_stride: u32,
@@ -678,10 +680,10 @@ const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
         | FastMath::UnsignedZero
 )]
 pub(super) fn bias_gelu<F: Float, N: Size>(
-    input: &Tensor<Vector<F, N>>,
-    bias: &Tensor<Vector<F, N>>,
-    grad: &Tensor<Vector<F, N>>,
-    output: &mut Tensor<Vector<F, N>>,
+    input: &Array<Vector<F, N>>,
+    bias: &Array<Vector<F, N>>,
+    grad: &Array<Vector<F, N>>,
+    output: &mut Array<Vector<F, N>>,
     vectors: u32,
     row_vectors: u32,
     input_stride: u32,
@@ -859,10 +861,10 @@ fn sixteen_bits(hash: Wide, field: u32) -> u32 {
 /// full tensor) one hash serves four lanes.
 #[cube(launch)]
 pub(super) fn bias_dropout_add<F: Float, N: Size>(
-    input: &Tensor<Vector<F, N>>,
-    bias: &Tensor<Vector<F, N>>,
-    residual: &Tensor<Vector<F, N>>,
-    output: &mut Tensor<Vector<F, N>>,
+    input: &Array<Vector<F, N>>,
+    bias: &Array<Vector<F, N>>,
+    residual: &Array<Vector<F, N>>,
+    output: &mut Array<Vector<F, N>>,
     vectors: u32,
     seq: u32,
     width: u32,
@@ -979,7 +981,7 @@ const MASKED: f32 = -3.402_823_5e38;
 /// `padding_start`.
 #[cube]
 fn hidden_key(
-    padding: &Tensor<f32>,
+    padding: &Array<f32>,
     padding_start: usize,
     query: usize,
     key: usize,
@@ -1030,8 +1032,8 @@ fn row_start(batch_stride: u32, head_stride: u32, query_stride: u32, at: Attenti
 /// This row's scores of key vector `vector` times `scale`, masked keys at [`MASKED`].
 #[cube]
 fn scaled_scores<F: Float, N: Size>(
-    scores: &Tensor<Vector<F, N>>,
-    padding: &Tensor<f32>,
+    scores: &Array<Vector<F, N>>,
+    padding: &Array<f32>,
     start: usize,
     vector: usize,
     at: AttentionRow,
@@ -1057,9 +1059,9 @@ fn scaled_scores<F: Float, N: Size>(
 /// are written as 0).
 #[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub(super) fn softmax_forward<F: Float, N: Size>(
-    scores: &Tensor<Vector<F, N>>,
-    padding: &Tensor<f32>,
-    probabilities: &mut Tensor<Vector<F, N>>,
+    scores: &Array<Vector<F, N>>,
+    padding: &Array<f32>,
+    probabilities: &mut Array<Vector<F, N>>,
     scores_batch_stride: u32,
     scores_head_stride: u32,
     scores_query_stride: u32,
@@ -1216,10 +1218,10 @@ fn visible_vectors(
 /// unit stay in registers between the two passes; the rest are read again.
 #[cube(launch)]
 pub(super) fn softmax_backward<F: Float, N: Size>(
-    probabilities: &Tensor<Vector<F, N>>,
-    grad: &Tensor<Vector<F, N>>,
-    padding: &Tensor<f32>,
-    grad_scores: &mut Tensor<Vector<F, N>>,
+    probabilities: &Array<Vector<F, N>>,
+    grad: &Array<Vector<F, N>>,
+    padding: &Array<f32>,
+    grad_scores: &mut Array<Vector<F, N>>,
     probabilities_batch_stride: u32,
     probabilities_head_stride: u32,
     probabilities_query_stride: u32,
@@ -1334,7 +1336,7 @@ pub(super) fn softmax_backward<F: Float, N: Size>(
 fn with_masked_keys<N: Size>(
     value: Vector<f32, N>,
     fill: f32,
-    padding: &Tensor<f32>,
+    padding: &Array<f32>,
     at: AttentionRow,
     vector: usize,
     #[comptime] causal: bool,
@@ -1369,12 +1371,12 @@ fn with_masked_keys<N: Size>(
 /// `targets[row]` when it is a real one (else 0).
 #[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub(super) fn logit_statistics<F: Float, N: Size>(
-    logits: &Tensor<Vector<F, N>>,
-    targets: &Tensor<i32>,
-    max: &mut Tensor<f32>,
-    sum_exp: &mut Tensor<f32>,
-    target: &mut Tensor<f32>,
-    sum: &mut Tensor<f32>,
+    logits: &Array<Vector<F, N>>,
+    targets: &Array<i32>,
+    max: &mut Array<f32>,
+    sum_exp: &mut Array<f32>,
+    target: &mut Array<f32>,
+    sum: &mut Array<f32>,
     rows: u32,
     logits_stride: u32,
     real_width: u32,
@@ -1456,11 +1458,11 @@ pub(super) fn logit_statistics<F: Float, N: Size>(
 /// on the first `real_width` columns, zero on the padding after them.
 #[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub(super) fn cross_entropy_backward<F: Float, N: Size>(
-    logits: &Tensor<Vector<F, N>>,
-    targets: &Tensor<i32>,
-    log_sum_exp: &Tensor<f32>,
-    grad: &Tensor<f32>,
-    grad_logits: &mut Tensor<Vector<F, N>>,
+    logits: &Array<Vector<F, N>>,
+    targets: &Array<i32>,
+    log_sum_exp: &Array<f32>,
+    grad: &Array<f32>,
+    grad_logits: &mut Array<Vector<F, N>>,
     vectors: u32,
     logits_stride: u32,
     grad_logits_stride: u32,
@@ -1506,11 +1508,11 @@ pub(super) fn cross_entropy_backward<F: Float, N: Size>(
 /// the plain-Burn reference's operations in its order, each rounded to fp32.
 #[cube(launch)]
 pub(super) fn adamw<N: Size>(
-    master: &mut Tensor<Vector<f32, N>>,
-    exp_avg: &mut Tensor<Vector<f32, N>>,
-    exp_avg_sq: &mut Tensor<Vector<f32, N>>,
-    grads: &Tensor<Vector<f32, N>>,
-    decay: &Tensor<Vector<f32, N>>,
+    master: &mut Array<Vector<f32, N>>,
+    exp_avg: &mut Array<Vector<f32, N>>,
+    exp_avg_sq: &mut Array<Vector<f32, N>>,
+    grads: &Array<Vector<f32, N>>,
+    decay: &Array<Vector<f32, N>>,
     vectors: u32,
     grad_factor: f32,
     beta1: f32,
@@ -1544,14 +1546,38 @@ pub(super) fn adamw<N: Size>(
     master[i] = weight - update * Vector::new(lr);
 }
 
+/// `flat[offset + i] = part[i]` in fp32 for the `vectors` vectors of `part` (`add`:
+/// `flat[offset + i] += part[i]`): one parameter's gradient into the flat main-grad buffer.
+#[cube(launch)]
+pub(super) fn flatten_into<F: Float, N: Size>(
+    part: &Array<Vector<F, N>>,
+    flat: &mut Array<Vector<f32, N>>,
+    offset: u32,
+    vectors: u32,
+    #[comptime] add: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= vectors as usize {
+        terminate!();
+    }
+    let at = offset as usize + i;
+    let value = Vector::<f32, N>::cast_from(part[i]);
+    if add {
+        flat[at] += value;
+    } else {
+        flat[at] = value;
+    }
+}
+
 /// Partial sums of squares in fp64: unit `ABSOLUTE_POS` adds the squares of vectors
 /// `unit, unit + units, ...` of `values` (times `counted`'s, in fp32, where `masked`),
 /// each element cast to fp64 before squaring, into `partials[unit]`.
 #[cube(launch)]
 pub(super) fn squares_fp64<N: Size>(
-    values: &Tensor<Vector<f32, N>>,
-    counted: &Tensor<Vector<f32, N>>,
-    partials: &mut Tensor<f64>,
+    values: &Array<Vector<f32, N>>,
+    counted: &Array<Vector<f32, N>>,
+    partials: &mut Array<f64>,
     vectors: u32,
     units: u32,
     #[comptime] masked: bool,
