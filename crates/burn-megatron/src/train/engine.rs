@@ -554,6 +554,7 @@ where
             chunk.set_training(true);
         }
         let started = Instant::now();
+        let mut phases = HostPhases::new(started);
         let samples = (0..micro_batches)
             .map(|_| {
                 let range = sampler.next_micro_batch().ok_or_else(|| {
@@ -572,21 +573,25 @@ where
             scale,
             measure_activations: logging && index == start.iteration + 1,
         };
+        phases.end("batch");
         let outcome = runner.run(&actions, &chunks, &samples, Some(training));
         let fused = crate::ops::take_weight_grads::<B::InnerBackend>();
         let outcome = outcome?;
+        phases.end("forward+backward");
         let groups = ReduceGroups {
             tensor: ctx.tensor(),
             data: ctx.data(),
             embedding: ctx.embedding(),
         };
         let reduced = optimizer.reduce(main_grads, fused, &groups, scale, device)?;
+        phases.end("reduce+norm");
         let overflow = match &scaler {
             Some(_) => any_rank::<B>(ctx, !reduced.norm_squared.is_finite(), device)?,
             None => false,
         };
         let sharded = config.distributed_optimizer;
         let grad_norm = global_norm::<B>(ctx, reduced.norm_squared, sharded, device)?;
+        phases.end("global norm");
         if scaler.is_none() && !grad_norm.is_finite() {
             // Every rank has the same global norm: all stop here together.
             return Err(Error::Diverged {
@@ -604,6 +609,7 @@ where
                 1.0
             };
             chunks = optimizer.step(reduced, factor, lr, chunks, ctx.data())?;
+            phases.end("optimizer");
         } else if logging {
             print_line(
                 &progress,
@@ -625,9 +631,13 @@ where
                 ),
             );
         }
-        let loss = loss_of_step::<B>(ctx, outcome.loss_sum / micro_batches as f64, device)?;
+        let loss = loss_of_step::<B>(ctx, outcome.loss_sum, micro_batches, device)?;
         B::check_queued_ops().map_err(Error::Device)?;
         let seconds = started.elapsed().as_secs_f64();
+        phases.end("loss");
+        if logging {
+            phases.report(index);
+        }
 
         let evaluate = valid_data.is_some()
             && ((config.eval_interval > 0 && index % config.eval_interval == 0)
@@ -717,6 +727,52 @@ where
     Ok((chunks, records))
 }
 
+/// The host's time in each phase of a training step, printed to stderr after each step
+/// when `BURN_MEGATRON_HOST_PHASES=1`: where the host spends a step, for finding what
+/// keeps the GPU waiting. The phases that read a value back (the loss, the gradient norm)
+/// include the wait for the GPU.
+struct HostPhases {
+    last: Instant,
+    phases: Vec<(&'static str, f64)>,
+}
+
+impl HostPhases {
+    fn new(started: Instant) -> Self {
+        Self {
+            last: started,
+            phases: Vec::new(),
+        }
+    }
+
+    /// Whether the phases are reported (`BURN_MEGATRON_HOST_PHASES=1`).
+    fn enabled() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        burn_megatron_kernels::environment_switch(&ON, "BURN_MEGATRON_HOST_PHASES")
+    }
+
+    /// Ends phase `name` now.
+    fn end(&mut self, name: &'static str) {
+        if Self::enabled() {
+            let now = Instant::now();
+            self.phases
+                .push((name, now.duration_since(self.last).as_secs_f64() * 1e3));
+            self.last = now;
+        }
+    }
+
+    /// Prints step `step`'s phases (when enabled).
+    fn report(&self, step: usize) {
+        if Self::enabled() {
+            let phases: Vec<String> = self
+                .phases
+                .iter()
+                .map(|(name, ms)| format!("{name} {ms:.2}"))
+                .collect();
+            eprintln!("host phases of step {step} (ms): {}", phases.join(" | "));
+        }
+    }
+}
+
 /// How the engine treats each parameter of a model chunk.
 struct ParamRoles {
     sequence_parallel: HashSet<ParamId>,
@@ -795,17 +851,26 @@ where
     }
     let actions = runner.schedule.forward_only(samples.len());
     let outcome = runner.run(&actions, chunks, &samples, None)?;
-    loss_of_step::<B>(ctx, outcome.loss_sum / samples.len() as f64, runner.device)
+    loss_of_step::<B>(ctx, outcome.loss_sum, samples.len(), runner.device)
 }
 
-/// The loss of a step on every rank: the last stage's value (the loss lives there),
-/// averaged over its data-parallel group and handed to the other stages.
-fn loss_of_step<B>(ctx: &ParallelContext, value: f64, device: &B::Device) -> Result<f64>
+/// The loss of a step on every rank: the mean of the last stage's `micro_batches` losses
+/// (summed on the device; the loss lives there), averaged over its data-parallel group and
+/// handed to the other stages. Reads it back: waits for the device.
+fn loss_of_step<B>(
+    ctx: &ParallelContext,
+    loss_sum: Option<Tensor<B::InnerBackend, 1>>,
+    micro_batches: usize,
+    device: &B::Device,
+) -> Result<f64>
 where
     B: AutodiffBackend,
     B::InnerBackend: ParallelBackend,
 {
-    let tensor = scalar::<B::InnerBackend>(value as f32, device);
+    let tensor = match loss_sum {
+        Some(sum) => sum / micro_batches.max(1) as f64,
+        None => scalar::<B::InnerBackend>(0.0, device),
+    };
     let mean = ctx.data().all_reduce(tensor, ReduceOp::Mean)?;
     let last_stage = ctx.coords().pp + 1 == ctx.layout().pipeline();
     let mean = if last_stage { mean } else { mean.zeros_like() };
@@ -826,6 +891,11 @@ where
     B: AutodiffBackend,
     B::InnerBackend: ParallelBackend,
 {
+    let alone = |group: &crate::parallel::Group| group.size() == 1;
+    if (!sharded || alone(ctx.data())) && alone(ctx.tensor()) && alone(ctx.pipeline()) {
+        // Nothing to sum over: no trip through the device.
+        return Ok(norm_squared.sqrt());
+    }
     let mut total = scalar::<B::InnerBackend>(norm_squared as f32, device);
     if sharded {
         total = ctx.data().all_reduce(total, ReduceOp::Sum)?;

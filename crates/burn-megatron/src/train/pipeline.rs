@@ -16,8 +16,9 @@ use std::collections::HashMap;
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Tensor};
+use burn_megatron_kernels::with_dtype;
 
 use super::engine::{ParallelModel, Segment, StageOutput, TrainStep};
 use super::optimizer::MainGrads;
@@ -27,15 +28,27 @@ use crate::pipeline::{Action, Schedule};
 use crate::{Error, Result};
 
 /// What one rank's part of a step (or an evaluation) gives.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct PassOutcome {
-    /// Sum of the micro-batch losses (on the last stage; 0 elsewhere).
-    pub loss_sum: f64,
+#[derive(Debug, Clone)]
+pub(crate) struct PassOutcome<B: Backend> {
+    /// Sum of the micro-batch losses in fp32, `[1]`, on the device (the last stage's;
+    /// none elsewhere): read once a step, so that no micro-batch waits for the device
+    /// between its forward and its backward.
+    pub loss_sum: Option<Tensor<B, 1>>,
     /// The most micro-batches whose activations this rank held at once.
     pub peak_in_flight: usize,
     /// Device memory the first micro-batch's forward left allocated for its backward
     /// (training, on backends that report memory; see `MegatronOps::memory_in_use`).
     pub activation_bytes: Option<u64>,
+}
+
+impl<B: Backend> Default for PassOutcome<B> {
+    fn default() -> Self {
+        Self {
+            loss_sum: None,
+            peak_in_flight: 0,
+            activation_bytes: None,
+        }
+    }
 }
 
 /// What a training pass needs besides its data.
@@ -97,7 +110,7 @@ where
         chunks: &[M],
         micro_batches: &[Vec<GptSample>],
         mut training: Option<Training<'_, B::InnerBackend>>,
-    ) -> Result<PassOutcome>
+    ) -> Result<PassOutcome<B::InnerBackend>>
     where
         M: AutodiffModule<B> + ParallelModel,
         S: TrainStep<B, M>,
@@ -143,7 +156,11 @@ where
                             self.ctx.pipeline().send(hidden.clone().inner(), to)?;
                         }
                         (StageOutput::Loss(loss), None) => {
-                            outcome.loss_sum += super::scalar_value(loss.clone());
+                            let loss = with_dtype(loss.clone().inner().reshape([1]), DType::F32);
+                            outcome.loss_sum = Some(match outcome.loss_sum.take() {
+                                Some(sum) => sum + loss,
+                                None => loss,
+                            });
                         }
                         (_, next) => {
                             return Err(Error::InvalidConfig(format!(
