@@ -13,7 +13,7 @@ use burn::tensor::{DType, Int, Tensor, TensorPrimitive};
 use crate::{
     CrossEntropy, Dropout, FusedKernels, Gelu, LogitStatistics, NormStatistics, as_rows,
     reference_bias_dropout_add, reference_bias_gelu, reference_cross_entropy_loss,
-    reference_kernels, reference_norm, with_dtype,
+    reference_embedding, reference_kernels, reference_norm, with_dtype,
 };
 
 /// Whether autodiff should build the fused node (the inner backend has kernels and the
@@ -233,6 +233,32 @@ fn absent<B: FusedKernels, C: CheckpointStrategy>(
     Tensor::empty([1], device)
 }
 
+/// The embedding node: keeps the ids, the table's rows and its type.
+#[derive(Debug)]
+struct EmbeddingNode;
+
+#[derive(Debug, Clone)]
+struct EmbeddingSaved<B: FusedKernels> {
+    ids: Tensor<B, 2, Int>,
+    rows: usize,
+    dtype: DType,
+}
+
+/// Parent: the table.
+impl<B: FusedKernels> Backward<B, 1> for EmbeddingNode {
+    type State = EmbeddingSaved<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = consume::<B, 1, 3, _>(&ops, grads);
+        let parents = parent_ids(&ops);
+        let EmbeddingSaved { ids, rows, dtype } = ops.state;
+        let [batch, seq, width] = grad.dims();
+        let tokens = batch * seq;
+        let table = B::embedding_grad(grad.reshape([tokens, width]), ids.reshape([tokens]), rows);
+        register::<B, 2>(grads, &parents[0], with_dtype(table, dtype));
+    }
+}
+
 /// Finishes a fused node (`kind`, prepared from its parents): tracked, it keeps `state`
 /// for the backward.
 fn finish<BO, B, C, S, const N: usize, const D: usize>(
@@ -289,6 +315,23 @@ impl<B: FusedKernels, C: CheckpointStrategy> FusedKernels for Autodiff<B, C> {
         finish(
             BiasGeluNode.prepare::<C>(nodes).compute_bound().stateful(),
             state,
+            output,
+        )
+    }
+
+    fn embedding_lookup(weight: Tensor<Self, 2>, ids: Tensor<Self, 2, Int>) -> Tensor<Self, 3> {
+        if !fused::<B>() {
+            return reference_embedding(weight, ids);
+        }
+        let (dtype, rows) = (weight.dtype(), weight.dims()[0]);
+        // Ids are not differentiated: autodiff's integer tensors are the inner backend's.
+        let ids = Tensor::<B, 2, Int>::from_primitive(ids.into_primitive());
+        let (weight, nodes) = crate::detach_inner!(B; weight);
+        // Gathered in the table's own type: the backward adds in fp32 and rounds once.
+        let output = burn::tensor::module::embedding(weight, ids.clone());
+        finish(
+            EmbeddingNode.prepare::<C>(nodes).compute_bound().stateful(),
+            || EmbeddingSaved { ids, rows, dtype },
             output,
         )
     }

@@ -10,9 +10,9 @@ use burn::tensor::{DType, ElementConversion, Shape};
 use crate::{
     AdamWState, AdamWStep, CrossEntropy, Dropout, FusedKernels, Gelu, reference_adamw,
     reference_bias_dropout_add, reference_bias_gelu, reference_bias_gelu_backward,
-    reference_column_sums, reference_cross_entropy_backward, reference_flatten_into,
-    reference_kernels, reference_logit_statistics, reference_norm, reference_softmax,
-    reference_softmax_backward, with_dtype,
+    reference_column_sums, reference_cross_entropy_backward, reference_embedding_grad,
+    reference_flatten_into, reference_kernels, reference_logit_statistics, reference_norm,
+    reference_softmax, reference_softmax_backward, with_dtype,
 };
 
 /// One comparison: a quantity of a kernel against the reference.
@@ -171,6 +171,10 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
     }
     for with_sum in [false, true] {
         checks.push(check_flatten_into::<B>(device, dtype, with_sum));
+    }
+    // Tables with more tokens than rows (ids repeat) and rows no token picks.
+    for (tokens, rows, width) in [(3000, 1001, 40), (8, 50, 77)] {
+        checks.extend(check_embedding::<B>(device, dtype, tokens, rows, width));
     }
     // The optimizer's buffers are fp32 whatever the model's type.
     if dtype == DType::F32 {
@@ -495,6 +499,51 @@ fn check_bias_gelu<B: FusedKernels>(
         checks.push(row(kernel, &shape, dtype, "d_bias", d_bias, e_bias));
     }
     checks
+}
+
+/// An embedding lookup's table gradient: the kernel on rows of `grad` with a pitch, and the
+/// autodiff node's gradient of `Σ rows · upstream` cast to the table's type, against the
+/// reference (Burn's `select_assign` in fp32) on the same values in fp32.
+fn check_embedding<B: FusedKernels>(
+    device: &B::Device,
+    dtype: DType,
+    tokens: usize,
+    rows: usize,
+    width: usize,
+) -> Vec<Check> {
+    let ids: Vec<i64> = (0..tokens).map(|t| ((t * 7919) % rows) as i64).collect();
+    let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [tokens]), device);
+    let grad = strided::<B>([tokens, width], device, dtype, 1.0, 0.0);
+    let expected = reference_embedding_grad(wide(grad.clone()), ids.clone(), rows);
+    let fused = B::embedding_grad(grad, ids.clone(), rows);
+    let table = random::<Ad<B>, 2>([rows, width], device, dtype, 1.0).require_grad();
+    let upstream = random::<B, 3>([1, tokens, width], device, dtype, 1.0);
+    let ids = ids.reshape([1, tokens]);
+    let gathered = Ad::<B>::embedding_lookup(
+        table.clone(),
+        Tensor::from_primitive(ids.clone().into_primitive()),
+    );
+    let grads = (gathered * Tensor::from_inner(upstream.clone()))
+        .sum()
+        .backward();
+    let d_table = table.grad(&grads).expect("the table's gradient");
+    let e_table = reference_embedding_grad(
+        wide(upstream.reshape([tokens, width])),
+        ids.reshape([tokens]),
+        rows,
+    );
+    let shape = [tokens, width];
+    vec![
+        row("embedding_grad", &shape, dtype, "d_table", fused, expected),
+        row(
+            "embedding_lookup",
+            &shape,
+            dtype,
+            "d_table",
+            d_table,
+            with_dtype(e_table, dtype),
+        ),
+    ]
 }
 
 fn check_bias_add<B: FusedKernels>(

@@ -46,9 +46,10 @@ use burn::tensor::{Bool, DType, Int, Tensor, backend::Backend};
 pub use reference::{
     attention_mask, reference_adamw, reference_bias_dropout_add, reference_bias_gelu,
     reference_bias_gelu_backward, reference_column_sums, reference_cross_entropy_backward,
-    reference_cross_entropy_loss, reference_flatten_into, reference_logit_statistics,
-    reference_norm, reference_norm_backward, reference_norm_forward, reference_softmax,
-    reference_softmax_backward, reference_sum_of_squares, softmax_dtype,
+    reference_cross_entropy_loss, reference_embedding, reference_embedding_grad,
+    reference_flatten_into, reference_logit_statistics, reference_norm, reference_norm_backward,
+    reference_norm_forward, reference_softmax, reference_softmax_backward,
+    reference_sum_of_squares, softmax_dtype,
 };
 
 static REFERENCE_OPS: AtomicBool = AtomicBool::new(false);
@@ -349,6 +350,26 @@ pub trait FusedKernels: Backend {
     fn sums_squares_in_kernel(device: &Self::Device) -> bool {
         let _ = device;
         false
+    }
+
+    /// Rows `ids` (`[batch, seq]`) of `weight` (`[rows, width]`): `[batch, seq, width]`,
+    /// an embedding lookup. On autodiff with the kernels the weight's gradient is
+    /// [`embedding_grad`](Self::embedding_grad), cast once to the weight's type;
+    /// elsewhere [`reference_embedding`].
+    fn embedding_lookup(weight: Tensor<Self, 2>, ids: Tensor<Self, 2, Int>) -> Tensor<Self, 3> {
+        reference_embedding(weight, ids)
+    }
+
+    /// The gradient of rows `ids` (`[tokens]`) of a `[rows, width]` table with respect to
+    /// the table, from the rows' gradient `grad` (`[tokens, width]`): each row of `grad`
+    /// added to row `ids[token]`, in fp32 (`[rows, width]`). On CUDA one kernel adds every
+    /// element atomically; elsewhere Burn's `select_assign`.
+    fn embedding_grad(
+        grad: Tensor<Self, 2>,
+        ids: Tensor<Self, 1, Int>,
+        rows: usize,
+    ) -> Tensor<Self, 2> {
+        reference_embedding_grad(grad, ids, rows)
     }
 
     /// `parts` (1-D, of any float types) concatenated in fp32, or added to `sum` (fp32,

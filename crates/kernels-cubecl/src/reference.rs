@@ -405,6 +405,41 @@ pub fn reference_cross_entropy_loss<B: Backend>(
     with_dtype(loss.detach(), DType::F32) + attached.reshape([rows])
 }
 
+/// Rows `ids` of `weight` with Burn's `embedding`; a 16-bit weight is gathered from an fp32
+/// copy, so that Burn's backward adds the rows' gradients in fp32 and rounds once (in its
+/// own type it rounds at every add: in bf16 a row's sum keeps 8 bits, so a frequent
+/// token's later gradients are mostly rounded away).
+pub fn reference_embedding<B: Backend>(
+    weight: Tensor<B, 2>,
+    ids: Tensor<B, 2, Int>,
+) -> Tensor<B, 3> {
+    let dtype = weight.dtype();
+    if matches!(dtype, DType::BF16 | DType::F16) {
+        crate::with_dtype(
+            burn::tensor::module::embedding(crate::with_dtype(weight, DType::F32), ids),
+            dtype,
+        )
+    } else {
+        burn::tensor::module::embedding(weight, ids)
+    }
+}
+
+/// Each row of `grad` added to row `ids[token]` of an fp32 `[rows, width]` table of zeros,
+/// with Burn's `select_assign`.
+pub fn reference_embedding_grad<B: Backend>(
+    grad: Tensor<B, 2>,
+    ids: Tensor<B, 1, Int>,
+    rows: usize,
+) -> Tensor<B, 2> {
+    let [_, width] = grad.dims();
+    Tensor::zeros([rows, width], (&grad.device(), DType::F32)).select_assign(
+        0,
+        ids,
+        crate::with_dtype(grad, DType::F32),
+        burn::tensor::IndexingUpdateOp::Add,
+    )
+}
+
 /// `parts` concatenated in fp32 (parts of one type are concatenated first and cast once:
 /// one kernel instead of one per part), added to `sum` when given.
 pub fn reference_flatten_into<B: Backend>(

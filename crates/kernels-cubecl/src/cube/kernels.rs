@@ -1546,6 +1546,31 @@ pub(super) fn adamw<N: Size>(
     master[i] = weight - update * Vector::new(lr);
 }
 
+/// An embedding's gradient: unit `i` adds element `i % width` of `grad`'s row `i / width`
+/// (a token) to the same column of `table`'s row `ids[token]`, atomically in fp32 (tokens
+/// that share an id add to one row).
+#[cube(launch)]
+pub(super) fn embedding_grad<F: Float>(
+    grad: &Array<F>,
+    ids: &Array<i32>,
+    table: &mut Array<Atomic<f32>>,
+    elements: u32,
+    width: u32,
+    grad_stride: u32,
+    table_stride: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= elements as usize {
+        terminate!();
+    }
+    let token = i / width as usize;
+    let column = i % width as usize;
+    let row = usize::cast_from(ids[token]);
+    let value = f32::cast_from(grad[token * grad_stride as usize + column]);
+    table[row * table_stride as usize + column].fetch_add(value);
+}
+
 /// `flat[offset + i] = part[i]` in fp32 for the `vectors` vectors of `part` (`add`:
 /// `flat[offset + i] += part[i]`): one parameter's gradient into the flat main-grad buffer.
 #[cube(launch)]

@@ -16,9 +16,10 @@ use crate::{
     AdamWState, AdamWStep, CrossEntropy, Dropout, FusedKernels, Gelu, LogitStatistics,
     NormGradients, NormStatistics, reference_adamw, reference_bias_dropout_add,
     reference_bias_gelu, reference_bias_gelu_backward, reference_column_sums,
-    reference_cross_entropy_backward, reference_flatten_into, reference_kernels,
-    reference_logit_statistics, reference_norm_backward, reference_norm_forward, reference_softmax,
-    reference_softmax_backward, reference_sum_of_squares, with_dtype,
+    reference_cross_entropy_backward, reference_embedding, reference_embedding_grad,
+    reference_flatten_into, reference_kernels, reference_logit_statistics, reference_norm_backward,
+    reference_norm_forward, reference_softmax, reference_softmax_backward,
+    reference_sum_of_squares, with_dtype,
 };
 use kernels::{GROUP_UNITS, ROW_GROUPS, SUM_COLUMNS, SUM_GROUPS};
 
@@ -257,6 +258,11 @@ fn sum_partials<R: CubeRuntime>(
 /// [`kernels`] for why).
 fn stride<R: CubeRuntime>(tensor: &CubeTensor<R>, dim: usize) -> u32 {
     u32_of(tensor.meta.strides()[dim], "a stride")
+}
+
+/// Whether `device` runs on CUDA.
+fn on_cuda<R: CubeRuntime>(device: &R::Device) -> bool {
+    R::name(&R::client(device)) == "cuda"
 }
 
 /// Checked narrowing of a size the kernels index with 32-bit integers.
@@ -572,7 +578,56 @@ where
     /// cubecl 0.10 does not list fp64 among its types; wgpu on lavapipe lists it, but the
     /// kernel's sums came out 3e-2 off there (600,001 elements; not investigated further).
     fn sums_squares_in_kernel(device: &Self::Device) -> bool {
-        !reference_kernels() && R::name(&R::client(device)) == "cuda"
+        !reference_kernels() && on_cuda::<R>(device)
+    }
+
+    fn embedding_lookup(weight: Tensor<Self, 2>, ids: Tensor<Self, 2, Int>) -> Tensor<Self, 3> {
+        if reference_kernels() {
+            return reference_embedding(weight, ids);
+        }
+        // No gradient here (the inner backend of autodiff, or inference): no fp32 copy.
+        burn::tensor::module::embedding(weight, ids)
+    }
+
+    fn embedding_grad(
+        grad: Tensor<Self, 2>,
+        ids: Tensor<Self, 1, Int>,
+        rows: usize,
+    ) -> Tensor<Self, 2> {
+        let device = grad.device();
+        // fp32 atomic adds: CUDA's (WGSL has no float atomics).
+        if reference_kernels() || !on_cuda::<R>(&device) || grad.dtype() == DType::F64 {
+            return reference_embedding_grad(grad, ids, rows);
+        }
+        let [tokens, width] = grad.dims();
+        assert_eq!(
+            ids.dims()[0],
+            tokens,
+            "embedding_grad: one id per row of the gradient"
+        );
+        let table = Tensor::<Self, 2>::zeros([rows, width], (&device, DType::F32));
+        let elements = tokens * width;
+        if elements == 0 || rows == 0 {
+            return table;
+        }
+        let table = primitive(table);
+        let grad = primitive(grad);
+        let ids = index_primitive(ids);
+        let cube_dim = CubeDim::new_1d(ELEMENT_UNITS);
+        kernels::embedding_grad::launch::<R>(
+            &table.client,
+            calculate_cube_count_elemwise(&table.client, elements, cube_dim),
+            cube_dim,
+            grad.clone().into_array_arg(),
+            ids.into_array_arg(),
+            table.clone().into_array_arg(),
+            u32_of(elements, "embedding gradient elements"),
+            u32_of(width, "width"),
+            stride(&grad, 0),
+            stride(&table, 0),
+            grad.dtype.into(),
+        );
+        tensor(table)
     }
 
     fn flatten_into(parts: Vec<Tensor<Self, 1>>, sum: Option<Tensor<Self, 1>>) -> Tensor<Self, 1> {
