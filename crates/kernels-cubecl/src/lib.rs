@@ -374,9 +374,9 @@ pub trait FusedKernels: Backend {
 
     /// `parts` (1-D, of any float types) concatenated in fp32, or added to `sum` (fp32,
     /// their total length) when given: a micro-batch's parameter gradients into the flat
-    /// main-grad buffer. On CUDA one kernel per part writes (or adds) its fp32 values in
-    /// place in the buffer, which `sum` then must be alone to hold; elsewhere it is Burn's
-    /// cast, concatenation and add.
+    /// main-grad buffer. With the kernels, one kernel per part writes (or adds) its fp32
+    /// values in place in the buffer (a `sum` another tensor shares is copied first);
+    /// elsewhere it is Burn's cast, concatenation and add.
     fn flatten_into(parts: Vec<Tensor<Self, 1>>, sum: Option<Tensor<Self, 1>>) -> Tensor<Self, 1> {
         reference_flatten_into(parts, sum)
     }

@@ -207,7 +207,12 @@ where
         return false;
     }
     let bias = bias.clone().into_primitive().tensor();
-    bias.meta.strides()[0] == 1 && bias.handle.offset_start.unwrap_or(0) % BIAS_ALIGNMENT == 0
+    bias.meta.strides()[0] == 1
+        && bias
+            .handle
+            .offset_start
+            .unwrap_or(0)
+            .is_multiple_of(BIAS_ALIGNMENT)
 }
 
 /// `op(a) · op(b)` over the `[batch, heads]` grid of 4-D `a` and `b` on cuBLASLt (Burn's

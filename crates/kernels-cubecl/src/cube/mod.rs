@@ -657,16 +657,19 @@ where
                 empty_contiguous_like(&like, Shape::new([total]), DType::F32)
             }
         };
+        // Where a buffer's view starts in its allocation (which CubeCL aligns), in elements.
+        let start =
+            |t: &CubeTensor<R>| t.handle.offset_start.unwrap_or(0) as usize / t.dtype.size();
+        let flat_start = start(&flat);
         let mut offset = 0;
         for part in parts {
             let len = part.dims()[0];
             let part = into_contiguous(part.into_primitive().tensor());
             // Vectors of up to 4 lanes (16 bytes of fp32) that start aligned in both
             // buffers.
-            let element_offset = part.handle.offset_start.unwrap_or(0) as usize / part.dtype.size();
             let lanes = [4, 2, 1]
                 .into_iter()
-                .find(|&lanes| (len | offset | element_offset) % lanes == 0)
+                .find(|&lanes| (len | (flat_start + offset) | start(&part)).is_multiple_of(lanes))
                 .unwrap_or(1);
             let vectors = len / lanes;
             if vectors > 0 {
