@@ -376,3 +376,50 @@ fn tcp_groups_run_every_collective_between_processes() {
         assert_eq!(received, vec![((rank + n - 1) % n) as f32, 7.0]);
     }
 }
+
+/// A message sent to a rank that has not connected yet waits for it at the hub (it was
+/// dropped, and the rank waited for it until the timeout: a pipeline job on a loaded
+/// machine hung when its first stage sent activations before the last stage's process
+/// had connected).
+#[test]
+fn tcp_messages_to_a_rank_not_connected_yet_wait_for_it() {
+    use burn_megatron::parallel::TcpWorld;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    let (sent, may_connect) = std::sync::mpsc::channel();
+    let received = std::thread::scope(|scope| {
+        let address_0 = address.clone();
+        let rank0 = scope.spawn(move || {
+            let world = TcpWorld::connect(0, 2, &address_0, Duration::from_secs(10)).unwrap();
+            let group = world.group("pp", vec![0, 1]);
+            group.send(row(vec![3.0, 4.0]), 1).unwrap();
+            // Time for the hub to relay the message before rank 1 connects.
+            std::thread::sleep(Duration::from_millis(500));
+            sent.send(()).unwrap();
+            group.barrier().unwrap();
+            world.finish();
+        });
+        let rank1 = scope.spawn(move || {
+            may_connect.recv().unwrap();
+            let world = TcpWorld::connect(1, 2, &address, Duration::from_secs(10)).unwrap();
+            let group = world.group("pp", vec![0, 1]);
+            let received: Result<Tensor<Plain, 2>, _> = group.recv([1, 2], 0, &Default::default());
+            let received = received.map(data);
+            if received.is_ok() {
+                group.barrier().unwrap();
+            } else {
+                world.abort("the message never came");
+            }
+            world.finish();
+            received
+        });
+        let received = rank1.join().unwrap();
+        let _ = rank0.join();
+        received
+    });
+    assert_eq!(received.unwrap(), vec![3.0, 4.0]);
+}

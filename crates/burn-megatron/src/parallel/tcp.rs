@@ -154,7 +154,7 @@ fn read_message(stream: &mut impl Read) -> std::io::Result<Vec<u8>> {
 
 /// The relay on rank 0.
 struct Hub {
-    writers: Vec<Mutex<Option<BufWriter<TcpStream>>>>,
+    writers: Vec<Mutex<Outbox>>,
     state: Mutex<HubState>,
     done: Condvar,
 }
@@ -166,6 +166,14 @@ struct HubState {
     failed: bool,
 }
 
+/// Where the hub's messages to one rank go: its connection once the rank has connected,
+/// until then a queue that its connection is handed first (ranks start at different
+/// times: a pipeline's first stage may send activations to a rank not connected yet).
+enum Outbox {
+    Waiting(Vec<Vec<u8>>),
+    Connected(BufWriter<TcpStream>),
+}
+
 struct HubRound {
     op: String,
     first_rank: u64,
@@ -175,9 +183,12 @@ struct HubRound {
 
 impl Hub {
     fn send(&self, rank: usize, body: &[u8]) {
-        if let Some(writer) = self.writers[rank].lock().expect("hub writer").as_mut() {
+        match &mut *self.writers[rank].lock().expect("hub writer") {
+            Outbox::Waiting(queue) => queue.push(body.to_vec()),
             // A rank that is gone cannot be told; its own failure is reported anyway.
-            let _ = write_message(writer, body);
+            Outbox::Connected(writer) => {
+                let _ = write_message(writer, body);
+            }
         }
     }
 
@@ -338,7 +349,9 @@ impl TcpWorld {
             let listener =
                 TcpListener::bind(format!("0.0.0.0:{port}")).map_err(|e| Error::io(address, e))?;
             let hub = Arc::new(Hub {
-                writers: (0..size).map(|_| Mutex::new(None)).collect(),
+                writers: (0..size)
+                    .map(|_| Mutex::new(Outbox::Waiting(Vec::new())))
+                    .collect(),
                 state: Mutex::new(HubState::default()),
                 done: Condvar::new(),
             });
@@ -554,7 +567,17 @@ fn accept(hub: Arc<Hub>, listener: TcpListener, size: usize) {
             (Ok(kind::HELLO), Ok(rank)) if (rank as usize) < size => rank as usize,
             _ => continue,
         };
-        *hub.writers[rank].lock().expect("hub writer") = Some(BufWriter::new(stream));
+        {
+            // Under the outbox's lock: what was queued goes first, in order.
+            let mut outbox = hub.writers[rank].lock().expect("hub writer");
+            let mut writer = BufWriter::new(stream);
+            if let Outbox::Waiting(queue) = &*outbox {
+                for body in queue {
+                    let _ = write_message(&mut writer, body);
+                }
+            }
+            *outbox = Outbox::Connected(writer);
+        }
         let serving = hub.clone();
         std::thread::spawn(move || serving.serve(rank, reader));
     }
