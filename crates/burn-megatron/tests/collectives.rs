@@ -21,6 +21,12 @@ fn data(tensor: Tensor<Plain, 2>) -> Vec<f32> {
     values(&tensor.into_data())
 }
 
+/// `127.0.0.1:port` for a port free now, for a TCP hub.
+fn free_local_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("127.0.0.1:{}", listener.local_addr().unwrap().port())
+}
+
 #[test]
 fn all_reduce_sums_averages_and_takes_the_maximum() {
     for n in [2, 3, 4] {
@@ -323,12 +329,7 @@ fn a_panicking_thread_outside_local_cluster_aborts_its_world() {
 #[test]
 fn tcp_groups_run_every_collective_between_processes() {
     use burn_megatron::parallel::TcpWorld;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let address = format!("127.0.0.1:{port}");
+    let address = free_local_address();
     let n = 3;
     let results: Vec<_> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..n)
@@ -384,12 +385,7 @@ fn tcp_groups_run_every_collective_between_processes() {
 #[test]
 fn tcp_messages_to_a_rank_not_connected_yet_wait_for_it() {
     use burn_megatron::parallel::TcpWorld;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let address = format!("127.0.0.1:{port}");
+    let address = free_local_address();
     let (sent, may_connect) = std::sync::mpsc::channel();
     let received = std::thread::scope(|scope| {
         let address_0 = address.clone();
