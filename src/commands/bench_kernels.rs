@@ -278,18 +278,19 @@ fn bandwidths<B: FusedKernels>(
     // Bytes of `tensors` tensors of `elements` elements in `dtype`.
     let moved = |elements: usize, tensors: f64| elements as f64 * element * tensors;
 
-    // This machine's copy: an element-wise Burn kernel reading and writing the GeLU's
-    // tensor, so that a kernel's share of the nominal copy bandwidth can be told apart
-    // from the machine's (lent H200s measured the same kernels up to 2x apart).
-    let big = matrix(4 * hidden);
-    let copy = time(&mut || big.clone().add_scalar(0.0));
-    push(
-        "copy (Burn's x + 0)",
-        moved(tokens * 4 * hidden, 2.0),
-        copy,
-        copy.seconds(),
-    );
-    drop(big);
+    // This machine's copy: an element-wise Burn kernel reading and writing a tensor, so
+    // that a kernel's share of the nominal copy bandwidth can be told apart from the
+    // machine's (lent H200s measured the same kernels up to 2x apart). At the GeLU's size
+    // and at the norm's (a quarter of it): at a few tens of MB a kernel's start and end
+    // take a share of its time that no kernel avoids.
+    for (name, width) in [
+        ("copy (x + 0), tokens x 4h", 4 * hidden),
+        ("copy (x + 0), tokens x h", hidden),
+    ] {
+        let copied = matrix(width);
+        let copy = time(&mut || copied.clone().add_scalar(0.0));
+        push(name, moved(tokens * width, 2.0), copy, copy.seconds());
+    }
 
     // LayerNorm: reads x, writes y; backward reads grad and x, writes dx.
     let (x, weight, bias) = (matrix(hidden), vector(hidden), vector(hidden));

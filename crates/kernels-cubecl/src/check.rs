@@ -103,15 +103,21 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
     for shape in [[3001, 40], [17, 77]] {
         checks.extend(check_bias_add::<B>(device, dtype, shape));
     }
-    // Rows enough that each cube of the norm's one-pass backward takes several tiles, the
-    // last of them part-filled and past the end ([3, 1100] below takes the two-kernel
-    // backward).
+    // Rows enough that each slot of the norm's one-pass backward takes several rows, the
+    // last ones past the end for some slots; rows whose mean is far larger than their
+    // spread (a variance from the sums of x and x² would cancel away); rows wide enough
+    // that the forward splits them over a cube's units and the backward takes two kernels
+    // ([3, 6000]), or that the forward loops over them ([2, 20000]).
     for centered in [true, false] {
-        checks.extend(check_norm::<B>(device, dtype, [3001, 40], centered));
+        checks.extend(check_norm::<B>(device, dtype, [3001, 40], centered, 0.0));
+        checks.extend(check_norm::<B>(device, dtype, [33, 520], centered, 30.0));
+        for shape in [[3, 6000], [2, 20000]] {
+            checks.extend(check_norm::<B>(device, dtype, shape, centered, 0.0));
+        }
     }
     for shape in [[4, 256], [3, 1000], [17, 77], [2, 5], [3, 1100]] {
         for centered in [true, false] {
-            checks.extend(check_norm::<B>(device, dtype, shape, centered));
+            checks.extend(check_norm::<B>(device, dtype, shape, centered, 0.0));
         }
         for gelu in [Gelu::Exact, Gelu::Tanh] {
             for bias in [true, false] {
@@ -128,6 +134,17 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
                 seed: 0x0123_4567_89AB_CDEF,
                 full: [2, 6, 100],
                 offsets: [0, 3, 0],
+            }),
+        ),
+        (
+            // Rows of many vectors, a column slice of the full tensor (a tensor-parallel
+            // rank's part).
+            [2, 4, 256],
+            Some(Dropout {
+                p: 0.2,
+                seed: 99,
+                full: [2, 8, 512],
+                offsets: [0, 2, 256],
             }),
         ),
         (
@@ -418,12 +435,18 @@ fn check_norm<B: FusedKernels>(
     dtype: DType,
     [rows, width]: [usize; 2],
     centered: bool,
+    shift: f64,
 ) -> Vec<Check> {
     let kernel = if centered { "layer_norm" } else { "rms_norm" };
     let epsilon = 1e-5;
     // Weight and bias travel as [1, width] rows so that `run` handles them with the input.
+    let input = strided::<B>([rows, width], device, dtype, 2.0, 0.5);
     let inputs = [
-        strided::<B>([rows, width], device, dtype, 2.0, 0.5),
+        if shift == 0.0 {
+            input
+        } else {
+            input.add_scalar(shift)
+        },
         random::<B, 2>([1, width], device, dtype, 1.0).add_scalar(1.0),
         random::<B, 2>([1, width], device, dtype, 1.0),
     ];

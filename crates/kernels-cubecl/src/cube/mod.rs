@@ -25,9 +25,10 @@ use kernels::{GROUP_UNITS, ROW_GROUPS, SUM_COLUMNS, SUM_GROUPS};
 
 /// Units per cube of the element-wise kernels.
 const ELEMENT_UNITS: u32 = 256;
-/// The most vectors of its row that a unit of the norm backward keeps between passes, in
-/// registers or its tile (beyond, the later passes read the rest again, and the backward
-/// takes two kernels).
+/// The most vectors of its row that a unit of the norm kernels holds: the warp-per-row
+/// forward unrolls its passes up to this many, the row-splitting kernels give each unit at
+/// most this many, and the two-kernel backward keeps this many in registers between passes
+/// (beyond, the later passes read the rest again).
 const CACHED_VECTORS: usize = 8;
 
 /// The most vectors of its row that a unit of the softmax kernels keeps in registers between
@@ -41,17 +42,26 @@ const SOFTMAX_CACHED_VECTORS: usize = 2;
 /// multiprocessor of an H200, whose fp64 partials (2 MiB) are then summed by Burn.
 const SQUARES_CUBES: usize = 528;
 
-/// Shared memory for the one-pass norm backward's tile of rows (its `grad` and `input`):
-/// 8 rows of 1280 bf16 (GPT-2 774M's hidden size) fit, in 40 KiB.
-const NORM_TILE_BYTES: usize = 40 * 1024;
+/// Cubes of the row-splitting norm backward per multiprocessor (each writes a row of
+/// partials).
+const NORM_BACKWARD_SPLIT_CUBES_PER_MULTIPROCESSOR: usize = 2;
 
-/// The most cubes of the one-pass norm backward per multiprocessor: each writes a row of
-/// partial sums, so more cubes hide more latency but add partials to sum.
-const NORM_CUBES_PER_MULTIPROCESSOR: usize = 2;
+/// The most units a row of the row-splitting norm kernels takes.
+const ROW_SPLIT_UNITS: usize = 256;
+/// About how many units a cube of the row-splitting norm kernels has (rows of fewer units
+/// share a cube). On an H200 (bf16, 8192 x 1280) the backward with 640 (four rows of 160,
+/// two cubes per multiprocessor) moved 37% of 4.3 TB/s, with 320 (three cubes) 33% and
+/// with 960 (one cube) 30%.
+const ROW_SPLIT_CUBE_UNITS: usize = 640;
+/// The most shared memory the row-splitting norm backward's fp32 weight and bias sums take
+/// (within the 48 KiB a cube gets without opting in).
+const ROW_SPLIT_SUMS_BYTES: usize = 40 * 1024;
 
 /// Row chunks of the column-sum partials (the norm's weight gradient, bias gradients; at
-/// most: fewer for short inputs).
-const PARAMETER_CHUNKS: usize = 256;
+/// most: fewer for short inputs). On an H200 (bf16 bias gradient, 8192 x 5120) 128 chunks
+/// moved 2970 GB/s, 256 2540 and 64 2580: fewer chunks write fewer partials to sum, more
+/// keep more loads in flight.
+const PARAMETER_CHUNKS: usize = 128;
 
 type Backend<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
@@ -171,47 +181,62 @@ fn softmax_cached_vectors(vectors: usize) -> usize {
         .min(SOFTMAX_CACHED_VECTORS)
 }
 
-/// How the one-pass norm backward splits its rows.
-struct NormTiling {
-    /// Row groups per cube: rows per tile, at most [`ROW_GROUPS`].
-    groups: usize,
-    /// Cubes: up to [`NORM_CUBES_PER_MULTIPROCESSOR`] per multiprocessor where the runtime
-    /// tells their number, none without rows.
-    cubes: usize,
-    /// Tiles each cube takes.
-    tiles: usize,
+/// How the row-splitting norm kernels ([`kernels::norm_forward_rows`],
+/// [`kernels::norm_backward_rows`]) spread a row over a cube's units.
+#[derive(Debug, Clone, Copy)]
+struct RowSplit {
+    /// Units per row (a multiple of [`GROUP_UNITS`]).
+    row_units: usize,
+    /// Vectors of a row per unit.
+    per_unit: usize,
+    /// Rows a cube takes at a time.
+    slots: usize,
 }
 
-/// The one-pass norm backward's tiling of `rows` rows of `row_vectors` vectors of
-/// `vector_bytes` bytes, or `None` for rows of more than [`CACHED_VECTORS`] vectors a unit
-/// (its loops are unrolled) or when not even one row's `grad` and `input` fit
-/// [`NORM_TILE_BYTES`] (or the device's shared memory).
-fn norm_tiling<R: CubeRuntime>(
+impl RowSplit {
+    /// Rows of `row_vectors` vectors over up to [`ROW_SPLIT_UNITS`] units each, or `None`
+    /// where a unit would hold more than [`CACHED_VECTORS`] vectors.
+    fn of(row_vectors: usize) -> Option<Self> {
+        let per_unit = row_vectors.div_ceil(ROW_SPLIT_UNITS).max(1);
+        if per_unit > CACHED_VECTORS {
+            return None;
+        }
+        let row_units = row_vectors
+            .div_ceil(per_unit)
+            .next_multiple_of(GROUP_UNITS as usize);
+        Some(Self {
+            row_units,
+            per_unit,
+            slots: (ROW_SPLIT_CUBE_UNITS / row_units).clamp(1, ROW_GROUPS as usize),
+        })
+    }
+
+    fn cube_dim(self) -> CubeDim {
+        CubeDim::new_2d(self.row_units as u32, self.slots as u32)
+    }
+}
+
+/// The row-splitting norm backward's rows: its split, its cubes (a few per multiprocessor,
+/// each writing a row of partials) and how many rows each slot takes (the last ones past
+/// the end for some), or `None` where its weight and bias sums would not fit
+/// [`ROW_SPLIT_SUMS_BYTES`] of shared memory.
+fn norm_backward_split<R: CubeRuntime>(
     like: &CubeTensor<R>,
     rows: usize,
     row_vectors: usize,
-    vector_bytes: usize,
-) -> Option<NormTiling> {
-    if row_vectors.div_ceil(GROUP_UNITS as usize) > CACHED_VECTORS {
+    lanes: usize,
+) -> Option<(RowSplit, usize, usize)> {
+    let split = RowSplit::of(row_vectors)?;
+    if 2 * split.per_unit * split.row_units * lanes * 4 > ROW_SPLIT_SUMS_BYTES {
         return None;
     }
-    let row_bytes = row_vectors * vector_bytes;
     let hardware = &like.client.properties().hardware;
-    // The tile's two tensors, and the reductions' 1 KiB.
-    let budget = NORM_TILE_BYTES.min(hardware.max_shared_memory_size.saturating_sub(1024));
-    let groups = (budget / (2 * row_bytes)).min(ROW_GROUPS as usize);
-    if groups == 0 {
-        return None;
-    }
     let multiprocessors = hardware.num_streaming_multiprocessors.unwrap_or(64) as usize;
-    let all_tiles = rows.div_ceil(groups);
-    let cubes = all_tiles.clamp(1, NORM_CUBES_PER_MULTIPROCESSOR * multiprocessors);
-    let tiles = all_tiles.div_ceil(cubes);
-    Some(NormTiling {
-        groups,
-        cubes: all_tiles.div_ceil(tiles).max(1),
-        tiles,
-    })
+    let cubes = rows.div_ceil(split.slots).clamp(
+        1,
+        NORM_BACKWARD_SPLIT_CUBES_PER_MULTIPROCESSOR * multiprocessors,
+    );
+    Some((split, cubes, rows.div_ceil(cubes * split.slots)))
 }
 
 /// The cubes of a column-sum kernel: [`ELEMENT_UNITS`] column vectors by one row chunk
@@ -316,7 +341,46 @@ where
         let mean = empty_like(&input, Shape::new([rows]), DType::F32);
         let rstd = empty_like(&input, Shape::new([rows]), DType::F32);
         let lanes = vector_lanes(&[&input, &weight, &bias, &output]);
-        if rows > 0 {
+        let (rows32, width32) = (u32_of(rows, "rows"), u32_of(width, "width"));
+        let (input_stride, output_stride) = (stride(&input, 0), stride(&output, 0));
+        let plane = rows_are_planes(&input);
+        // A warp per row where a unit holds at most `CACHED_VECTORS` of its vectors (its
+        // passes unrolled); wider rows split over a cube's units, or looped over beyond.
+        // H200, bf16, 8192 tokens: at hidden 1280 the warp per row moved 67% of 4.3 TB/s,
+        // the split 48%; at 4096 the split 58%, the loop 47%.
+        let per_lane = (width / lanes).div_ceil(GROUP_UNITS as usize);
+        let split = RowSplit::of(width / lanes).filter(|_| per_lane > CACHED_VECTORS);
+        if rows == 0 {
+            // Nothing to normalize.
+        } else if let Some(split) = split {
+            kernels::norm_forward_rows::launch::<R>(
+                &input.client,
+                calculate_cube_count_elemwise(
+                    &input.client,
+                    rows.div_ceil(split.slots) * split.slots * split.row_units,
+                    split.cube_dim(),
+                ),
+                split.cube_dim(),
+                lanes,
+                input.clone().into_array_arg(),
+                weight.into_array_arg(),
+                bias.into_array_arg(),
+                output.clone().into_array_arg(),
+                mean.clone().into_array_arg(),
+                rstd.clone().into_array_arg(),
+                rows32,
+                width32,
+                input_stride,
+                output_stride,
+                epsilon as f32,
+                centered,
+                plane,
+                split.slots,
+                split.row_units,
+                split.per_unit,
+                dtype.into(),
+            );
+        } else {
             kernels::norm_forward::launch::<R>(
                 &input.client,
                 row_cubes(&input, rows),
@@ -328,13 +392,18 @@ where
                 output.clone().into_array_arg(),
                 mean.clone().into_array_arg(),
                 rstd.clone().into_array_arg(),
-                u32_of(rows, "rows"),
-                u32_of(width, "width"),
-                stride(&input, 0),
-                stride(&output, 0),
+                rows32,
+                width32,
+                input_stride,
+                output_stride,
                 epsilon as f32,
                 centered,
-                rows_are_planes(&input),
+                plane,
+                if per_lane <= CACHED_VECTORS {
+                    per_lane
+                } else {
+                    0
+                },
                 dtype.into(),
             );
         }
@@ -366,10 +435,10 @@ where
         let input_grad = empty_like(&input, Shape::new([rows, width]), dtype);
         let lanes = vector_lanes(&[&grad, &input, &weight, &input_grad]);
         let row_vectors = width / lanes;
-        let tiling = norm_tiling(&input, rows, row_vectors, lanes * dtype.size());
+        let row_split = norm_backward_split(&input, rows, row_vectors, lanes);
         // Partial rows: one per cube of the one-pass kernel, or per row chunk.
-        let chunks = match &tiling {
-            Some(tiling) => tiling.cubes,
+        let chunks = match &row_split {
+            Some((_, cubes, _)) => *cubes,
             None => rows.clamp(1, PARAMETER_CHUNKS),
         };
         // Weight partials, then bias partials for LayerNorm: one buffer, one reduction.
@@ -378,11 +447,11 @@ where
         let (rows32, width32) = (u32_of(rows, "rows"), u32_of(width, "width"));
         let (grad_stride, input_stride) = (stride(&grad, 0), stride(&input, 0));
         let (input_grad_stride, partials_stride) = (stride(&input_grad, 0), stride(&partials, 0));
-        if let Some(tiling) = tiling {
-            kernels::norm_backward::launch::<R>(
+        if let Some((split, cubes, row_steps)) = row_split {
+            kernels::norm_backward_rows::launch::<R>(
                 &input.client,
-                CubeCount::Static(tiling.cubes as u32, 1, 1),
-                CubeDim::new_2d(GROUP_UNITS, tiling.groups as u32),
+                CubeCount::Static(cubes as u32, 1, 1),
+                split.cube_dim(),
                 lanes,
                 grad.into_array_arg(),
                 input.clone().into_array_arg(),
@@ -397,11 +466,12 @@ where
                 input_stride,
                 input_grad_stride,
                 partials_stride,
-                u32_of(tiling.tiles, "tiles per cube"),
+                u32_of(row_steps, "rows per slot"),
                 has_bias,
                 rows_are_planes(&input),
-                tiling.groups,
-                row_vectors,
+                split.slots,
+                split.row_units,
+                split.per_unit,
                 dtype.into(),
             );
         } else {
