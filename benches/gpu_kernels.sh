@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The fused kernels' benchmark in one command on one GPU (#8):
+#   - every kernel and gradient against its plain-Burn reference on fresh random inputs
+#     (f32, bf16, f16; shapes that are not multiples of the block size);
+#   - each kernel's bandwidth (bytes read + written over the device's time) in bf16 at
+#     TOKENS x HIDDEN (default 8192 x 1280, GPT-2 774M's micro-batch of 8 x 1024), as a
+#     share of COPY GB/s (default the H200's 4300), next to the unfused Burn ops;
+#   - the GPT-2 774M bf16 8 x 1024 training step with the fused kernels and with their
+#     plain-Burn references (`--reference-kernels`).
+#
+#   cargo build --release --features cuda
+#   benches/gpu_kernels.sh [path/to/burn-megatron]      # logs under $OUT (default bench-out)
+#
+# STEPS (default 6) sets the training steps per run; the medians skip the first two.
+# Each part runs under its own time limit (LIMIT seconds, default 300).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=${1:-target/release/burn-megatron}
+OUT=${OUT:-bench-out}
+STEPS=${STEPS:-6}
+LIMIT=${LIMIT:-300}
+TOKENS=${TOKENS:-8192}
+HIDDEN=${HIDDEN:-1280}
+COPY=${COPY:-4300}
+mkdir -p "$OUT"
+source benches/gpu_env.sh
+cat "$OUT/gpu_state.csv"
+
+timeout "$LIMIT" "$BIN" bench kernels --parts checks --output "$OUT/kernel_checks.jsonl" \
+    > "$OUT/kernel_checks.log" 2>&1 || echo "kernel checks failed: see $OUT/kernel_checks.log"
+echo "kernel checks: $(grep -cE ' ok$' "$OUT/kernel_checks.log") passed, $(grep -c FAILED "$OUT/kernel_checks.log") failed"
+grep FAILED "$OUT/kernel_checks.log" | head -20
+
+timeout "$LIMIT" "$BIN" bench kernels --parts bandwidth --dtypes bf16 --tokens "$TOKENS" \
+    --hidden "$HIDDEN" --copy-bandwidth "$COPY" --output "$OUT/bandwidth.jsonl" \
+    > "$OUT/bandwidth.log" 2>&1 || echo "bandwidth failed: see $OUT/bandwidth.log"
+
+STEP=(train --device cuda --precision bf16 --tp 1 --dp 1 --preset gpt2-774m --seq-length 1024
+    --global-batch-size 8 --micro-batch-size 8 --steps "$STEPS" --log-interval 1
+    --eval-interval 100000 --eval-iters 1)
+timeout "$LIMIT" "$BIN" "${STEP[@]}" > "$OUT/step_fused.log" 2>&1 \
+    || echo "the step with the fused kernels failed: see $OUT/step_fused.log"
+timeout "$LIMIT" "$BIN" "${STEP[@]}" --reference-kernels > "$OUT/step_reference.log" 2>&1 \
+    || echo "the step with the references failed: see $OUT/step_reference.log"
+
+echo
+sed -n '/^kernel .*fused GB\/s/,$p' "$OUT/bandwidth.log"
+# "throughput (...): N tokens/s, X model TFLOP/s ..." -> "N X"
+rate() { sed -n 's/^throughput[^:]*: \([0-9.]*\) tokens\/s, \([0-9.]*\) model TFLOP\/s.*/\1 \2/p' "$1"; }
+# "step      1/N | loss X | ..." -> "X"
+first_loss() { sed -n 's/^step  *1\/.*| loss \([0-9.eE+-]*\) |.*/\1/p' "$1" | head -1; }
+printf '\n%-44s %12s %10s %12s %12s\n' "GPT-2 774M bf16 8 x 1024, one step" "tokens/s" "TFLOP/s" "ms a step" "step-1 loss"
+for run in fused:"with the fused kernels" reference:"with their plain-Burn references"; do
+    read -r tokens tflops <<< "$(rate "$OUT/step_${run%%:*}.log")"
+    ms=$([ -n "${tokens:-}" ] && python3 -c "print(f'{8192 / $tokens * 1e3:.1f}')" || echo -)
+    printf '%-44s %12s %10s %12s %12s\n' "${run#*:}" "${tokens:-failed}" "${tflops:--}" "$ms" "$(first_loss "$OUT/step_${run%%:*}.log")"
+done
