@@ -105,12 +105,14 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
     }
     // Rows enough that each slot of the norm's one-pass backward takes several rows, the
     // last ones past the end for some slots; rows whose mean is far larger than their
-    // spread (a variance from the sums of x and x² would cancel away); rows wide enough
+    // spread (a variance from the sums of x and x² would cancel away), narrow and wide
+    // ones (the forward's two kernels); rows wide enough
     // that the forward splits them over a cube's units and the backward takes two kernels
     // ([3, 6000]), or that the forward loops over them ([2, 20000]).
     for centered in [true, false] {
         checks.extend(check_norm::<B>(device, dtype, [3001, 40], centered, 0.0));
         checks.extend(check_norm::<B>(device, dtype, [33, 520], centered, 30.0));
+        checks.extend(check_norm::<B>(device, dtype, [4, 1600], centered, 30.0));
         for shape in [[3, 6000], [2, 20000]] {
             checks.extend(check_norm::<B>(device, dtype, shape, centered, 0.0));
         }

@@ -237,10 +237,10 @@ pub(super) fn norm_forward<F: Float, N: Size>(
 /// each holding its `per_unit` vectors `UNIT_POS_X + i · row_units` in registers, `slots`
 /// rows a cube (row `CUBE_POS · slots + UNIT_POS_Y`); a row's units reduce together
 /// through [`row_pair_sums`]. For rows whose warp would loop over more than a few vectors a
-/// unit in [`norm_forward`] (H200, bf16, 8192 x 4096: 58% of 4.3 TB/s against 47%). The
-/// variance comes from the sums of `x - x₀` and its square, `x₀` the row's first element:
-/// shifted by a value of the row, the sum of squares keeps its precision when the mean
-/// dominates the spread.
+/// unit in [`norm_forward`] (H200, bf16, 8192 x 4096: 58% of 4.3 TB/s against 47%, with
+/// the variance from the sums shifted by the row's first element; now from two
+/// reductions, not measured). LayerNorm's variance is the mean of `(x - mean)²` from the
+/// registers, after the mean: exact whether the mean dwarfs the spread or an outlier does.
 #[cube(launch)]
 pub(super) fn norm_forward_rows<F: Float, N: Size>(
     input: &Array<Vector<F, N>>,
@@ -274,21 +274,22 @@ pub(super) fn norm_forward_rows<F: Float, N: Size>(
     let active = visited < rows as usize;
     let row = select(active, visited, 0usize);
     let start = row * input_stride as usize / lanes;
-    let shift = Vector::<f32, N>::new(Vector::<f32, N>::cast_from(input[start])[0]);
     let mut values = Array::<Vector<f32, N>>::new(per_unit);
     let mut sum = Vector::<f32, N>::new(0.0f32);
     let mut squares = Vector::<f32, N>::new(0.0f32);
     #[unroll]
     for i in 0..per_unit {
         let vector = unit + i * row_units;
-        let mut shifted = Vector::<f32, N>::new(0.0f32);
+        let mut x = Vector::<f32, N>::new(0.0f32);
         if vector < row_vectors {
-            shifted = Vector::<f32, N>::cast_from(input[start + vector]) - shift;
+            x = Vector::<f32, N>::cast_from(input[start + vector]);
         }
-        values[i] = shifted;
-        sum += shifted;
-        squares += shifted * shifted;
+        values[i] = x;
+        sum += x;
+        squares += x * x;
     }
+    // RMSNorm's mean square comes from the first reduction; LayerNorm's variance from a
+    // second one, of `(x - mean)²` (the scratch's other buffer).
     let totals = row_pair_sums(
         lanes_sum(sum),
         lanes_sum(squares),
@@ -298,21 +299,31 @@ pub(super) fn norm_forward_rows<F: Float, N: Size>(
         row_units,
         plane,
     );
-    // Means of `x - x₀` and of its square.
-    let shifted_mean = totals.first / count;
-    let mut variance = totals.second / count;
     let mut row_mean = 0.0f32;
-    // `x - mean` is `(x - x₀) - offset`: the shifted mean for LayerNorm (exact where
-    // `mean - x₀` rounded at the mean's magnitude would not be), `-x₀` for RMSNorm.
-    let mut offset = Vector::<f32, N>::new(0.0f32) - shift;
     if centered {
-        variance -= shifted_mean * shifted_mean;
-        row_mean = shift[0] + shifted_mean;
-        offset = Vector::new(shifted_mean);
-    } else {
-        // RMSNorm: the mean square of `x` itself.
-        let unshifted = shift[0];
-        variance += unshifted * (2.0f32 * shifted_mean + unshifted);
+        row_mean = totals.first / count;
+    }
+    let mean_vector = Vector::<f32, N>::new(row_mean);
+    let mut variance = totals.second / count;
+    if centered {
+        let mut deviations = Vector::<f32, N>::new(0.0f32);
+        #[unroll]
+        for i in 0..per_unit {
+            if unit + i * row_units < row_vectors {
+                let deviation = values[i] - mean_vector;
+                deviations += deviation * deviation;
+            }
+        }
+        let centered_totals = row_pair_sums(
+            lanes_sum(deviations),
+            0.0f32,
+            &mut scratch,
+            1usize,
+            slots,
+            row_units,
+            plane,
+        );
+        variance = centered_totals.first / count;
     }
     let row_rstd = 1.0f32 / f32::sqrt(f32::max(variance, 0.0f32) + epsilon);
     let rstd_vector = Vector::<f32, N>::new(row_rstd);
@@ -321,8 +332,9 @@ pub(super) fn norm_forward_rows<F: Float, N: Size>(
     for i in 0..per_unit {
         let vector = unit + i * row_units;
         if active && vector < row_vectors {
-            let mut value =
-                (values[i] - offset) * rstd_vector * Vector::<f32, N>::cast_from(weight[vector]);
+            let mut value = (values[i] - mean_vector)
+                * rstd_vector
+                * Vector::<f32, N>::cast_from(weight[vector]);
             if centered {
                 value += Vector::<f32, N>::cast_from(bias[vector]);
             }
@@ -530,9 +542,18 @@ fn row_pair_sums(
         scratch[base + 2 * unit] = first;
         scratch[base + 2 * unit + 1] = second;
         sync_cube();
-        for other in 0..row_units {
-            first_total += scratch[base + 2 * other];
-            second_total += scratch[base + 2 * other + 1];
+        // Warp-sized groups first, then their totals, as the plane path adds (a single
+        // running sum over hundreds of units rounds more).
+        for group in 0..comptime!(row_units / GROUP_UNITS as usize) {
+            let mut first_part = 0.0f32;
+            let mut second_part = 0.0f32;
+            for lane in 0..GROUP_UNITS as usize {
+                let other = group * GROUP_UNITS as usize + lane;
+                first_part += scratch[base + 2 * other];
+                second_part += scratch[base + 2 * other + 1];
+            }
+            first_total += first_part;
+            second_total += second_part;
         }
     }
     PairSums {

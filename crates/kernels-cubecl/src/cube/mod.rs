@@ -53,9 +53,9 @@ const ROW_SPLIT_UNITS: usize = 256;
 /// two cubes per multiprocessor) moved 37% of 4.3 TB/s, with 320 (three cubes) 33% and
 /// with 960 (one cube) 30%.
 const ROW_SPLIT_CUBE_UNITS: usize = 640;
-/// The most shared memory the row-splitting norm backward's fp32 weight and bias sums take
-/// (within the 48 KiB a cube gets without opting in).
-const ROW_SPLIT_SUMS_BYTES: usize = 40 * 1024;
+/// The most shared memory the row-splitting norm backward takes (its fp32 weight and bias
+/// sums, its reductions): the 48 KiB a cube gets without opting in.
+const ROW_SPLIT_SHARED_BYTES: usize = 48 * 1024;
 
 /// Row chunks of the column-sum partials (the norm's weight gradient, bias gradients; at
 /// most: fewer for short inputs). On an H200 (bf16 bias gradient, 8192 x 5120) 128 chunks
@@ -195,20 +195,33 @@ struct RowSplit {
 
 impl RowSplit {
     /// Rows of `row_vectors` vectors over up to [`ROW_SPLIT_UNITS`] units each, or `None`
-    /// where a unit would hold more than [`CACHED_VECTORS`] vectors.
-    fn of(row_vectors: usize) -> Option<Self> {
+    /// where a unit would hold more than [`CACHED_VECTORS`] vectors or a row would take
+    /// more units than a cube of `like`'s device has.
+    fn of<R: CubeRuntime>(like: &CubeTensor<R>, row_vectors: usize) -> Option<Self> {
         let per_unit = row_vectors.div_ceil(ROW_SPLIT_UNITS).max(1);
-        if per_unit > CACHED_VECTORS {
-            return None;
-        }
         let row_units = row_vectors
             .div_ceil(per_unit)
             .next_multiple_of(GROUP_UNITS as usize);
+        let most_units = like.client.properties().hardware.max_units_per_cube as usize;
+        if per_unit > CACHED_VECTORS || row_units > most_units {
+            return None;
+        }
         Some(Self {
             row_units,
             per_unit,
-            slots: (ROW_SPLIT_CUBE_UNITS / row_units).clamp(1, ROW_GROUPS as usize),
+            slots: (ROW_SPLIT_CUBE_UNITS.min(most_units) / row_units).clamp(1, ROW_GROUPS as usize),
         })
+    }
+
+    /// Bytes of the kernels' row reductions' shared memory ([`kernels::norm_forward_rows`]'s
+    /// `scratch`): per warp with `plane`, else per unit.
+    fn scratch_bytes(self, plane: bool) -> usize {
+        let per_row = if plane {
+            self.row_units / GROUP_UNITS as usize
+        } else {
+            self.row_units
+        };
+        4 * self.slots * per_row * 4
     }
 
     fn cube_dim(self) -> CubeDim {
@@ -218,19 +231,21 @@ impl RowSplit {
 
 /// The row-splitting norm backward's rows: its split, its cubes (a few per multiprocessor,
 /// each writing a row of partials) and how many rows each slot takes (the last ones past
-/// the end for some), or `None` where its weight and bias sums would not fit
-/// [`ROW_SPLIT_SUMS_BYTES`] of shared memory.
+/// the end for some), or `None` where its weight and bias sums and its reductions would not
+/// fit [`ROW_SPLIT_SHARED_BYTES`] (or the device's shared memory).
 fn norm_backward_split<R: CubeRuntime>(
     like: &CubeTensor<R>,
     rows: usize,
     row_vectors: usize,
     lanes: usize,
 ) -> Option<(RowSplit, usize, usize)> {
-    let split = RowSplit::of(row_vectors)?;
-    if 2 * split.per_unit * split.row_units * lanes * 4 > ROW_SPLIT_SUMS_BYTES {
+    let split = RowSplit::of(like, row_vectors)?;
+    let hardware = &like.client.properties().hardware;
+    let sums = 2 * split.per_unit * split.row_units * lanes * 4;
+    let shared = sums + split.scratch_bytes(rows_are_planes(like));
+    if shared > ROW_SPLIT_SHARED_BYTES.min(hardware.max_shared_memory_size) {
         return None;
     }
-    let hardware = &like.client.properties().hardware;
     let multiprocessors = hardware.num_streaming_multiprocessors.unwrap_or(64) as usize;
     let cubes = rows.div_ceil(split.slots).clamp(
         1,
@@ -349,7 +364,7 @@ where
         // H200, bf16, 8192 tokens: at hidden 1280 the warp per row moved 67% of 4.3 TB/s,
         // the split 48%; at 4096 the split 58%, the loop 47%.
         let per_lane = (width / lanes).div_ceil(GROUP_UNITS as usize);
-        let split = RowSplit::of(width / lanes).filter(|_| per_lane > CACHED_VECTORS);
+        let split = RowSplit::of(&input, width / lanes).filter(|_| per_lane > CACHED_VECTORS);
         if rows == 0 {
             // Nothing to normalize.
         } else if let Some(split) = split {
