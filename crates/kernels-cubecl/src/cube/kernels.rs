@@ -205,25 +205,27 @@ pub(super) fn norm_forward<F: Float, N: Size>(
         for i in 0..unrolled {
             let vector = UNIT_POS_X as usize + i * step;
             if vector < vectors {
-                let normalized = (Vector::<f32, N>::cast_from(input[start + vector]) - mean_vector)
-                    * rstd_vector;
-                let mut value = normalized * Vector::<f32, N>::cast_from(weight[vector]);
-                if centered {
-                    value += Vector::<f32, N>::cast_from(bias[vector]);
-                }
-                output[output_start + vector] = Vector::cast_from(value);
+                output[output_start + vector] = norm_output(
+                    Vector::<f32, N>::cast_from(input[start + vector]),
+                    weight[vector],
+                    bias[vector],
+                    mean_vector,
+                    rstd_vector,
+                    centered,
+                );
             }
         }
     } else {
         let mut vector = UNIT_POS_X as usize;
         while vector < vectors {
-            let normalized =
-                (Vector::<f32, N>::cast_from(input[start + vector]) - mean_vector) * rstd_vector;
-            let mut value = normalized * Vector::<f32, N>::cast_from(weight[vector]);
-            if centered {
-                value += Vector::<f32, N>::cast_from(bias[vector]);
-            }
-            output[output_start + vector] = Vector::cast_from(value);
+            output[output_start + vector] = norm_output(
+                Vector::<f32, N>::cast_from(input[start + vector]),
+                weight[vector],
+                bias[vector],
+                mean_vector,
+                rstd_vector,
+                centered,
+            );
             vector += step;
         }
     }
@@ -231,6 +233,23 @@ pub(super) fn norm_forward<F: Float, N: Size>(
         mean[row] = row_mean;
         rstd[row] = row_rstd;
     }
+}
+
+/// The norm's output `(x - mean) · rstd · weight (+ bias)` of the vector `x`.
+#[cube]
+fn norm_output<F: Float, N: Size>(
+    x: Vector<f32, N>,
+    weight: Vector<F, N>,
+    bias: Vector<F, N>,
+    mean: Vector<f32, N>,
+    rstd: Vector<f32, N>,
+    #[comptime] centered: bool,
+) -> Vector<F, N> {
+    let mut value = (x - mean) * rstd * Vector::<f32, N>::cast_from(weight);
+    if centered {
+        value += Vector::<f32, N>::cast_from(bias);
+    }
+    Vector::cast_from(value)
 }
 
 /// LayerNorm (`centered`) or RMSNorm of wide rows split over a cube's `row_units` units,
@@ -332,13 +351,14 @@ pub(super) fn norm_forward_rows<F: Float, N: Size>(
     for i in 0..per_unit {
         let vector = unit + i * row_units;
         if active && vector < row_vectors {
-            let mut value = (values[i] - mean_vector)
-                * rstd_vector
-                * Vector::<f32, N>::cast_from(weight[vector]);
-            if centered {
-                value += Vector::<f32, N>::cast_from(bias[vector]);
-            }
-            output[output_start + vector] = Vector::cast_from(value);
+            output[output_start + vector] = norm_output(
+                values[i],
+                weight[vector],
+                bias[vector],
+                mean_vector,
+                rstd_vector,
+                centered,
+            );
         }
     }
     if active && unit == 0 {
