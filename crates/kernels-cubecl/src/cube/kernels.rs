@@ -593,8 +593,10 @@ struct PairSums {
 /// its `per_unit` vectors `UNIT_POS_X + i · row_units`, so always the same columns) and
 /// `slots` rows at a time: slot `UNIT_POS_Y` of cube `CUBE_POS` takes rows `CUBE_POS · slots
 /// + UNIT_POS_Y`, then `CUBE_COUNT · slots` further, `row_steps` times (the last ones past
-/// the end for some slots). For each row a unit reads its `grad` and `input` once, the row's
-/// units add their sums ([`row_pair_sums`]), and each writes its input gradient as
+/// the end for some slots). For each row a unit reads its `grad` and `input` once (issuing
+/// the next row's loads before this row's reduction, so that they are in flight while it
+/// waits), the row's units add their sums ([`row_pair_sums`]), and each writes its input
+/// gradient as
 /// [`norm_backward_input`] does and adds `grad · x̂` and `grad` to its columns' sums, in
 /// registers: few per unit, since a row has many units. At the end the slots add their sums
 /// in shared memory one after another (a fixed order), and the cube writes them as rows
