@@ -103,12 +103,12 @@ pub fn check_kernels<B: FusedKernels>(device: &B::Device, dtype: DType) -> Vec<C
     for shape in [[3001, 40], [17, 77]] {
         checks.extend(check_bias_add::<B>(device, dtype, shape));
     }
-    // Rows enough that each slot of the norm's one-pass backward takes several rows, the
-    // last ones past the end for some slots; rows whose mean is far larger than their
-    // spread (a variance from the sums of x and x² would cancel away), narrow and wide
-    // ones (the forward's two kernels); rows wide enough
-    // that the forward splits them over a cube's units and the backward takes two kernels
-    // ([3, 6000]), or that the forward loops over them ([2, 20000]).
+    // Rows enough that each slot of the norm's one-pass backward takes several rows (the
+    // last ones past the end for some slots); rows whose mean is 30 times their spread (a
+    // variance from the sums of x and x² would cancel away), for the warp-per-row forward
+    // and the split one; rows wide enough that the forward splits them over a cube's units
+    // and the backward takes two kernels ([3, 6000]), or that the forward loops over them
+    // ([2, 20000]).
     for centered in [true, false] {
         checks.extend(check_norm::<B>(device, dtype, [3001, 40], centered, 0.0));
         checks.extend(check_norm::<B>(device, dtype, [33, 520], centered, 30.0));
@@ -444,6 +444,7 @@ fn check_norm<B: FusedKernels>(
     // Weight and bias travel as [1, width] rows so that `run` handles them with the input.
     let input = strided::<B>([rows, width], device, dtype, 2.0, 0.5);
     let inputs = [
+        // Shifted, the input is a fresh contiguous tensor: pitched rows only unshifted.
         if shift == 0.0 {
             input
         } else {

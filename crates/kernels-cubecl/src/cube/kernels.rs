@@ -284,11 +284,7 @@ pub(super) fn norm_forward_rows<F: Float, N: Size>(
     let unit = UNIT_POS_X as usize;
     let row_vectors = width as usize / lanes;
     let count = f32::cast_from(width);
-    let mut scratch = SharedMemory::<f32>::new(comptime!(if plane {
-        4 * slots * row_units / GROUP_UNITS as usize
-    } else {
-        4 * slots * row_units
-    }));
+    let mut scratch = SharedMemory::<f32>::new(comptime!(row_scratch_len(slots, row_units, plane)));
     let visited = CUBE_POS * slots + UNIT_POS_Y as usize;
     let active = visited < rows as usize;
     let row = select(active, visited, 0usize);
@@ -582,11 +578,50 @@ fn row_pair_sums(
     }
 }
 
+/// The floats of [`row_pair_sums`]'s scratch for `slots` rows of `row_units` units: two
+/// buffers of two sums per warp (`plane`) or per unit.
+pub(super) fn row_scratch_len(slots: usize, row_units: usize, plane: bool) -> usize {
+    let per_row = if plane {
+        row_units / GROUP_UNITS as usize
+    } else {
+        row_units
+    };
+    4 * slots * per_row
+}
+
 /// A row's sums of two quantities.
 #[derive(CubeType)]
 struct PairSums {
     first: f32,
     second: f32,
+}
+
+/// This unit's vectors of row `row` of `grad` and `input` into `grads` and `inputs` (row 0
+/// past the last row, vector 0 past the row's end: in bounds, and masked by the caller).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_row<F: Float, N: Size>(
+    grad: &Array<Vector<F, N>>,
+    input: &Array<Vector<F, N>>,
+    grads: &mut Array<Vector<F, N>>,
+    inputs: &mut Array<Vector<F, N>>,
+    row: usize,
+    rows: u32,
+    row_vectors: usize,
+    grad_stride: u32,
+    input_stride: u32,
+    #[comptime] row_units: usize,
+    #[comptime] per_unit: usize,
+) {
+    let lanes = input.vector_size();
+    let row = select(row < rows as usize, row, 0usize);
+    #[unroll]
+    for i in 0..per_unit {
+        let wanted = UNIT_POS_X as usize + i * row_units;
+        let vector = select(wanted < row_vectors, wanted, 0usize);
+        grads[i] = grad[row * grad_stride as usize / lanes + vector];
+        inputs[i] = input[row * input_stride as usize / lanes + vector];
+    }
 }
 
 /// The whole norm backward in one pass, a row split over a cube's `row_units` units (each
@@ -631,11 +666,7 @@ pub(super) fn norm_backward_rows<F: Float, N: Size>(
     let row_vectors = width as usize / lanes;
     let count = f32::cast_from(width);
     let span = comptime!(per_unit * row_units);
-    let mut scratch = SharedMemory::<f32>::new(comptime!(if plane {
-        4 * slots * row_units / GROUP_UNITS as usize
-    } else {
-        4 * slots * row_units
-    }));
+    let mut scratch = SharedMemory::<f32>::new(comptime!(row_scratch_len(slots, row_units, plane)));
     let mut weights = Array::<Vector<f32, N>>::new(per_unit);
     let mut weight_sums = Array::<Vector<f32, N>>::new(per_unit);
     let mut bias_sums = Array::<Vector<f32, N>>::new(per_unit);
@@ -655,17 +686,19 @@ pub(super) fn norm_backward_rows<F: Float, N: Size>(
     let mut next_inputs = Array::<Vector<F, N>>::new(per_unit);
     let rows_apart = CUBE_COUNT * slots;
     let first = CUBE_POS * slots + slot;
-    let first_row = select(first < rows as usize, first, 0usize);
-    #[unroll]
-    for i in 0..per_unit {
-        let vector = select(
-            unit + i * row_units < row_vectors,
-            unit + i * row_units,
-            0usize,
-        );
-        next_grads[i] = grad[first_row * grad_stride as usize / lanes + vector];
-        next_inputs[i] = input[first_row * input_stride as usize / lanes + vector];
-    }
+    load_row(
+        grad,
+        input,
+        &mut next_grads,
+        &mut next_inputs,
+        first,
+        rows,
+        row_vectors,
+        grad_stride,
+        input_stride,
+        row_units,
+        per_unit,
+    );
 
     for row_step in 0..row_steps as usize {
         let visited = first + row_step * rows_apart;
@@ -690,18 +723,19 @@ pub(super) fn norm_backward_rows<F: Float, N: Size>(
             scaled_sum += scaled;
             projection += scaled * x_hat;
         }
-        let upcoming = visited + rows_apart;
-        let next_row = select(upcoming < rows as usize, upcoming, 0usize);
-        #[unroll]
-        for i in 0..per_unit {
-            let vector = select(
-                unit + i * row_units < row_vectors,
-                unit + i * row_units,
-                0usize,
-            );
-            next_grads[i] = grad[next_row * grad_stride as usize / lanes + vector];
-            next_inputs[i] = input[next_row * input_stride as usize / lanes + vector];
-        }
+        load_row(
+            grad,
+            input,
+            &mut next_grads,
+            &mut next_inputs,
+            visited + rows_apart,
+            rows,
+            row_vectors,
+            grad_stride,
+            input_stride,
+            row_units,
+            per_unit,
+        );
         let totals = row_pair_sums(
             lanes_sum(scaled_sum),
             lanes_sum(projection),

@@ -213,45 +213,49 @@ impl RowSplit {
         })
     }
 
-    /// Bytes of the kernels' row reductions' shared memory ([`kernels::norm_forward_rows`]'s
-    /// `scratch`): per warp with `plane`, else per unit.
-    fn scratch_bytes(self, plane: bool) -> usize {
-        let per_row = if plane {
-            self.row_units / GROUP_UNITS as usize
-        } else {
-            self.row_units
-        };
-        4 * self.slots * per_row * 4
-    }
-
     fn cube_dim(self) -> CubeDim {
         CubeDim::new_2d(self.row_units as u32, self.slots as u32)
     }
 }
 
-/// The row-splitting norm backward's rows: its split, its cubes (a few per multiprocessor,
-/// each writing a row of partials) and how many rows each slot takes (the last ones past
-/// the end for some), or `None` where its weight and bias sums and its reductions would not
-/// fit [`ROW_SPLIT_SHARED_BYTES`] (or the device's shared memory).
-fn norm_backward_split<R: CubeRuntime>(
-    like: &CubeTensor<R>,
-    rows: usize,
-    row_vectors: usize,
-    lanes: usize,
-) -> Option<(RowSplit, usize, usize)> {
-    let split = RowSplit::of(like, row_vectors)?;
-    let hardware = &like.client.properties().hardware;
-    let sums = 2 * split.per_unit * split.row_units * lanes * 4;
-    let shared = sums + split.scratch_bytes(rows_are_planes(like));
-    if shared > ROW_SPLIT_SHARED_BYTES.min(hardware.max_shared_memory_size) {
-        return None;
+/// How the row-splitting norm backward ([`kernels::norm_backward_rows`]) takes its rows.
+struct NormBackwardSplit {
+    split: RowSplit,
+    /// A few per multiprocessor, each writing a row of partials.
+    cubes: usize,
+    /// Rows each slot takes (the last ones past the end for some slots).
+    row_steps: usize,
+}
+
+impl NormBackwardSplit {
+    /// For `rows` rows of `row_vectors` vectors of `lanes` elements, or `None` where the
+    /// kernel's weight and bias sums and its reductions would not fit
+    /// [`ROW_SPLIT_SHARED_BYTES`] (or the device's shared memory).
+    fn of<R: CubeRuntime>(
+        like: &CubeTensor<R>,
+        rows: usize,
+        row_vectors: usize,
+        lanes: usize,
+    ) -> Option<Self> {
+        let split = RowSplit::of(like, row_vectors)?;
+        let hardware = &like.client.properties().hardware;
+        let sums = 2 * split.per_unit * split.row_units * lanes * 4;
+        let scratch =
+            4 * kernels::row_scratch_len(split.slots, split.row_units, rows_are_planes(like));
+        if sums + scratch > ROW_SPLIT_SHARED_BYTES.min(hardware.max_shared_memory_size) {
+            return None;
+        }
+        let multiprocessors = hardware.num_streaming_multiprocessors.unwrap_or(64) as usize;
+        let cubes = rows.div_ceil(split.slots).clamp(
+            1,
+            NORM_BACKWARD_SPLIT_CUBES_PER_MULTIPROCESSOR * multiprocessors,
+        );
+        Some(Self {
+            split,
+            cubes,
+            row_steps: rows.div_ceil(cubes * split.slots),
+        })
     }
-    let multiprocessors = hardware.num_streaming_multiprocessors.unwrap_or(64) as usize;
-    let cubes = rows.div_ceil(split.slots).clamp(
-        1,
-        NORM_BACKWARD_SPLIT_CUBES_PER_MULTIPROCESSOR * multiprocessors,
-    );
-    Some((split, cubes, rows.div_ceil(cubes * split.slots)))
 }
 
 /// The cubes of a column-sum kernel: [`ELEMENT_UNITS`] column vectors by one row chunk
@@ -450,10 +454,10 @@ where
         let input_grad = empty_like(&input, Shape::new([rows, width]), dtype);
         let lanes = vector_lanes(&[&grad, &input, &weight, &input_grad]);
         let row_vectors = width / lanes;
-        let row_split = norm_backward_split(&input, rows, row_vectors, lanes);
+        let row_split = NormBackwardSplit::of(&input, rows, row_vectors, lanes);
         // Partial rows: one per cube of the one-pass kernel, or per row chunk.
         let chunks = match &row_split {
-            Some((_, cubes, _)) => *cubes,
+            Some(plan) => plan.cubes,
             None => rows.clamp(1, PARAMETER_CHUNKS),
         };
         // Weight partials, then bias partials for LayerNorm: one buffer, one reduction.
@@ -462,7 +466,12 @@ where
         let (rows32, width32) = (u32_of(rows, "rows"), u32_of(width, "width"));
         let (grad_stride, input_stride) = (stride(&grad, 0), stride(&input, 0));
         let (input_grad_stride, partials_stride) = (stride(&input_grad, 0), stride(&partials, 0));
-        if let Some((split, cubes, row_steps)) = row_split {
+        if let Some(NormBackwardSplit {
+            split,
+            cubes,
+            row_steps,
+        }) = row_split
+        {
             kernels::norm_backward_rows::launch::<R>(
                 &input.client,
                 CubeCount::Static(cubes as u32, 1, 1),
