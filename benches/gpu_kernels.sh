@@ -15,8 +15,8 @@
 # Each part runs under its own time limit (LIMIT seconds, default 300).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BIN=${1:-target/release/burn-megatron}
-OUT=${OUT:-bench-out}
+BIN=$(realpath "${1:-target/release/burn-megatron}")
+OUT=$(realpath -m "${OUT:-bench-out}")
 STEPS=${STEPS:-6}
 LIMIT=${LIMIT:-300}
 TOKENS=${TOKENS:-8192}
@@ -26,10 +26,17 @@ mkdir -p "$OUT"
 source benches/gpu_env.sh
 cat "$OUT/gpu_state.csv"
 
-timeout "$LIMIT" "$BIN" bench kernels --parts checks --output "$OUT/kernel_checks.jsonl" \
-    > "$OUT/kernel_checks.log" 2>&1 || echo "kernel checks failed: see $OUT/kernel_checks.log"
+# The checks run under CubeCL's validate mode (a cubecl.toml in the working directory):
+# every kernel launched without bounds checks reports any access outside its arrays.
+VALIDATE_DIR=$(mktemp -d)
+printf '[compilation]\ncheck_mode = "validate"\n' > "$VALIDATE_DIR/cubecl.toml"
+(cd "$VALIDATE_DIR" && timeout "$LIMIT" "$BIN" bench kernels --parts checks \
+    --output "$OUT/kernel_checks.jsonl" > "$OUT/kernel_checks.log" 2>&1) \
+    || echo "kernel checks failed: see $OUT/kernel_checks.log"
 echo "kernel checks: $(grep -cE ' ok$' "$OUT/kernel_checks.log") passed, $(grep -c FAILED "$OUT/kernel_checks.log") failed"
 grep FAILED "$OUT/kernel_checks.log" | head -20
+echo "accesses outside an array (CubeCL validate mode), by kernel:"
+grep VALIDATION "$OUT/kernel_checks.log" | sed -E 's/^\[VALIDATION ([^]]+)\].*/\1/' | sort | uniq -c
 
 timeout "$LIMIT" "$BIN" bench kernels --parts bandwidth --dtypes bf16 --tokens "$TOKENS" \
     --hidden "$HIDDEN" --copy-bandwidth "$COPY" --output "$OUT/bandwidth.jsonl" \

@@ -120,7 +120,7 @@ fn lanes_max<N: Size>(vector: Vector<f32, N>) -> f32 {
 /// With `unrolled` (the row's vectors per unit, where few) both passes are unrolled, so
 /// that a unit's loads are all in flight at once; a loop waits for each load before the
 /// next (H200, bf16, 8192 x 1280: 67% of 4.3 TB/s against 59%).
-#[cube(launch)]
+#[cube(launch_unchecked)]
 pub(super) fn norm_forward<F: Float, N: Size>(
     input: &Array<Vector<F, N>>,
     weight: &Array<Vector<F, N>>,
@@ -255,12 +255,12 @@ fn norm_output<F: Float, N: Size>(
 /// LayerNorm (`centered`) or RMSNorm of wide rows split over a cube's `row_units` units,
 /// each holding its `per_unit` vectors `UNIT_POS_X + i · row_units` in registers, `slots`
 /// rows a cube (row `CUBE_POS · slots + UNIT_POS_Y`); a row's units reduce together
-/// through [`row_pair_sums`]. For rows whose warp would loop over more than a few vectors a
+/// through [`row_sums`]. For rows whose warp would loop over more than a few vectors a
 /// unit in [`norm_forward`] (H200, bf16, 8192 x 4096: 58% of 4.3 TB/s against 47%, with
 /// the variance from the sums shifted by the row's first element; now from two
 /// reductions, not measured). LayerNorm's variance is the mean of `(x - mean)²` from the
 /// registers, after the mean: exact whether the mean dwarfs the spread or an outlier does.
-#[cube(launch)]
+#[cube(launch_unchecked)]
 pub(super) fn norm_forward_rows<F: Float, N: Size>(
     input: &Array<Vector<F, N>>,
     weight: &Array<Vector<F, N>>,
@@ -283,8 +283,9 @@ pub(super) fn norm_forward_rows<F: Float, N: Size>(
     let lanes = input.vector_size();
     let unit = UNIT_POS_X as usize;
     let row_vectors = width as usize / lanes;
-    let count = f32::cast_from(width);
-    let mut scratch = SharedMemory::<f32>::new(comptime!(row_scratch_len(slots, row_units, plane)));
+    let inverse_count = 1.0f32 / f32::cast_from(width);
+    let mut scratch =
+        SharedMemory::<f32>::new(comptime!(row_scratch_len(2, slots, row_units, plane)));
     let visited = CUBE_POS * slots + UNIT_POS_Y as usize;
     let active = visited < rows as usize;
     let row = select(active, visited, 0usize);
@@ -304,22 +305,26 @@ pub(super) fn norm_forward_rows<F: Float, N: Size>(
         squares += x * x;
     }
     // RMSNorm's mean square comes from the first reduction; LayerNorm's variance from a
-    // second one, of `(x - mean)²` (the scratch's other buffer).
-    let totals = row_pair_sums(
-        lanes_sum(sum),
-        lanes_sum(squares),
+    // second one, of `(x - mean)²` (the scratch's other buffer; a pair again, so that both
+    // buffers have one layout).
+    let mut totals = Array::<f32>::new(2usize);
+    totals[0usize] = lanes_sum(sum);
+    totals[1usize] = lanes_sum(squares);
+    row_sums(
+        &mut totals,
         &mut scratch,
         0usize,
+        2usize,
         slots,
         row_units,
         plane,
     );
     let mut row_mean = 0.0f32;
     if centered {
-        row_mean = totals.first / count;
+        row_mean = totals[0usize] * inverse_count;
     }
     let mean_vector = Vector::<f32, N>::new(row_mean);
-    let mut variance = totals.second / count;
+    let mut variance = totals[1usize] * inverse_count;
     if centered {
         let mut deviations = Vector::<f32, N>::new(0.0f32);
         #[unroll]
@@ -329,16 +334,18 @@ pub(super) fn norm_forward_rows<F: Float, N: Size>(
                 deviations += deviation * deviation;
             }
         }
-        let centered_totals = row_pair_sums(
-            lanes_sum(deviations),
-            0.0f32,
+        totals[0usize] = lanes_sum(deviations);
+        totals[1usize] = 0.0f32;
+        row_sums(
+            &mut totals,
             &mut scratch,
             1usize,
+            2usize,
             slots,
             row_units,
             plane,
         );
-        variance = centered_totals.first / count;
+        variance = totals[0usize] * inverse_count;
     }
     let row_rstd = 1.0f32 / f32::sqrt(f32::max(variance, 0.0f32) + epsilon);
     let rstd_vector = Vector::<f32, N>::new(row_rstd);
@@ -437,7 +444,7 @@ fn norm_input_grad<N: Size>(
 /// `rstd · (g - mean(g) - x̂ · mean(g · x̂))` with `g = grad · weight` (no `mean(g)` for
 /// RMSNorm). The first `cached` vectors of each unit stay in registers between the two
 /// passes; the rest are read again.
-#[cube(launch)]
+#[cube(launch_unchecked)]
 pub(super) fn norm_backward_input<F: Float, N: Size>(
     grad: &Array<Vector<F, N>>,
     input: &Array<Vector<F, N>>,
@@ -516,84 +523,83 @@ pub(super) fn norm_backward_input<F: Float, N: Size>(
     }
 }
 
-/// The sums over a row's units of this unit's `first` and `second` (every unit of the
-/// row gets them), through `scratch` buffer `parity` (the row steps alternate two buffers,
-/// so that one barrier a step is enough: a unit writing a buffer again has passed the next
-/// step's barrier, which every unit reaches only after reading it). With `plane` (rows of
-/// whole warps) each warp reduces, then its first unit's sums go through shared memory;
-/// otherwise every unit's do, and each unit adds its row's.
+/// The sums over a row's units of each of this unit's `count` `values`, in place (every
+/// unit of the row gets them); the row is the cube's row group `UNIT_POS_Y` of `groups`.
+/// They go through `scratch` buffer `parity` (row steps alternate two buffers, so that one
+/// barrier a step is enough: a unit writing a buffer again has passed the next step's
+/// barrier, which every unit reaches only after reading it). With `plane` (rows of whole
+/// warps) each warp reduces, then its first unit's sums go through shared memory;
+/// otherwise every unit's do, and each unit adds its row's, in warp-sized groups first.
 #[cube]
-#[allow(clippy::too_many_arguments)]
-fn row_pair_sums(
-    first: f32,
-    second: f32,
+fn row_sums(
+    values: &mut Array<f32>,
     scratch: &mut SharedMemory<f32>,
     parity: usize,
-    #[comptime] slots: usize,
+    #[comptime] count: usize,
+    #[comptime] groups: usize,
     #[comptime] row_units: usize,
     #[comptime] plane: bool,
-) -> PairSums {
+) {
     let unit = UNIT_POS_X as usize;
-    let slot = UNIT_POS_Y as usize;
-    let mut first_total = 0.0f32;
-    let mut second_total = 0.0f32;
+    let group = UNIT_POS_Y as usize;
+    let warps = comptime!(row_units / GROUP_UNITS as usize);
     if plane {
-        let warps = comptime!(row_units / GROUP_UNITS as usize);
-        let base = (parity * slots + slot) * warps * 2;
-        let warp_first = plane_sum(first);
-        let warp_second = plane_sum(second);
+        let base = (parity * groups + group) * warps * count;
+        #[unroll]
+        for k in 0..count {
+            values[k] = plane_sum(values[k]);
+        }
         if UNIT_POS_PLANE == 0 {
             let warp = unit / GROUP_UNITS as usize;
-            scratch[base + 2 * warp] = warp_first;
-            scratch[base + 2 * warp + 1] = warp_second;
+            #[unroll]
+            for k in 0..count {
+                scratch[base + warp * count + k] = values[k];
+            }
         }
         sync_cube();
         #[unroll]
-        for warp in 0..warps {
-            first_total += scratch[base + 2 * warp];
-            second_total += scratch[base + 2 * warp + 1];
+        for k in 0..count {
+            let mut total = 0.0f32;
+            #[unroll]
+            for warp in 0..warps {
+                total += scratch[base + warp * count + k];
+            }
+            values[k] = total;
         }
     } else {
-        let base = (parity * slots + slot) * row_units * 2;
-        scratch[base + 2 * unit] = first;
-        scratch[base + 2 * unit + 1] = second;
+        let base = (parity * groups + group) * row_units * count;
+        #[unroll]
+        for k in 0..count {
+            scratch[base + unit * count + k] = values[k];
+        }
         sync_cube();
         // Warp-sized groups first, then their totals, as the plane path adds (a single
         // running sum over hundreds of units rounds more).
-        for group in 0..comptime!(row_units / GROUP_UNITS as usize) {
-            let mut first_part = 0.0f32;
-            let mut second_part = 0.0f32;
-            for lane in 0..GROUP_UNITS as usize {
-                let other = group * GROUP_UNITS as usize + lane;
-                first_part += scratch[base + 2 * other];
-                second_part += scratch[base + 2 * other + 1];
+        #[unroll]
+        for k in 0..count {
+            let mut total = 0.0f32;
+            for warp in 0..warps {
+                let mut part = 0.0f32;
+                for lane in 0..GROUP_UNITS as usize {
+                    let other = warp * GROUP_UNITS as usize + lane;
+                    part += scratch[base + other * count + k];
+                }
+                total += part;
             }
-            first_total += first_part;
-            second_total += second_part;
+            values[k] = total;
         }
-    }
-    PairSums {
-        first: first_total,
-        second: second_total,
     }
 }
 
-/// The floats of [`row_pair_sums`]'s scratch for `slots` rows of `row_units` units: two
-/// buffers of two sums per warp (`plane`) or per unit.
-pub(super) fn row_scratch_len(slots: usize, row_units: usize, plane: bool) -> usize {
+/// The floats of [`row_sums`]'s scratch for `count` values of `groups` rows of `row_units`
+/// units: two buffers of `count` sums per warp (`plane`) or per unit.
+pub(super) fn row_scratch_len(count: usize, groups: usize, row_units: usize, plane: bool) -> usize {
     let per_row = if plane {
         row_units / GROUP_UNITS as usize
     } else {
         row_units
     };
-    4 * slots * per_row
-}
-
-/// A row's sums of two quantities.
-#[derive(CubeType)]
-struct PairSums {
-    first: f32,
-    second: f32,
+    2 * count * groups * per_row
 }
 
 /// This unit's vectors of row `row` of `grad` and `input` into `grads` and `inputs` (row 0
@@ -630,14 +636,14 @@ fn load_row<F: Float, N: Size>(
 /// + UNIT_POS_Y`, then `CUBE_COUNT · slots` further, `row_steps` times (the last ones past
 /// the end for some slots). For each row a unit reads its `grad` and `input` once (issuing
 /// the next row's loads before this row's reduction, so that they are in flight while it
-/// waits), the row's units add their sums ([`row_pair_sums`]), and each writes its input
+/// waits), the row's units add their sums ([`row_sums`]), and each writes its input
 /// gradient as
 /// [`norm_backward_input`] does and adds `grad · x̂` and `grad` to its columns' sums, in
 /// registers: few per unit, since a row has many units. At the end the slots add their sums
 /// in shared memory one after another (a fixed order), and the cube writes them as rows
 /// `CUBE_POS` (weight) and `CUBE_COUNT + CUBE_POS` (bias, for LayerNorm) of the `[(1 or 2) ·
 /// cubes, width]` fp32 partials, summed over cubes afterwards.
-#[cube(launch)]
+#[cube(launch_unchecked)]
 pub(super) fn norm_backward_rows<F: Float, N: Size>(
     grad: &Array<Vector<F, N>>,
     input: &Array<Vector<F, N>>,
@@ -664,9 +670,11 @@ pub(super) fn norm_backward_rows<F: Float, N: Size>(
     let unit = UNIT_POS_X as usize;
     let slot = UNIT_POS_Y as usize;
     let row_vectors = width as usize / lanes;
-    let count = f32::cast_from(width);
+    let inverse_count = 1.0f32 / f32::cast_from(width);
     let span = comptime!(per_unit * row_units);
-    let mut scratch = SharedMemory::<f32>::new(comptime!(row_scratch_len(slots, row_units, plane)));
+    let mut scratch =
+        SharedMemory::<f32>::new(comptime!(row_scratch_len(2, slots, row_units, plane)));
+    let mut totals = Array::<f32>::new(2usize);
     let mut weights = Array::<Vector<f32, N>>::new(per_unit);
     let mut weight_sums = Array::<Vector<f32, N>>::new(per_unit);
     let mut bias_sums = Array::<Vector<f32, N>>::new(per_unit);
@@ -736,22 +744,24 @@ pub(super) fn norm_backward_rows<F: Float, N: Size>(
             row_units,
             per_unit,
         );
-        let totals = row_pair_sums(
-            lanes_sum(scaled_sum),
-            lanes_sum(projection),
+        totals[0usize] = lanes_sum(scaled_sum);
+        totals[1usize] = lanes_sum(projection);
+        row_sums(
+            &mut totals,
             &mut scratch,
             row_step % 2,
+            2usize,
             slots,
             row_units,
             plane,
         );
         let mut scaled_mean = 0.0f32;
         if centered {
-            scaled_mean = totals.first / count;
+            scaled_mean = totals[0usize] * inverse_count;
         }
         let means = GradMeans {
             scaled: scaled_mean,
-            projection: totals.second / count,
+            projection: totals[1usize] * inverse_count,
         };
 
         let output_start = row * input_grad_stride as usize / lanes;
@@ -770,7 +780,7 @@ pub(super) fn norm_backward_rows<F: Float, N: Size>(
     }
 
     // The cube's sums: the weight's at vectors `[0, span)`, the bias's after them.
-    let mut totals = SharedMemory::<Vector<f32, N>>::new(comptime!(2 * span));
+    let mut cube_sums = SharedMemory::<Vector<f32, N>>::new(comptime!(2 * span));
     #[unroll]
     for adding in 0..slots {
         if slot == adding {
@@ -778,11 +788,11 @@ pub(super) fn norm_backward_rows<F: Float, N: Size>(
             for i in 0..per_unit {
                 let vector = unit + i * row_units;
                 if adding == 0 {
-                    totals[vector] = weight_sums[i];
-                    totals[span + vector] = bias_sums[i];
+                    cube_sums[vector] = weight_sums[i];
+                    cube_sums[span + vector] = bias_sums[i];
                 } else {
-                    totals[vector] = totals[vector] + weight_sums[i];
-                    totals[span + vector] = totals[span + vector] + bias_sums[i];
+                    cube_sums[vector] = cube_sums[vector] + weight_sums[i];
+                    cube_sums[span + vector] = cube_sums[span + vector] + bias_sums[i];
                 }
             }
         }
@@ -795,9 +805,9 @@ pub(super) fn norm_backward_rows<F: Float, N: Size>(
         #[unroll]
         for element in 0..lanes {
             let column = vector * lanes + element;
-            partials[weight_row + column] = totals[vector][element];
+            partials[weight_row + column] = cube_sums[vector][element];
             if centered {
-                partials[bias_row + column] = totals[span + vector][element];
+                partials[bias_row + column] = cube_sums[span + vector][element];
             }
         }
         vector += row_units * slots;
@@ -829,7 +839,7 @@ fn chunk_rows(rows: u32, rows_per_chunk: u32) -> ChunkRows {
 /// `N` adjacent columns into rows `chunk` (weight) and `chunks + chunk` (bias, for
 /// LayerNorm) of the `[(1 or 2) · chunks, width]` fp32 partials (summed over chunks
 /// afterwards). Adjacent units read adjacent vectors.
-#[cube(launch)]
+#[cube(launch_unchecked)]
 pub(super) fn norm_backward_parameters<F: Float, N: Size>(
     grad: &Array<Vector<F, N>>,
     input: &Array<Vector<F, N>>,
@@ -875,7 +885,7 @@ pub(super) fn norm_backward_parameters<F: Float, N: Size>(
 /// into row `chunk` of the `[chunks, width]` fp32 partials (summed over chunks afterwards).
 /// Adjacent units read adjacent vectors; the partials are written one float at a time, so
 /// that `N` follows the input alone (16-byte loads of 16-bit floats: 8 lanes).
-#[cube(launch)]
+#[cube(launch_unchecked)]
 pub(super) fn column_sums<F: Float, N: Size>(
     input: &Array<Vector<F, N>>,
     partial: &mut Array<f32>,
@@ -925,7 +935,7 @@ pub(super) const SUM_GROUPS: u32 = 16;
 /// the `[kinds, width]` sums. Cube `(CUBE_POS_X, kind = CUBE_POS_Y)` takes [`SUM_COLUMNS`]
 /// adjacent columns of partial rows `kind · chunks ..`; its [`SUM_GROUPS`] row groups add
 /// every `SUM_GROUPS`-th row, and shared memory adds the groups, always in the same order.
-#[cube(launch)]
+#[cube(launch_unchecked)]
 pub(super) fn partial_sums<F: Float>(
     partials: &Array<f32>,
     sums: &mut Array<F>,
@@ -989,7 +999,7 @@ const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 /// forward moved 48% of copy's bytes per second). `__expf` keeps infinities and NaN; the
 /// divisions' denominators lie in [1, 2], where `__fdividef` is within 2 ulp.
 #[cube(
-    launch,
+    launch_unchecked,
     fast_math = FastMath::ReducedPrecision
         | FastMath::NotNaN
         | FastMath::NotInf
@@ -1176,7 +1186,7 @@ fn sixteen_bits(hash: Wide, field: u32) -> u32 {
 /// are kept as `dropout::kept` decides from their flat position in the full tensor; with
 /// `grouped` (vectors of a multiple of four elements starting at multiples of four in the
 /// full tensor) one hash serves four lanes.
-#[cube(launch)]
+#[cube(launch_unchecked)]
 pub(super) fn bias_dropout_add<F: Float, N: Size>(
     input: &Array<Vector<F, N>>,
     bias: &Array<Vector<F, N>>,
@@ -1374,7 +1384,7 @@ fn scaled_scores<F: Float, N: Size>(
 /// [`MASKED`], in vectors of `N` keys; arithmetic in fp32, probabilities in `F`. Under a
 /// causal mask alone, the key vectors past the query are not read (their probabilities
 /// are written as 0).
-#[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+#[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub(super) fn softmax_forward<F: Float, N: Size>(
     scores: &Array<Vector<F, N>>,
     padding: &Array<f32>,
@@ -1533,7 +1543,7 @@ fn visible_vectors(
 /// `scale · p · (dp - Σ p·dp)`, zero where masked (all three in `F`, arithmetic in fp32).
 /// The first `cached` vectors of each
 /// unit stay in registers between the two passes; the rest are read again.
-#[cube(launch)]
+#[cube(launch_unchecked)]
 pub(super) fn softmax_backward<F: Float, N: Size>(
     probabilities: &Array<Vector<F, N>>,
     grad: &Array<Vector<F, N>>,
@@ -1686,7 +1696,7 @@ fn with_masked_keys<N: Size>(
 /// `LogitStatistics`): the maximum, `Σ exp(x - max)` (each unit keeps a running maximum
 /// and rescales its sum, so the row is read once), `Σ x`, and the logit of column
 /// `targets[row]` when it is a real one (else 0).
-#[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+#[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub(super) fn logit_statistics<F: Float, N: Size>(
     logits: &Array<Vector<F, N>>,
     targets: &Array<i32>,
@@ -1773,7 +1783,7 @@ pub(super) fn logit_statistics<F: Float, N: Size>(
 /// The cross-entropy's gradient for logit vector `ABSOLUTE_POS` (`N` columns of one row):
 /// `grad · (exp(x - log_sum_exp) - target_weight · [column = target] - smoothing_share)`
 /// on the first `real_width` columns, zero on the padding after them.
-#[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+#[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub(super) fn cross_entropy_backward<F: Float, N: Size>(
     logits: &Array<Vector<F, N>>,
     targets: &Array<i32>,

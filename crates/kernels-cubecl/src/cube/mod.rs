@@ -1,5 +1,14 @@
 //! [`FusedKernels`] on Burn's CubeCL backends (CUDA, wgpu): the launchers of the kernels in
 //! [`kernels`].
+//!
+//! The memory-bound kernels are launched without CubeCL's bounds checks
+//! (`launch_unchecked`): a checked launch clamps every index and selects the loaded value
+//! against the array's length, which on an H200 (bf16) slowed the norm backward by 1.9x and
+//! cost the GeLU, softmax and cross-entropy kernels 3-11% of their bandwidth. Each kernel
+//! keeps its reads and writes inside its arrays itself (rows past the end read row 0,
+//! vectors past a row's end vector 0, and the results are masked; writes are guarded), and
+//! `bench kernels --parts checks` run with CubeCL's `check_mode = "validate"` (see
+//! `benches/gpu_kernels.sh`) reports any access outside an array.
 
 mod kernels;
 
@@ -43,8 +52,10 @@ const SOFTMAX_CACHED_VECTORS: usize = 2;
 const SQUARES_CUBES: usize = 528;
 
 /// Cubes of the row-splitting norm backward per multiprocessor (each writes a row of
-/// partials).
-const NORM_BACKWARD_SPLIT_CUBES_PER_MULTIPROCESSOR: usize = 2;
+/// partials). A cube of 640 units fills a multiprocessor's registers: on an H200 (bf16,
+/// 8192 x 1280) one cube a multiprocessor moved 45% of 4.3 TB/s, two (run in two waves)
+/// 37-39%.
+const NORM_BACKWARD_SPLIT_CUBES_PER_MULTIPROCESSOR: usize = 1;
 
 /// The most units a row of the row-splitting norm kernels takes.
 const ROW_SPLIT_UNITS: usize = 256;
@@ -53,6 +64,7 @@ const ROW_SPLIT_UNITS: usize = 256;
 /// two cubes per multiprocessor) moved 37% of 4.3 TB/s, with 320 (three cubes) 33% and
 /// with 960 (one cube) 30%.
 const ROW_SPLIT_CUBE_UNITS: usize = 640;
+
 /// The most shared memory the row-splitting norm backward takes (its fp32 weight and bias
 /// sums, its reductions): the 48 KiB a cube gets without opting in.
 const ROW_SPLIT_SHARED_BYTES: usize = 48 * 1024;
@@ -241,7 +253,7 @@ impl NormBackwardSplit {
         let hardware = &like.client.properties().hardware;
         let sums = 2 * split.per_unit * split.row_units * lanes * 4;
         let scratch =
-            4 * kernels::row_scratch_len(split.slots, split.row_units, rows_are_planes(like));
+            4 * kernels::row_scratch_len(2, split.slots, split.row_units, rows_are_planes(like));
         if sums + scratch > ROW_SPLIT_SHARED_BYTES.min(hardware.max_shared_memory_size) {
             return None;
         }
@@ -279,22 +291,25 @@ fn sum_partials<R: CubeRuntime>(
     dtype: DType,
 ) -> CubeTensor<R> {
     let sums = empty_like(partials, Shape::new([kinds, width]), dtype);
-    kernels::partial_sums::launch::<R>(
-        &partials.client,
-        CubeCount::Static(
-            u32_of(width.div_ceil(SUM_COLUMNS as usize), "width"),
-            kinds as u32,
-            1,
-        ),
-        CubeDim::new_2d(SUM_COLUMNS, SUM_GROUPS),
-        partials.clone().into_array_arg(),
-        sums.clone().into_array_arg(),
-        u32_of(chunks, "chunks"),
-        u32_of(width, "width"),
-        stride(partials, 0),
-        stride(&sums, 0),
-        dtype.into(),
-    );
+    // SAFETY: the kernel keeps its accesses inside its arrays (module docs).
+    unsafe {
+        kernels::partial_sums::launch_unchecked::<R>(
+            &partials.client,
+            CubeCount::Static(
+                u32_of(width.div_ceil(SUM_COLUMNS as usize), "width"),
+                kinds as u32,
+                1,
+            ),
+            CubeDim::new_2d(SUM_COLUMNS, SUM_GROUPS),
+            partials.clone().into_array_arg(),
+            sums.clone().into_array_arg(),
+            u32_of(chunks, "chunks"),
+            u32_of(width, "width"),
+            stride(partials, 0),
+            stride(&sums, 0),
+            dtype.into(),
+        )
+    };
     sums
 }
 
@@ -372,59 +387,65 @@ where
         if rows == 0 {
             // Nothing to normalize.
         } else if let Some(split) = split {
-            kernels::norm_forward_rows::launch::<R>(
-                &input.client,
-                calculate_cube_count_elemwise(
+            // SAFETY: the kernel keeps its accesses inside its arrays (module docs).
+            unsafe {
+                kernels::norm_forward_rows::launch_unchecked::<R>(
                     &input.client,
-                    rows.div_ceil(split.slots) * split.slots * split.row_units,
+                    calculate_cube_count_elemwise(
+                        &input.client,
+                        rows.div_ceil(split.slots) * split.slots * split.row_units,
+                        split.cube_dim(),
+                    ),
                     split.cube_dim(),
-                ),
-                split.cube_dim(),
-                lanes,
-                input.clone().into_array_arg(),
-                weight.into_array_arg(),
-                bias.into_array_arg(),
-                output.clone().into_array_arg(),
-                mean.clone().into_array_arg(),
-                rstd.clone().into_array_arg(),
-                rows32,
-                width32,
-                input_stride,
-                output_stride,
-                epsilon as f32,
-                centered,
-                plane,
-                split.slots,
-                split.row_units,
-                split.per_unit,
-                dtype.into(),
-            );
+                    lanes,
+                    input.clone().into_array_arg(),
+                    weight.into_array_arg(),
+                    bias.into_array_arg(),
+                    output.clone().into_array_arg(),
+                    mean.clone().into_array_arg(),
+                    rstd.clone().into_array_arg(),
+                    rows32,
+                    width32,
+                    input_stride,
+                    output_stride,
+                    epsilon as f32,
+                    centered,
+                    plane,
+                    split.slots,
+                    split.row_units,
+                    split.per_unit,
+                    dtype.into(),
+                )
+            };
         } else {
-            kernels::norm_forward::launch::<R>(
-                &input.client,
-                row_cubes(&input, rows),
-                row_cube_dim(),
-                lanes,
-                input.clone().into_array_arg(),
-                weight.into_array_arg(),
-                bias.into_array_arg(),
-                output.clone().into_array_arg(),
-                mean.clone().into_array_arg(),
-                rstd.clone().into_array_arg(),
-                rows32,
-                width32,
-                input_stride,
-                output_stride,
-                epsilon as f32,
-                centered,
-                plane,
-                if per_lane <= CACHED_VECTORS {
-                    per_lane
-                } else {
-                    0
-                },
-                dtype.into(),
-            );
+            // SAFETY: the kernel keeps its accesses inside its arrays (module docs).
+            unsafe {
+                kernels::norm_forward::launch_unchecked::<R>(
+                    &input.client,
+                    row_cubes(&input, rows),
+                    row_cube_dim(),
+                    lanes,
+                    input.clone().into_array_arg(),
+                    weight.into_array_arg(),
+                    bias.into_array_arg(),
+                    output.clone().into_array_arg(),
+                    mean.clone().into_array_arg(),
+                    rstd.clone().into_array_arg(),
+                    rows32,
+                    width32,
+                    input_stride,
+                    output_stride,
+                    epsilon as f32,
+                    centered,
+                    plane,
+                    if per_lane <= CACHED_VECTORS {
+                        per_lane
+                    } else {
+                        0
+                    },
+                    dtype.into(),
+                )
+            };
         }
         let statistics = NormStatistics {
             mean: tensor(mean),
@@ -472,75 +493,84 @@ where
             row_steps,
         }) = row_split
         {
-            kernels::norm_backward_rows::launch::<R>(
-                &input.client,
-                CubeCount::Static(cubes as u32, 1, 1),
-                split.cube_dim(),
-                lanes,
-                grad.into_array_arg(),
-                input.clone().into_array_arg(),
-                weight.into_array_arg(),
-                mean.into_array_arg(),
-                rstd.into_array_arg(),
-                input_grad.clone().into_array_arg(),
-                partials.clone().into_array_arg(),
-                rows32,
-                width32,
-                grad_stride,
-                input_stride,
-                input_grad_stride,
-                partials_stride,
-                u32_of(row_steps, "rows per slot"),
-                has_bias,
-                rows_are_planes(&input),
-                split.slots,
-                split.row_units,
-                split.per_unit,
-                dtype.into(),
-            );
+            // SAFETY: the kernel keeps its accesses inside its arrays (module docs).
+            unsafe {
+                kernels::norm_backward_rows::launch_unchecked::<R>(
+                    &input.client,
+                    CubeCount::Static(cubes as u32, 1, 1),
+                    split.cube_dim(),
+                    lanes,
+                    grad.into_array_arg(),
+                    input.clone().into_array_arg(),
+                    weight.into_array_arg(),
+                    mean.into_array_arg(),
+                    rstd.into_array_arg(),
+                    input_grad.clone().into_array_arg(),
+                    partials.clone().into_array_arg(),
+                    rows32,
+                    width32,
+                    grad_stride,
+                    input_stride,
+                    input_grad_stride,
+                    partials_stride,
+                    u32_of(row_steps, "rows per slot"),
+                    has_bias,
+                    rows_are_planes(&input),
+                    split.slots,
+                    split.row_units,
+                    split.per_unit,
+                    dtype.into(),
+                )
+            };
         } else {
             let rows_per_chunk = rows.div_ceil(chunks).max(1);
-            kernels::norm_backward_input::launch::<R>(
-                &input.client,
-                row_cubes(&input, rows),
-                row_cube_dim(),
-                lanes,
-                grad.clone().into_array_arg(),
-                input.clone().into_array_arg(),
-                weight.into_array_arg(),
-                mean.clone().into_array_arg(),
-                rstd.clone().into_array_arg(),
-                input_grad.clone().into_array_arg(),
-                rows32,
-                width32,
-                grad_stride,
-                input_stride,
-                input_grad_stride,
-                has_bias,
-                rows_are_planes(&input),
-                cached_vectors(row_vectors),
-                dtype.into(),
-            );
+            // SAFETY: the kernel keeps its accesses inside its arrays (module docs).
+            unsafe {
+                kernels::norm_backward_input::launch_unchecked::<R>(
+                    &input.client,
+                    row_cubes(&input, rows),
+                    row_cube_dim(),
+                    lanes,
+                    grad.clone().into_array_arg(),
+                    input.clone().into_array_arg(),
+                    weight.into_array_arg(),
+                    mean.clone().into_array_arg(),
+                    rstd.clone().into_array_arg(),
+                    input_grad.clone().into_array_arg(),
+                    rows32,
+                    width32,
+                    grad_stride,
+                    input_stride,
+                    input_grad_stride,
+                    has_bias,
+                    rows_are_planes(&input),
+                    cached_vectors(row_vectors),
+                    dtype.into(),
+                )
+            };
             let lanes = vector_lanes(&[&grad, &input, &partials]);
-            kernels::norm_backward_parameters::launch::<R>(
-                &input.client,
-                column_chunk_cubes(width / lanes, chunks),
-                CubeDim::new_1d(ELEMENT_UNITS),
-                lanes,
-                grad.into_array_arg(),
-                input.clone().into_array_arg(),
-                mean.into_array_arg(),
-                rstd.into_array_arg(),
-                partials.clone().into_array_arg(),
-                rows32,
-                width32,
-                grad_stride,
-                input_stride,
-                partials_stride,
-                u32_of(rows_per_chunk, "rows per chunk"),
-                has_bias,
-                dtype.into(),
-            );
+            // SAFETY: the kernel keeps its accesses inside its arrays (module docs).
+            unsafe {
+                kernels::norm_backward_parameters::launch_unchecked::<R>(
+                    &input.client,
+                    column_chunk_cubes(width / lanes, chunks),
+                    CubeDim::new_1d(ELEMENT_UNITS),
+                    lanes,
+                    grad.into_array_arg(),
+                    input.clone().into_array_arg(),
+                    mean.into_array_arg(),
+                    rstd.into_array_arg(),
+                    partials.clone().into_array_arg(),
+                    rows32,
+                    width32,
+                    grad_stride,
+                    input_stride,
+                    partials_stride,
+                    u32_of(rows_per_chunk, "rows per chunk"),
+                    has_bias,
+                    dtype.into(),
+                )
+            };
         }
         // [kinds, width] sums in the weight's type: row 0 the weight's, row 1 the bias's.
         let sums: Tensor<Self, 2> =
@@ -590,20 +620,23 @@ where
         let chunks = rows.min(PARAMETER_CHUNKS);
         let partial = empty_like(&input, Shape::new([chunks, width]), DType::F32);
         let lanes = vector_lanes(&[&input]);
-        kernels::column_sums::launch::<R>(
-            &input.client,
-            column_chunk_cubes(width / lanes, chunks),
-            CubeDim::new_1d(ELEMENT_UNITS),
-            lanes,
-            input.clone().into_array_arg(),
-            partial.clone().into_array_arg(),
-            u32_of(rows, "rows"),
-            u32_of(width, "width"),
-            stride(&input, 0),
-            stride(&partial, 0),
-            u32_of(rows.div_ceil(chunks), "rows per chunk"),
-            input.dtype.into(),
-        );
+        // SAFETY: the kernel keeps its accesses inside its arrays (module docs).
+        unsafe {
+            kernels::column_sums::launch_unchecked::<R>(
+                &input.client,
+                column_chunk_cubes(width / lanes, chunks),
+                CubeDim::new_1d(ELEMENT_UNITS),
+                lanes,
+                input.clone().into_array_arg(),
+                partial.clone().into_array_arg(),
+                u32_of(rows, "rows"),
+                u32_of(width, "width"),
+                stride(&input, 0),
+                stride(&partial, 0),
+                u32_of(rows.div_ceil(chunks), "rows per chunk"),
+                input.dtype.into(),
+            )
+        };
         let sums: Tensor<Self, 2> = tensor(sum_partials(&partial, 1, chunks, width, DType::F32));
         sums.reshape([width])
     }
@@ -880,32 +913,35 @@ where
         let rows = batch * heads * queries;
         let lanes = vector_lanes(&[&scores, &probabilities]);
         if rows > 0 {
-            kernels::softmax_forward::launch::<R>(
-                &scores.client,
-                row_cubes(&scores, rows),
-                row_cube_dim(),
-                lanes,
-                scores.clone().into_array_arg(),
-                padding.clone().into_array_arg(),
-                probabilities.clone().into_array_arg(),
-                stride(&scores, 0),
-                stride(&scores, 1),
-                stride(&scores, 2),
-                stride(&probabilities, 0),
-                stride(&probabilities, 1),
-                stride(&probabilities, 2),
-                stride(&padding, 0),
-                u32_of(rows, "attention rows"),
-                heads as u32,
-                queries as u32,
-                u32_of(keys, "keys"),
-                scale as f32,
-                causal,
-                has_padding,
-                plane,
-                softmax_cached_vectors(keys / lanes),
-                dtype.into(),
-            );
+            // SAFETY: the kernel keeps its accesses inside its arrays (module docs).
+            unsafe {
+                kernels::softmax_forward::launch_unchecked::<R>(
+                    &scores.client,
+                    row_cubes(&scores, rows),
+                    row_cube_dim(),
+                    lanes,
+                    scores.clone().into_array_arg(),
+                    padding.clone().into_array_arg(),
+                    probabilities.clone().into_array_arg(),
+                    stride(&scores, 0),
+                    stride(&scores, 1),
+                    stride(&scores, 2),
+                    stride(&probabilities, 0),
+                    stride(&probabilities, 1),
+                    stride(&probabilities, 2),
+                    stride(&padding, 0),
+                    u32_of(rows, "attention rows"),
+                    heads as u32,
+                    queries as u32,
+                    u32_of(keys, "keys"),
+                    scale as f32,
+                    causal,
+                    has_padding,
+                    plane,
+                    softmax_cached_vectors(keys / lanes),
+                    dtype.into(),
+                )
+            };
         }
         tensor(probabilities)
     }
@@ -931,36 +967,39 @@ where
         let rows = batch * heads * queries;
         if rows > 0 {
             let lanes = vector_lanes(&[&probabilities, &grad, &grad_scores]);
-            kernels::softmax_backward::launch::<R>(
-                &probabilities.client,
-                row_cubes(&probabilities, rows),
-                row_cube_dim(),
-                lanes,
-                probabilities.clone().into_array_arg(),
-                grad.clone().into_array_arg(),
-                padding.clone().into_array_arg(),
-                grad_scores.clone().into_array_arg(),
-                stride(&probabilities, 0),
-                stride(&probabilities, 1),
-                stride(&probabilities, 2),
-                stride(&grad, 0),
-                stride(&grad, 1),
-                stride(&grad, 2),
-                stride(&grad_scores, 0),
-                stride(&grad_scores, 1),
-                stride(&grad_scores, 2),
-                stride(&padding, 0),
-                u32_of(rows, "attention rows"),
-                heads as u32,
-                queries as u32,
-                u32_of(keys, "keys"),
-                scale as f32,
-                causal,
-                has_padding,
-                plane,
-                softmax_cached_vectors(keys / lanes),
-                dtype.into(),
-            );
+            // SAFETY: the kernel keeps its accesses inside its arrays (module docs).
+            unsafe {
+                kernels::softmax_backward::launch_unchecked::<R>(
+                    &probabilities.client,
+                    row_cubes(&probabilities, rows),
+                    row_cube_dim(),
+                    lanes,
+                    probabilities.clone().into_array_arg(),
+                    grad.clone().into_array_arg(),
+                    padding.clone().into_array_arg(),
+                    grad_scores.clone().into_array_arg(),
+                    stride(&probabilities, 0),
+                    stride(&probabilities, 1),
+                    stride(&probabilities, 2),
+                    stride(&grad, 0),
+                    stride(&grad, 1),
+                    stride(&grad, 2),
+                    stride(&grad_scores, 0),
+                    stride(&grad_scores, 1),
+                    stride(&grad_scores, 2),
+                    stride(&padding, 0),
+                    u32_of(rows, "attention rows"),
+                    heads as u32,
+                    queries as u32,
+                    u32_of(keys, "keys"),
+                    scale as f32,
+                    causal,
+                    has_padding,
+                    plane,
+                    softmax_cached_vectors(keys / lanes),
+                    dtype.into(),
+                )
+            };
         }
         tensor(grad_scores)
     }
@@ -985,24 +1024,27 @@ where
             [(); 4].map(|_| empty_like(&logits, Shape::new([rows]), DType::F32));
         let lanes = vector_lanes(&[&logits]);
         if rows > 0 {
-            kernels::logit_statistics::launch::<R>(
-                &logits.client,
-                row_cubes(&logits, rows),
-                row_cube_dim(),
-                lanes,
-                logits.clone().into_array_arg(),
-                targets.into_array_arg(),
-                max.clone().into_array_arg(),
-                sum_exp.clone().into_array_arg(),
-                target.clone().into_array_arg(),
-                sum.clone().into_array_arg(),
-                u32_of(rows, "rows"),
-                stride(&logits, 0),
-                u32_of(real_width, "vocabulary slice"),
-                u32_of(real_width.div_ceil(lanes), "vocabulary slice"),
-                rows_are_planes(&logits),
-                dtype.into(),
-            );
+            // SAFETY: the kernel keeps its accesses inside its arrays (module docs).
+            unsafe {
+                kernels::logit_statistics::launch_unchecked::<R>(
+                    &logits.client,
+                    row_cubes(&logits, rows),
+                    row_cube_dim(),
+                    lanes,
+                    logits.clone().into_array_arg(),
+                    targets.into_array_arg(),
+                    max.clone().into_array_arg(),
+                    sum_exp.clone().into_array_arg(),
+                    target.clone().into_array_arg(),
+                    sum.clone().into_array_arg(),
+                    u32_of(rows, "rows"),
+                    stride(&logits, 0),
+                    u32_of(real_width, "vocabulary slice"),
+                    u32_of(real_width.div_ceil(lanes), "vocabulary slice"),
+                    rows_are_planes(&logits),
+                    dtype.into(),
+                )
+            };
         }
         LogitStatistics {
             max: tensor(max),
@@ -1040,25 +1082,28 @@ where
         let smoothing = cross_entropy.label_smoothing;
         if vectors > 0 {
             let cube_dim = CubeDim::new_1d(ELEMENT_UNITS);
-            kernels::cross_entropy_backward::launch::<R>(
-                &logits.client,
-                calculate_cube_count_elemwise(&logits.client, vectors, cube_dim),
-                cube_dim,
-                lanes,
-                logits.clone().into_array_arg(),
-                targets.into_array_arg(),
-                log_sum_exp.into_array_arg(),
-                grad.into_array_arg(),
-                output.clone().into_array_arg(),
-                u32_of(vectors, "logits"),
-                stride(&logits, 0),
-                stride(&output, 0),
-                u32_of(width / lanes, "width"),
-                u32_of(cross_entropy.real_width, "vocabulary slice"),
-                (1.0 - smoothing) as f32,
-                (smoothing / cross_entropy.vocab_size.max(1) as f64) as f32,
-                dtype.into(),
-            );
+            // SAFETY: the kernel keeps its accesses inside its arrays (module docs).
+            unsafe {
+                kernels::cross_entropy_backward::launch_unchecked::<R>(
+                    &logits.client,
+                    calculate_cube_count_elemwise(&logits.client, vectors, cube_dim),
+                    cube_dim,
+                    lanes,
+                    logits.clone().into_array_arg(),
+                    targets.into_array_arg(),
+                    log_sum_exp.into_array_arg(),
+                    grad.into_array_arg(),
+                    output.clone().into_array_arg(),
+                    u32_of(vectors, "logits"),
+                    stride(&logits, 0),
+                    stride(&output, 0),
+                    u32_of(width / lanes, "width"),
+                    u32_of(cross_entropy.real_width, "vocabulary slice"),
+                    (1.0 - smoothing) as f32,
+                    (smoothing / cross_entropy.vocab_size.max(1) as f64) as f32,
+                    dtype.into(),
+                )
+            };
         }
         tensor(output)
     }
@@ -1104,25 +1149,28 @@ fn launch_bias_gelu<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElem
         let cube_dim = CubeDim::new_1d(ELEMENT_UNITS);
         let (input_stride, grad_stride) = (stride(&input, 0), stride(&grad, 0));
         let output_stride = stride(&output, 0);
-        kernels::bias_gelu::launch::<R>(
-            &input.client,
-            calculate_cube_count_elemwise(&input.client, vectors, cube_dim),
-            cube_dim,
-            lanes,
-            input.clone().into_array_arg(),
-            bias.into_array_arg(),
-            grad.into_array_arg(),
-            output.clone().into_array_arg(),
-            u32_of(vectors, "elements"),
-            u32_of(width / lanes, "width"),
-            input_stride,
-            grad_stride,
-            output_stride,
-            has_bias,
-            gelu == Gelu::Tanh,
-            derivative,
-            dtype.into(),
-        );
+        // SAFETY: the kernel keeps its accesses inside its arrays (module docs).
+        unsafe {
+            kernels::bias_gelu::launch_unchecked::<R>(
+                &input.client,
+                calculate_cube_count_elemwise(&input.client, vectors, cube_dim),
+                cube_dim,
+                lanes,
+                input.clone().into_array_arg(),
+                bias.into_array_arg(),
+                grad.into_array_arg(),
+                output.clone().into_array_arg(),
+                u32_of(vectors, "elements"),
+                u32_of(width / lanes, "width"),
+                input_stride,
+                grad_stride,
+                output_stride,
+                has_bias,
+                gelu == Gelu::Tanh,
+                derivative,
+                dtype.into(),
+            )
+        };
     }
     tensor(output)
 }
@@ -1177,41 +1225,44 @@ fn launch_bias_dropout_add<R: CubeRuntime, F: FloatElement, I: IntElement, BT: B
         let [input_batch, input_token] = token_strides(&input);
         let [residual_batch, residual_token] = token_strides(&residual);
         let [output_batch, output_token] = token_strides(&output);
-        kernels::bias_dropout_add::launch::<R>(
-            &input.client,
-            calculate_cube_count_elemwise(&input.client, vectors, cube_dim),
-            cube_dim,
-            lanes,
-            input.clone().into_array_arg(),
-            bias.into_array_arg(),
-            residual.into_array_arg(),
-            output.clone().into_array_arg(),
-            u32_of(vectors, "elements"),
-            seq as u32,
-            width as u32,
-            site.full[1] as u32,
-            u32_of(site.full[2], "hidden"),
-            input_batch,
-            input_token,
-            residual_batch,
-            residual_token,
-            output_batch,
-            output_token,
-            site.offsets[0] as u32,
-            site.offsets[1] as u32,
-            site.offsets[2] as u32,
-            (site.seed >> 32) as u32,
-            site.seed as u32,
-            threshold,
-            (1.0 / (1.0 - site.p)) as f32,
-            has_bias,
-            has_residual,
-            has_dropout,
-            lanes.is_multiple_of(4)
-                && site.full[2].is_multiple_of(4)
-                && site.offsets[2].is_multiple_of(4),
-            dtype.into(),
-        );
+        // SAFETY: the kernel keeps its accesses inside its arrays (module docs).
+        unsafe {
+            kernels::bias_dropout_add::launch_unchecked::<R>(
+                &input.client,
+                calculate_cube_count_elemwise(&input.client, vectors, cube_dim),
+                cube_dim,
+                lanes,
+                input.clone().into_array_arg(),
+                bias.into_array_arg(),
+                residual.into_array_arg(),
+                output.clone().into_array_arg(),
+                u32_of(vectors, "elements"),
+                seq as u32,
+                width as u32,
+                site.full[1] as u32,
+                u32_of(site.full[2], "hidden"),
+                input_batch,
+                input_token,
+                residual_batch,
+                residual_token,
+                output_batch,
+                output_token,
+                site.offsets[0] as u32,
+                site.offsets[1] as u32,
+                site.offsets[2] as u32,
+                (site.seed >> 32) as u32,
+                site.seed as u32,
+                threshold,
+                (1.0 / (1.0 - site.p)) as f32,
+                has_bias,
+                has_residual,
+                has_dropout,
+                lanes.is_multiple_of(4)
+                    && site.full[2].is_multiple_of(4)
+                    && site.offsets[2].is_multiple_of(4),
+                dtype.into(),
+            )
+        };
     }
     tensor(output)
 }
