@@ -119,7 +119,8 @@ fn lanes_max<N: Size>(vector: Vector<f32, N>) -> f32 {
 /// elements: writes the output and the row's mean and reciprocal standard deviation.
 /// With `unrolled` (the row's vectors per unit, where few) both passes are unrolled, so
 /// that a unit's loads are all in flight at once; a loop waits for each load before the
-/// next (H200, bf16, 8192 x 1280: 67% of 4.3 TB/s against 59%).
+/// next (H200, bf16, 8192 x 1280: 67% of 4.3 TB/s against 59%). A cube takes `CUBE_DIM_Y`
+/// rows (without planes at most [`ROW_GROUPS`]: the shared memory holds that many).
 #[cube(launch_unchecked)]
 pub(super) fn norm_forward<F: Float, N: Size>(
     input: &Array<Vector<F, N>>,

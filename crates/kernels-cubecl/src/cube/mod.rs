@@ -51,6 +51,12 @@ const SOFTMAX_CACHED_VECTORS: usize = 2;
 /// multiprocessor of an H200, whose fp64 partials (2 MiB) are then summed by Burn.
 const SQUARES_CUBES: usize = 528;
 
+/// Rows per cube of the norm forward where rows are planes (CUDA): cubes of 1024 units, 256
+/// of them at 8192 rows, all resident at once on an H200 (two a multiprocessor). On an H200 (bf16) with 32 rows a cube it moved
+/// 77% of 4.3 TB/s at 8192 x 1280 against 65% with 8, 72% against 73% at 32768 x 1280 and
+/// 70% against 67% at 8192 x 4096 (2 and 4 rows: 66%, 75%, 70%; 16: 64%, 70%, 69%).
+const NORM_FORWARD_ROWS: u32 = 32;
+
 /// Cubes of the row-splitting norm backward per multiprocessor (each writes a row of
 /// partials). A cube of 640 units fills a multiprocessor's registers: on an H200 (bf16,
 /// 8192 x 1280) one cube a multiprocessor moved 45% of 4.3 TB/s, two (run in two waves)
@@ -131,16 +137,29 @@ fn empty_contiguous_like<R: CubeRuntime>(
     empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, dtype)
 }
 
-/// The row kernels' cubes: [`ROW_GROUPS`] rows of [`GROUP_UNITS`] units each.
-fn row_cube_dim() -> CubeDim {
-    CubeDim::new_2d(GROUP_UNITS, ROW_GROUPS)
+/// The row kernels' cubes: `groups` rows of [`GROUP_UNITS`] units each (most kernels take
+/// [`ROW_GROUPS`]).
+fn row_cube_dim(groups: u32) -> CubeDim {
+    CubeDim::new_2d(GROUP_UNITS, groups)
 }
 
-/// Enough row-kernel cubes for `rows` rows, counted in as many grid dimensions as the
-/// runtime needs.
-fn row_cubes<R: CubeRuntime>(like: &CubeTensor<R>, rows: usize) -> CubeCount {
-    let units = rows.div_ceil(ROW_GROUPS as usize) * (GROUP_UNITS * ROW_GROUPS) as usize;
-    calculate_cube_count_elemwise(&like.client, units, row_cube_dim())
+/// Enough row-kernel cubes of `groups` rows for `rows` rows, counted in as many grid
+/// dimensions as the runtime needs.
+fn row_cubes<R: CubeRuntime>(like: &CubeTensor<R>, rows: usize, groups: u32) -> CubeCount {
+    let units = rows.div_ceil(groups as usize) * (GROUP_UNITS * groups) as usize;
+    calculate_cube_count_elemwise(&like.client, units, row_cube_dim(groups))
+}
+
+/// Rows per cube of the norm forward ([`kernels::norm_forward`]): [`NORM_FORWARD_ROWS`]
+/// where rows are planes and a cube can have that many units, else [`ROW_GROUPS`] (the
+/// shared-memory reduction holds that many rows).
+fn norm_forward_groups<R: CubeRuntime>(like: &CubeTensor<R>) -> u32 {
+    let most_units = like.client.properties().hardware.max_units_per_cube;
+    if rows_are_planes(like) && most_units >= GROUP_UNITS * NORM_FORWARD_ROWS {
+        NORM_FORWARD_ROWS
+    } else {
+        ROW_GROUPS
+    }
 }
 
 /// Whether a plane (warp) is exactly one row's units on this device, so that rows reduce
@@ -422,8 +441,8 @@ where
             unsafe {
                 kernels::norm_forward::launch_unchecked::<R>(
                     &input.client,
-                    row_cubes(&input, rows),
-                    row_cube_dim(),
+                    row_cubes(&input, rows, norm_forward_groups(&input)),
+                    row_cube_dim(norm_forward_groups(&input)),
                     lanes,
                     input.clone().into_array_arg(),
                     weight.into_array_arg(),
@@ -528,8 +547,8 @@ where
             unsafe {
                 kernels::norm_backward_input::launch_unchecked::<R>(
                     &input.client,
-                    row_cubes(&input, rows),
-                    row_cube_dim(),
+                    row_cubes(&input, rows, ROW_GROUPS),
+                    row_cube_dim(ROW_GROUPS),
                     lanes,
                     grad.clone().into_array_arg(),
                     input.clone().into_array_arg(),
@@ -917,8 +936,8 @@ where
             unsafe {
                 kernels::softmax_forward::launch_unchecked::<R>(
                     &scores.client,
-                    row_cubes(&scores, rows),
-                    row_cube_dim(),
+                    row_cubes(&scores, rows, ROW_GROUPS),
+                    row_cube_dim(ROW_GROUPS),
                     lanes,
                     scores.clone().into_array_arg(),
                     padding.clone().into_array_arg(),
@@ -971,8 +990,8 @@ where
             unsafe {
                 kernels::softmax_backward::launch_unchecked::<R>(
                     &probabilities.client,
-                    row_cubes(&probabilities, rows),
-                    row_cube_dim(),
+                    row_cubes(&probabilities, rows, ROW_GROUPS),
+                    row_cube_dim(ROW_GROUPS),
                     lanes,
                     probabilities.clone().into_array_arg(),
                     grad.clone().into_array_arg(),
@@ -1028,8 +1047,8 @@ where
             unsafe {
                 kernels::logit_statistics::launch_unchecked::<R>(
                     &logits.client,
-                    row_cubes(&logits, rows),
-                    row_cube_dim(),
+                    row_cubes(&logits, rows, ROW_GROUPS),
+                    row_cube_dim(ROW_GROUPS),
                     lanes,
                     logits.clone().into_array_arg(),
                     targets.into_array_arg(),
