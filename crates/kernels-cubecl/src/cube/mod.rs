@@ -3,7 +3,7 @@
 //!
 //! The memory-bound kernels are launched without CubeCL's bounds checks
 //! (`launch_unchecked`): a checked launch clamps every index and selects the loaded value
-//! against the array's length, which on an H200 (bf16) slowed the norm backward by 1.9x and
+//! against the array's length, which on an H200 (bf16) slowed a norm backward by 1.9x and
 //! cost the GeLU, softmax and cross-entropy kernels 3-11% of their bandwidth. Each kernel
 //! keeps its reads and writes inside its arrays itself (rows past the end read row 0,
 //! vectors past a row's end vector 0, and the results are masked; writes are guarded), and
@@ -52,15 +52,16 @@ const SOFTMAX_CACHED_VECTORS: usize = 2;
 const SQUARES_CUBES: usize = 528;
 
 /// Rows per cube of the norm forward where rows are planes (CUDA): cubes of 1024 units, 256
-/// of them at 8192 rows, all resident at once on an H200 (two a multiprocessor). On an H200 (bf16) with 32 rows a cube it moved
-/// 77% of 4.3 TB/s at 8192 x 1280 against 65% with 8, 72% against 73% at 32768 x 1280 and
-/// 70% against 67% at 8192 x 4096 (2 and 4 rows: 66%, 75%, 70%; 16: 64%, 70%, 69%).
+/// of them at 8192 rows, all resident at once on an H200 (two a multiprocessor). On an H200
+/// (bf16) with 32 rows a cube it moved 77% of 4.3 TB/s at 8192 x 1280 against 65% with 8,
+/// 72% against 73% at 32768 x 1280 and 70% against 67% at 8192 x 4096 (2 and 4 rows: 66%,
+/// 75%, 70%; 16: 64%, 70%, 69%).
 const NORM_FORWARD_ROWS: u32 = 32;
 
 /// Cubes of the row-splitting norm backward per multiprocessor (each writes a row of
 /// partials). A cube of 640 units fills a multiprocessor's registers: on an H200 (bf16,
-/// 8192 x 1280) one cube a multiprocessor moved 45% of 4.3 TB/s, two (run in two waves)
-/// 37-39%.
+/// 8192 x 1280) one cube a multiprocessor moved 41-45% of 4.3 TB/s (without and with its
+/// rows' statistics loaded ahead), two (run in two waves) 37-39%.
 const NORM_BACKWARD_SPLIT_CUBES_PER_MULTIPROCESSOR: usize = 1;
 
 /// The most units a row of the row-splitting norm kernels takes.
