@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The fused kernels' benchmark in one command on one GPU (#8):
 #   - every kernel and gradient against its plain-Burn reference on fresh random inputs
-#     (f32, bf16, f16; shapes that are not multiples of the block size);
+#     (f32, bf16, f16; shapes that are not multiples of the block size), under CubeCL's
+#     validate mode (any access outside an array reported, by kernel);
 #   - each kernel's bandwidth (bytes read + written over the device's time) in bf16 at
 #     TOKENS x HIDDEN (default 8192 x 1280, GPT-2 774M's micro-batch of 8 x 1024), as a
 #     share of COPY GB/s (default the H200's 4300), next to the unfused Burn ops;
+#   - the same bandwidths at 32768 x 1280 and 8192 x 4096 (SIZES);
 #   - the GPT-2 774M bf16 8 x 1024 training step with the fused kernels and with their
 #     plain-Burn references (`--reference-kernels`).
 #
@@ -41,6 +43,13 @@ grep VALIDATION "$OUT/kernel_checks.log" | sed -E 's/^\[VALIDATION ([^]]+)\].*/\
 timeout "$LIMIT" "$BIN" bench kernels --parts bandwidth --dtypes bf16 --tokens "$TOKENS" \
     --hidden "$HIDDEN" --copy-bandwidth "$COPY" --output "$OUT/bandwidth.jsonl" \
     > "$OUT/bandwidth.log" 2>&1 || echo "bandwidth failed: see $OUT/bandwidth.log"
+# The same table at more sizes (SIZES: "tokens x hidden" pairs; the unfused ops once each).
+SIZES=${SIZES:-"32768x1280 8192x4096"}
+for size in $SIZES; do
+    timeout "$LIMIT" "$BIN" bench kernels --parts bandwidth --dtypes bf16 --tokens "${size%x*}" \
+        --hidden "${size#*x}" --copy-bandwidth "$COPY" --unfused-iters 1 \
+        > "$OUT/bandwidth_$size.log" 2>&1 || echo "bandwidth at $size failed: see $OUT/bandwidth_$size.log"
+done
 
 STEP=(train --device cuda --precision bf16 --tp 1 --dp 1 --preset gpt2-774m --seq-length 1024
     --global-batch-size 8 --micro-batch-size 8 --steps "$STEPS" --log-interval 1
@@ -52,6 +61,12 @@ timeout "$LIMIT" "$BIN" "${STEP[@]}" --reference-kernels > "$OUT/step_reference.
 
 echo
 sed -n '/^kernel .*fused GB\/s/,$p' "$OUT/bandwidth.log"
+for size in $SIZES; do
+    echo
+    echo "at $size tokens x hidden (% of $COPY GB/s):"
+    # "name  dtype  MB  fused  Burn  N%  ..." -> "name N%"
+    sed -nE 's/^(.{30}) +[a-z0-9]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +([0-9]+%).*/\1 \2/p' "$OUT/bandwidth_$size.log"
+done
 # "throughput (...): N tokens/s, X model TFLOP/s ..." -> "N X"
 rate() { sed -n 's/^throughput[^:]*: \([0-9.]*\) tokens\/s, \([0-9.]*\) model TFLOP\/s.*/\1 \2/p' "$1"; }
 # "step      1/N | loss X | ..." -> "X"
