@@ -645,13 +645,13 @@ fn load_row<F: Float, N: Size>(
 /// once, issuing the next row's loads before this row's reduction so that they are in
 /// flight while it waits (on an H200, bf16, a kernel of this shape loading the row's mean
 /// and rstd with it moved 45% and 62% of 4.3 TB/s at 8192 and 32768 x 1280 in one call;
-/// loading them after it, 41% and 54% in the two calls after);
-/// it adds `grad · x̂` and `grad` to its columns' sums, in registers (few per unit, since a
-/// row has many units), the row's units add their two sums ([`row_sums`]), and each unit
-/// writes its input gradient as [`norm_backward_input`] does. At the end the slots add their sums
-/// in shared memory one after another (a fixed order), and the cube writes them as rows
-/// `CUBE_POS` (weight) and `CUBE_COUNT + CUBE_POS` (bias, for LayerNorm) of the `[(1 or 2) ·
-/// cubes, width]` fp32 partials, summed over cubes afterwards.
+/// loading them after it, 41% and 54% in the two calls after); it adds `grad · x̂` and
+/// `grad` to its columns' sums, in registers (few per unit, since a row has many units),
+/// the row's units add their two sums ([`row_sums`]), and each unit writes its input
+/// gradient as [`norm_backward_input`] does. At the end the slots add their sums in shared
+/// memory one after another (a fixed order), and the cube writes them as rows `CUBE_POS`
+/// (weight) and `CUBE_COUNT + CUBE_POS` (bias, for LayerNorm) of the `[(1 or 2) · cubes,
+/// width]` fp32 partials, summed over cubes afterwards.
 #[cube(launch_unchecked)]
 pub(super) fn norm_backward_rows<F: Float, N: Size>(
     grad: &Array<Vector<F, N>>,

@@ -68,8 +68,9 @@ const NORM_BACKWARD_SPLIT_CUBES_PER_MULTIPROCESSOR: usize = 1;
 const ROW_SPLIT_UNITS: usize = 256;
 /// About how many units a cube of the row-splitting norm kernels has (rows of fewer units
 /// share a cube). On an H200 (bf16, 8192 x 1280) the backward with 640 (four rows of 160,
-/// two cubes per multiprocessor) moved 37% of 4.3 TB/s, with 320 (three cubes) 33% and
-/// with 960 (one cube) 30%.
+/// one cube per multiprocessor) moved 41% of 4.3 TB/s, with 320 30-41% (one to three
+/// cubes), 480 37-43%, 800 44% and 960 43%; at hidden 4096 (rows of 256 units) 800 and 960
+/// fell to 24% (their three rows a cube outgrow the registers), 640 moved 62%.
 const ROW_SPLIT_CUBE_UNITS: usize = 640;
 
 /// The most shared memory the row-splitting norm backward takes (its fp32 weight and bias
@@ -438,12 +439,13 @@ where
                 )
             };
         } else {
+            let groups = norm_forward_groups(&input);
             // SAFETY: the kernel keeps its accesses inside its arrays (module docs).
             unsafe {
                 kernels::norm_forward::launch_unchecked::<R>(
                     &input.client,
-                    row_cubes(&input, rows, norm_forward_groups(&input)),
-                    row_cube_dim(norm_forward_groups(&input)),
+                    row_cubes(&input, rows, groups),
+                    row_cube_dim(groups),
                     lanes,
                     input.clone().into_array_arg(),
                     weight.into_array_arg(),
