@@ -67,10 +67,11 @@ const NORM_BACKWARD_SPLIT_CUBES_PER_MULTIPROCESSOR: usize = 1;
 /// The most units a row of the row-splitting norm kernels takes.
 const ROW_SPLIT_UNITS: usize = 256;
 /// About how many units a cube of the row-splitting norm kernels has (rows of fewer units
-/// share a cube). On an H200 (bf16, 8192 x 1280) the backward with 640 (four rows of 160,
-/// one cube per multiprocessor) moved 41% of 4.3 TB/s, with 320 30-41% (one to three
-/// cubes), 480 37-43%, 800 44% and 960 43%; at hidden 4096 (rows of 256 units) 800 and 960
-/// fell to 24% (their three rows a cube outgrow the registers), 640 moved 62%.
+/// share a cube). On an H200 (bf16) the backward (with unrolled warp sums) with 640
+/// (four rows of 160 at 1280 columns, one cube per multiprocessor) moved 49%, 68% and 65%
+/// of 4.3 TB/s at 8192 x 1280, 32768 x 1280 and 8192 x 4096; with 320 (two cubes a
+/// multiprocessor) 45%, 67%, 58%; 480: 44%, 58%, 53%; 800: 49%, 72%, 34%; 1024: 37%, 50%,
+/// 15% (at hidden 4096 a cube's rows of 256 units outgrow the registers beyond 640).
 const ROW_SPLIT_CUBE_UNITS: usize = 640;
 
 /// The most shared memory the row-splitting norm backward takes (its fp32 weight and bias
@@ -248,6 +249,15 @@ impl RowSplit {
 
     fn cube_dim(self) -> CubeDim {
         CubeDim::new_2d(self.row_units as u32, self.slots as u32)
+    }
+
+    /// Whether the norm backward keeps each row's `grad · weight` and `x̂` in registers
+    /// between its sums and its input gradient: where a unit has one vector of the row
+    /// (more would outgrow the registers of a cube's units). On an H200 (bf16) that moved
+    /// 51% and 72% of 4.3 TB/s at 8192 and 32768 x 1280, against 49% and 69% computing
+    /// them again.
+    fn caches(self) -> bool {
+        self.per_unit == 1
     }
 }
 
@@ -541,6 +551,7 @@ where
                     split.slots,
                     split.row_units,
                     split.per_unit,
+                    split.caches(),
                     dtype.into(),
                 )
             };
