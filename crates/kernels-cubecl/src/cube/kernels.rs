@@ -719,11 +719,10 @@ pub(super) fn norm_backward_rows<F: Float, N: Size>(
         weight_sums[i] = Vector::<f32, N>::new(0.0f32);
         bias_sums[i] = Vector::<f32, N>::new(0.0f32);
     }
-    // This row's `grad`, `input`, mean and rstd as loaded, and the next row's, whose loads
-    // are in flight while this row is reduced.
+    // This row's `grad` and `input` as loaded, and the next row's with its mean and rstd,
+    // whose loads are in flight while this row is reduced.
     let mut grads = Array::<Vector<F, N>>::new(per_unit);
     let mut inputs = Array::<Vector<F, N>>::new(per_unit);
-    let mut statistics = Array::<f32>::new(2usize);
     let mut next_grads = Array::<Vector<F, N>>::new(per_unit);
     let mut next_inputs = Array::<Vector<F, N>>::new(per_unit);
     let mut next_statistics = Array::<f32>::new(2usize);
@@ -753,10 +752,8 @@ pub(super) fn norm_backward_rows<F: Float, N: Size>(
     for row_step in 0..row_steps as usize {
         let visited = first + row_step * rows_apart;
         let active = visited < rows as usize;
-        statistics[0usize] = next_statistics[0usize];
-        statistics[1usize] = next_statistics[1usize];
-        let mean_vector = Vector::<f32, N>::new(statistics[0usize]);
-        let rstd_vector = Vector::<f32, N>::new(statistics[1usize]);
+        let mean_vector = Vector::<f32, N>::new(next_statistics[0usize]);
+        let rstd_vector = Vector::<f32, N>::new(next_statistics[1usize]);
         // The row's two sums, and this unit's columns' weight and bias sums.
         let mut scaled_sum = Vector::<f32, N>::new(0.0f32);
         let mut projection = Vector::<f32, N>::new(0.0f32);
