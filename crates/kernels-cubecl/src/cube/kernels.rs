@@ -1178,13 +1178,7 @@ fn wide_xor_shift(x: Wide, #[comptime] shift: u32) -> Wide {
 /// SplitMix64's output function (`dropout::mix`): the increment added, then the finalizer.
 #[cube]
 fn wide_mix(x: Wide) -> Wide {
-    let x = wide_add(
-        x,
-        Wide {
-            high: 0x9E37_79B9u32,
-            low: 0x7F4A_7C15u32,
-        },
-    );
+    let x = wide_add(x, wide_constant(GAMMA));
     let x = wide_multiply(
         wide_xor_shift(x, 30u32),
         Wide {
@@ -1211,14 +1205,23 @@ fn wide_quarter(x: Wide) -> Wide {
     }
 }
 
-/// The 64-bit draw of element group `group` (`dropout::kept`): `mix(seed + group · γ)`.
+/// SplitMix64's increment γ (`dropout::kept` draws group `g` as `mix(seed + g · γ)`).
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// `value` as a [`Wide`] constant.
 #[cube]
-fn group_hash(seed: Wide, group: Wide) -> Wide {
-    let gamma = Wide {
-        high: 0x9E37_79B9u32,
-        low: 0x7F4A_7C15u32,
-    };
-    wide_mix(wide_add(seed, wide_multiply(group, gamma)))
+fn wide_constant(#[comptime] value: u64) -> Wide {
+    Wide {
+        high: comptime!((value >> 32) as u32),
+        low: comptime!(value as u32),
+    }
+}
+
+/// `seed + group · γ`, the value whose mix is group `group`'s 64-bit draw (later groups
+/// `group + k` add `k · γ` to it).
+#[cube]
+fn group_base(seed: Wide, group: Wide) -> Wide {
+    wide_add(seed, wide_multiply(group, wide_constant(GAMMA)))
 }
 
 /// 16-bit field `field` (0 to 3, from the least significant) of `hash`.
@@ -1228,20 +1231,69 @@ fn sixteen_bits(hash: Wide, field: u32) -> u32 {
     (word >> ((field % 2u32) * 16u32)) & 0xFFFFu32
 }
 
-/// `residual + dropout(input + bias)` for vector `ABSOLUTE_POS` (`N` elements of one
-/// token) of a `[batch, seq, width]` tensor, the part at `offset_*` of a
-/// `[_, full_seq, full_width]` one (each part optional at compile time; without residual
-/// and bias it is the dropout's backward; the seed comes as high and low halves). Elements
-/// are kept as `dropout::kept` decides from their flat position in the full tensor; with
-/// `grouped` (vectors of a multiple of four elements starting at multiples of four in the
-/// full tensor) one hash serves four lanes.
+/// The factor of the `N` elements from flat position `first` of the full tensor: `scale`
+/// where `dropout::kept` keeps the element, else 0. With `grouped` (`first` and `N` a
+/// multiple of four) each hash serves four lanes and is computed once per group, the
+/// groups' bases one constant apart.
+#[cube]
+fn dropout_mask<N: Size>(
+    seed: Wide,
+    first: Wide,
+    threshold: u32,
+    scale: f32,
+    #[comptime] grouped: bool,
+) -> Vector<f32, N> {
+    let lanes = N::value();
+    let mut mask = RuntimeCell::<Vector<f32, N>>::new(Vector::new(0.0f32));
+    if grouped {
+        let base = group_base(seed, wide_quarter(first));
+        #[unroll]
+        for group in 0..comptime!(lanes / 4) {
+            let hash = wide_mix(wide_add(
+                base,
+                wide_constant(comptime!(GAMMA.wrapping_mul(group as u64))),
+            ));
+            #[unroll]
+            for field in 0..4usize {
+                let kept = sixteen_bits(hash, field as u32) >= threshold;
+                mask.store_at(group * 4 + field, select(kept, scale, 0.0f32));
+            }
+        }
+    } else {
+        #[unroll]
+        for lane in 0..lanes {
+            let global = wide_add(
+                first,
+                Wide {
+                    high: 0u32,
+                    low: lane as u32,
+                },
+            );
+            let hash = wide_mix(group_base(seed, wide_quarter(global)));
+            let kept = sixteen_bits(hash, global.low % 4u32) >= threshold;
+            mask.store_at(lane, select(kept, scale, 0.0f32));
+        }
+    }
+    mask.consume()
+}
+
+/// `residual + dropout(input + bias)` over a `[batch, seq, width]` tensor, the part at
+/// `offset_*` of a `[_, full_seq, full_width]` one (each part optional at compile time;
+/// without residual and bias it is the dropout's backward; the seed comes as high and low
+/// halves). A unit takes column vector `CUBE_POS_X · CUBE_DIM_X + UNIT_POS_X` (`N` elements)
+/// of token `CUBE_POS_Y` of batch `CUBE_POS_Z`, and the same vector `CUBE_COUNT_Y` tokens
+/// and `CUBE_COUNT_Z` batches further while any are left (a launch has at most 65535 cubes
+/// along y and z): no division finds a unit's element. Elements are kept as
+/// `dropout::kept` decides from their flat position in the full tensor; with `grouped`
+/// (vectors of a multiple of four elements starting at multiples of four in the full
+/// tensor) one hash serves four lanes.
 #[cube(launch_unchecked)]
 pub(super) fn bias_dropout_add<F: Float, N: Size>(
     input: &Array<Vector<F, N>>,
     bias: &Array<Vector<F, N>>,
     residual: &Array<Vector<F, N>>,
     output: &mut Array<Vector<F, N>>,
-    vectors: u32,
+    batches: u32,
     seq: u32,
     width: u32,
     full_seq: u32,
@@ -1265,84 +1317,65 @@ pub(super) fn bias_dropout_add<F: Float, N: Size>(
     #[comptime] grouped: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let position = ABSOLUTE_POS;
-    if position >= vectors as usize {
+    let lanes = input.vector_size();
+    let vector = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+    if vector >= width as usize / lanes {
         terminate!();
     }
-    let lanes = input.vector_size();
-    let row_vectors = width / lanes as u32;
-    let index = position as u32;
-    let token = index / row_vectors;
     // The first column of this vector.
-    let column = (index % row_vectors) * lanes as u32;
-    let batch = (token / seq) as usize;
-    let step = (token % seq) as usize;
-    let within = column as usize;
-    let mut value = Vector::<f32, N>::cast_from(
-        input[(batch * input_batch_stride as usize + step * input_token_stride as usize + within)
-            / lanes],
-    );
+    let column = vector * lanes;
+    let mut bias_value = Vector::<f32, N>::new(0.0f32);
     if has_bias {
-        value += Vector::<f32, N>::cast_from(bias[column as usize / lanes]);
+        bias_value = Vector::<f32, N>::cast_from(bias[vector]);
     }
-    if has_dropout {
-        let seed = Wide {
-            high: seed_high,
-            low: seed_low,
-        };
-        let full_row = (token / seq + offset_batch) * full_seq + token % seq + offset_seq;
-        // The flat position of the vector's first element in the full tensor.
-        let first = wide_add(
-            Wide {
-                high: u32::mul_hi(full_row, full_width),
-                low: full_row * full_width,
-            },
-            Wide {
-                high: 0u32,
-                low: column + offset_column,
-            },
-        );
-        let mut mask = RuntimeCell::<Vector<f32, N>>::new(Vector::new(0.0f32));
-        if grouped {
-            // Lanes of one group hash the same value: the compiler keeps one per group.
-            let first_group = wide_quarter(first);
-            #[unroll]
-            for lane in 0..lanes {
-                let group = Wide {
-                    high: 0u32,
-                    low: (lane / 4) as u32,
-                };
-                let hash = group_hash(seed, wide_add(first_group, group));
-                let kept = sixteen_bits(hash, (lane % 4) as u32) >= threshold;
-                mask.store_at(lane, select(kept, scale, 0.0f32));
+    let seed = Wide {
+        high: seed_high,
+        low: seed_low,
+    };
+    let mut batch = CUBE_POS_Z;
+    while batch < batches {
+        let mut step = CUBE_POS_Y;
+        while step < seq {
+            let mut value = Vector::<f32, N>::cast_from(
+                input[(batch as usize * input_batch_stride as usize
+                    + step as usize * input_token_stride as usize
+                    + column)
+                    / lanes],
+            );
+            if has_bias {
+                value += bias_value;
             }
-        } else {
-            #[unroll]
-            for lane in 0..lanes {
-                let global = wide_add(
-                    first,
+            if has_dropout {
+                let full_row = (batch + offset_batch) * full_seq + step + offset_seq;
+                // The flat position of the vector's first element in the full tensor.
+                let first = wide_add(
+                    Wide {
+                        high: u32::mul_hi(full_row, full_width),
+                        low: full_row * full_width,
+                    },
                     Wide {
                         high: 0u32,
-                        low: lane as u32,
+                        low: column as u32 + offset_column,
                     },
                 );
-                let hash = group_hash(seed, wide_quarter(global));
-                let kept = sixteen_bits(hash, global.low % 4u32) >= threshold;
-                mask.store_at(lane, select(kept, scale, 0.0f32));
+                value *= dropout_mask::<N>(seed, first, threshold, scale, grouped);
             }
+            if has_residual {
+                value += Vector::<f32, N>::cast_from(
+                    residual[(batch as usize * residual_batch_stride as usize
+                        + step as usize * residual_token_stride as usize
+                        + column)
+                        / lanes],
+                );
+            }
+            output[(batch as usize * output_batch_stride as usize
+                + step as usize * output_token_stride as usize
+                + column)
+                / lanes] = Vector::cast_from(value);
+            step += CUBE_COUNT_Y;
         }
-        value *= mask.consume();
+        batch += CUBE_COUNT_Z;
     }
-    if has_residual {
-        value += Vector::<f32, N>::cast_from(
-            residual[(batch * residual_batch_stride as usize
-                + step * residual_token_stride as usize
-                + within)
-                / lanes],
-        );
-    }
-    output[(batch * output_batch_stride as usize + step * output_token_stride as usize + within)
-        / lanes] = Vector::cast_from(value);
 }
 
 // The kernels with exponentials compile with fast math: CUDA's `__expf` (within a few

@@ -301,6 +301,20 @@ impl NormBackwardSplit {
     }
 }
 
+/// The most cubes a launch takes along y and z (CUDA's limit, and wgpu's default).
+const MAX_CUBES_YZ: usize = 65_535;
+
+/// Cubes along x, and their size, covering a row of `vectors` vectors a unit each: the
+/// fewest cubes of at most [`ELEMENT_UNITS`] units, each of whole warps (a row of 160
+/// vectors takes one cube of 160 units, one of 640 three of 224).
+fn row_vector_cubes(vectors: usize) -> (u32, CubeDim) {
+    let cubes = vectors.div_ceil(ELEMENT_UNITS as usize).max(1);
+    let units = vectors
+        .div_ceil(cubes)
+        .next_multiple_of(GROUP_UNITS as usize);
+    (u32_of(cubes, "row vectors"), CubeDim::new_1d(units as u32))
+}
+
 /// The cubes of a column-sum kernel: [`ELEMENT_UNITS`] column vectors by one row chunk
 /// each, over `vectors` column vectors and `chunks` row chunks.
 fn column_chunk_cubes(vectors: usize, chunks: usize) -> CubeCount {
@@ -1251,9 +1265,8 @@ fn launch_bias_dropout_add<R: CubeRuntime, F: FloatElement, I: IntElement, BT: B
     let rows = site.full[0] * site.full[1];
     u32_of(rows, "rows of the full tensor");
     let lanes = vector_lanes(&[&input, &bias, &residual, &output]);
-    let vectors = batch * seq * width / lanes;
-    if vectors > 0 {
-        let cube_dim = CubeDim::new_1d(ELEMENT_UNITS);
+    if batch * seq * width > 0 {
+        let (cubes, cube_dim) = row_vector_cubes(width / lanes);
         let token_strides = |t: &CubeTensor<R>| [stride(t, 0), stride(t, 1)];
         let [input_batch, input_token] = token_strides(&input);
         let [residual_batch, residual_token] = token_strides(&residual);
@@ -1262,16 +1275,20 @@ fn launch_bias_dropout_add<R: CubeRuntime, F: FloatElement, I: IntElement, BT: B
         unsafe {
             kernels::bias_dropout_add::launch_unchecked::<R>(
                 &input.client,
-                calculate_cube_count_elemwise(&input.client, vectors, cube_dim),
+                CubeCount::Static(
+                    cubes,
+                    seq.min(MAX_CUBES_YZ) as u32,
+                    batch.min(MAX_CUBES_YZ) as u32,
+                ),
                 cube_dim,
                 lanes,
                 input.clone().into_array_arg(),
                 bias.into_array_arg(),
                 residual.into_array_arg(),
                 output.clone().into_array_arg(),
-                u32_of(vectors, "elements"),
-                seq as u32,
-                width as u32,
+                u32_of(batch, "batch"),
+                u32_of(seq, "sequence length"),
+                u32_of(width, "hidden"),
                 site.full[1] as u32,
                 u32_of(site.full[2], "hidden"),
                 input_batch,
