@@ -7,6 +7,8 @@
 #     TOKENS x HIDDEN (default 8192 x 1280, GPT-2 774M's micro-batch of 8 x 1024), as a
 #     share of COPY GB/s (default the H200's 4300), next to the unfused Burn ops;
 #   - the same bandwidths at 32768 x 1280 and 8192 x 4096 (SIZES);
+#   - PyTorch's eager ops doing the same work on the same GPU at TOKENS x HIDDEN, their
+#     device time from a CUDA graph (`benches/torch_kernels.py`; skipped without torch);
 #   - the GPT-2 774M bf16 8 x 1024 training step with the fused kernels and with their
 #     plain-Burn references (`--reference-kernels`).
 #
@@ -43,6 +45,8 @@ grep VALIDATION "$OUT/kernel_checks.log" | sed -E 's/^\[VALIDATION ([^]]+)\].*/\
 timeout "$LIMIT" "$BIN" bench kernels --parts bandwidth --dtypes bf16 --tokens "$TOKENS" \
     --hidden "$HIDDEN" --copy-bandwidth "$COPY" --output "$OUT/bandwidth.jsonl" \
     > "$OUT/bandwidth.log" 2>&1 || echo "bandwidth failed: see $OUT/bandwidth.log"
+python3 benches/torch_kernels.py "$OUT/bandwidth.jsonl" "$TOKENS" "$HIDDEN" > "$OUT/torch_kernels.log" 2>&1 \
+    || echo "PyTorch's ops were not timed: see $OUT/torch_kernels.log"
 # The same table at more sizes (SIZES: "tokens x hidden" pairs; the unfused ops once each).
 SIZES=${SIZES:-"32768x1280 8192x4096"}
 for size in $SIZES; do
@@ -61,6 +65,9 @@ timeout "$LIMIT" "$BIN" "${STEP[@]}" --reference-kernels > "$OUT/step_reference.
 
 echo
 sed -n '/^kernel .*fused GB\/s/,$p' "$OUT/bandwidth.log"
+echo
+echo "next to PyTorch's eager ops (bf16, $TOKENS x $HIDDEN, the device's time):"
+cat "$OUT/torch_kernels.log"
 for size in $SIZES; do
     echo
     echo "at $size tokens x hidden (% of $COPY GB/s):"

@@ -129,9 +129,9 @@ fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) 
 }
 
 /// An uninitialized tensor of `shape` stored contiguously (rows not padded to CubeCL's
-/// pitch), for an output that callers reshape: Burn copies a pitched tensor to merge its
-/// rows (for GPT-2's logits' gradient, `[8192, 50304]` in bf16, a 1.5 ms copy a step on
-/// an H200).
+/// pitch): for an output that callers reshape (Burn copies a pitched tensor to merge its
+/// rows: for GPT-2's logits' gradient, `[8192, 50304]` in bf16, a 1.5 ms copy a step on
+/// an H200), or whose rows a kernel writes in vectors of another tensor's lanes.
 fn empty_contiguous_like<R: CubeRuntime>(
     like: &CubeTensor<R>,
     shape: Shape,
@@ -529,7 +529,9 @@ where
         };
         // Weight partials, then bias partials for LayerNorm: one buffer, one reduction.
         let kinds = 1 + usize::from(has_bias);
-        let partials = empty_like(&input, Shape::new([kinds * chunks, width]), DType::F32);
+        // Dense partial rows: `width` apart, so whole vectors of the input's lanes.
+        let partials =
+            empty_contiguous_like(&input, Shape::new([kinds * chunks, width]), DType::F32);
         let (rows32, width32) = (u32_of(rows, "rows"), u32_of(width, "width"));
         let (grad_stride, input_stride) = (stride(&grad, 0), stride(&input, 0));
         let (input_grad_stride, partials_stride) = (stride(&input_grad, 0), stride(&partials, 0));
@@ -665,7 +667,8 @@ where
         }
         let input = primitive(input);
         let chunks = rows.min(PARAMETER_CHUNKS);
-        let partial = empty_like(&input, Shape::new([chunks, width]), DType::F32);
+        // Dense partial rows: `width` apart, so whole vectors of the input's lanes.
+        let partial = empty_contiguous_like(&input, Shape::new([chunks, width]), DType::F32);
         let lanes = vector_lanes(&[&input]);
         // SAFETY: the kernel keeps its accesses inside its arrays (module docs).
         unsafe {
