@@ -424,44 +424,6 @@ fn scaled_grad<F: Float, N: Size>(
     Vector::<f32, N>::cast_from(grad[at]) * Vector::<f32, N>::cast_from(weight[vector])
 }
 
-/// A row's means of `g` (0 for RMSNorm, `centered` off) and of `g · x̂`, from this unit's
-/// partial sums of them.
-#[derive(CubeType)]
-struct GradMeans {
-    scaled: f32,
-    projection: f32,
-}
-
-#[cube]
-fn grad_means<N: Size>(
-    scaled_sum: Vector<f32, N>,
-    projection: Vector<f32, N>,
-    shared: &mut SharedMemory<f32>,
-    count: f32,
-    #[comptime] centered: bool,
-    #[comptime] plane: bool,
-) -> GradMeans {
-    let mut scaled = 0.0f32;
-    if centered {
-        scaled = group_sum(lanes_sum(scaled_sum), shared, plane) / count;
-    }
-    GradMeans {
-        scaled,
-        projection: group_sum(lanes_sum(projection), shared, plane) / count,
-    }
-}
-
-/// The input gradient `rstd · (g - mean(g) - x̂ · mean(g · x̂))` of one vector.
-#[cube]
-fn norm_input_grad<N: Size>(
-    scaled: Vector<f32, N>,
-    normalized: Vector<f32, N>,
-    means: &GradMeans,
-    rstd: Vector<f32, N>,
-) -> Vector<f32, N> {
-    rstd * (scaled - Vector::new(means.scaled) - normalized * Vector::new(means.projection))
-}
-
 /// A row's input gradient `rstd · (g - mean(g) - x̂ · mean(g · x̂))` as two fused
 /// multiply-adds an element: `g · rstd + (x̂ · slope + offset)`.
 #[derive(CubeType)]
@@ -484,6 +446,26 @@ fn input_grad_coefficients(
         slope: -rstd * projection_mean,
         offset: -rstd * scaled_mean,
     }
+}
+
+/// A row's [`InputGradCoefficients`] from this unit's vector sums of `g` and `g · x̂` (the
+/// row's units add them: [`group_sum`]; no `mean(g)` for RMSNorm, `centered` off).
+#[cube]
+fn row_input_grad_coefficients<N: Size>(
+    scaled_sum: Vector<f32, N>,
+    projection: Vector<f32, N>,
+    shared: &mut SharedMemory<f32>,
+    count: f32,
+    rstd: f32,
+    #[comptime] centered: bool,
+    #[comptime] plane: bool,
+) -> InputGradCoefficients {
+    let mut scaled_mean = 0.0f32;
+    if centered {
+        scaled_mean = group_sum(lanes_sum(scaled_sum), shared, plane) / count;
+    }
+    let projection_mean = group_sum(lanes_sum(projection), shared, plane) / count;
+    input_grad_coefficients(scaled_mean, projection_mean, rstd)
 }
 
 #[cube]
@@ -529,7 +511,8 @@ pub(super) fn norm_backward_input<F: Float, N: Size>(
     let lane = UNIT_POS_X as usize;
     let count = f32::cast_from(width);
     let mean_vector = Vector::<f32, N>::new(mean[row]);
-    let rstd_vector = Vector::<f32, N>::new(rstd[row]);
+    let row_rstd = rstd[row];
+    let rstd_vector = Vector::<f32, N>::new(row_rstd);
     // `grad · weight` and `x̂` of the cached vectors.
     let mut scaled_cache = Array::<Vector<f32, N>>::new(cached);
     let mut normalized_cache = Array::<Vector<f32, N>>::new(cached);
@@ -555,23 +538,29 @@ pub(super) fn norm_backward_input<F: Float, N: Size>(
         projection += scaled * normalized_input(input, start + vector, mean_vector, rstd_vector);
         vector += step;
     }
-    let means = grad_means(scaled_sum, projection, &mut shared, count, centered, plane);
+    let coefficients = row_input_grad_coefficients(
+        scaled_sum,
+        projection,
+        &mut shared,
+        count,
+        row_rstd,
+        centered,
+        plane,
+    );
 
     #[unroll]
     for i in 0..cached {
         let vector = lane + i * step;
         if vector < vectors {
-            let value = norm_input_grad(scaled_cache[i], normalized_cache[i], &means, rstd_vector);
+            let value = coefficients.apply(scaled_cache[i], normalized_cache[i]);
             input_grad[output_start + vector] = Vector::cast_from(value);
         }
     }
     let mut vector = lane + cached * step;
     while vector < vectors {
-        let value = norm_input_grad(
+        let value = coefficients.apply(
             scaled_grad(grad, weight, grad_start + vector, vector),
             normalized_input(input, start + vector, mean_vector, rstd_vector),
-            &means,
-            rstd_vector,
         );
         input_grad[output_start + vector] = Vector::cast_from(value);
         vector += step;
@@ -698,13 +687,12 @@ fn load_row<F: Float, N: Size>(
 /// `slots` rows at a time: slot `UNIT_POS_Y` of cube `CUBE_POS` takes rows `CUBE_POS · slots
 /// + UNIT_POS_Y`, then `CUBE_COUNT · slots` further, `row_steps` times (the last ones past
 /// the end for some slots). For each row a unit reads its `grad`, `input`, mean and rstd
-/// once, issuing the next row's loads before this row's reduction so that they are in
-/// flight while it waits (on an H200, bf16, loading the row's mean and rstd with it moved
-/// 44% and 62% of 4.3 TB/s at 8192 and 32768 x 1280, after it 41% and 54%); it adds
-/// `grad · x̂` and `grad` to its columns' sums, in registers (few per unit, since a row has
-/// many units), the row's units add their two sums ([`row_sums`]), and each unit writes
-/// its input gradient as [`norm_backward_input`] does, from `grad · weight` and `x̂` kept
-/// in registers with `cache`, else computed again. At the end the slots add their sums in
+/// once, issuing the next row's loads (its mean and rstd with them) before this row's sums
+/// so that they are in flight while it works and waits; it adds `grad · x̂` and `grad` to
+/// its columns' sums, in registers (few per unit, since a row has many units), the row's
+/// units add their two sums ([`row_sums`]), and each unit writes its input gradient
+/// ([`InputGradCoefficients`]) from `grad · weight` and `x̂` kept in registers with
+/// `cache`, else computed again. At the end the slots add their sums in
 /// shared memory one after another (a fixed order), and the cube writes them as rows
 /// `CUBE_POS` (weight) and `CUBE_COUNT + CUBE_POS` (bias, for LayerNorm) of the `[(1 or 2)
 /// · cubes, width]` fp32 partials, summed over cubes afterwards.

@@ -67,11 +67,12 @@ const NORM_BACKWARD_SPLIT_CUBES_PER_MULTIPROCESSOR: usize = 1;
 /// The most units a row of the row-splitting norm kernels takes.
 const ROW_SPLIT_UNITS: usize = 256;
 /// About how many units a cube of the row-splitting norm kernels has (rows of fewer units
-/// share a cube). On an H200 (bf16) the backward (with unrolled warp sums) with 640
-/// (four rows of 160 at 1280 columns, one cube per multiprocessor) moved 49%, 68% and 65%
-/// of 4.3 TB/s at 8192 x 1280, 32768 x 1280 and 8192 x 4096; with 320 (two cubes a
-/// multiprocessor) 45%, 67%, 58%; 480: 44%, 58%, 53%; 800: 49%, 72%, 34%; 1024: 37%, 50%,
-/// 15% (at hidden 4096 a cube's rows of 256 units outgrow the registers beyond 640).
+/// share a cube). On an H200 (bf16) the backward (its loads issued a row ahead, before the
+/// row's sums) with 640 (four rows of 160 at 1280 columns, one cube per multiprocessor)
+/// moved 52%, 74% and 69% of 4.3 TB/s at 8192 x 1280, 32768 x 1280 and 8192 x 4096; with
+/// 320 (two cubes a multiprocessor) 47%, 72%, 60%; 480: 48%, 66%, 59%; 800: 40%, 56%, 31%
+/// (an earlier kernel, 1024: 37%, 50%, 15%; at hidden 4096 a cube's rows of 256 units
+/// outgrow the registers beyond 640).
 const ROW_SPLIT_CUBE_UNITS: usize = 640;
 
 /// The most shared memory the row-splitting norm backward takes (its fp32 weight and bias
