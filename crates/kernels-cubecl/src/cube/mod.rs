@@ -307,7 +307,7 @@ const MAX_CUBES_YZ: usize = 65_535;
 
 /// Cubes along x, and their size, covering a row of `vectors` vectors a unit each: the
 /// fewest cubes of at most [`ELEMENT_UNITS`] units, each of whole warps (a row of 160
-/// vectors takes one cube of 160 units, one of 640 three of 224).
+/// vectors takes one cube of 160 units; a row of 640, three of 224).
 fn row_vector_cubes(vectors: usize) -> (u32, CubeDim) {
     let cubes = vectors.div_ceil(ELEMENT_UNITS as usize).max(1);
     let units = vectors
