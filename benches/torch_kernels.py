@@ -12,8 +12,11 @@ written with `torch.nn.functional` does without `torch.compile` or Apex."""
 import json
 import sys
 
-import torch
-import torch.nn.functional as F
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:
+    sys.exit("PyTorch is not installed here: its ops were not timed")
 
 CALLS = 50
 
@@ -80,6 +83,8 @@ def ops(tokens, hidden, vocab):
 
 
 def main():
+    if not torch.cuda.is_available():
+        sys.exit("PyTorch sees no CUDA device: its ops were not timed")
     ours = [json.loads(line) for line in open(sys.argv[1]) if '"kind": "bandwidth"' in line]
     tokens, hidden, vocab = (int(a) for a in (sys.argv[2:5] + ["8192", "1280", "50304"][len(sys.argv[2:5]):]))
     torch_ops = ops(tokens, hidden, vocab)
