@@ -735,10 +735,11 @@ pub(super) fn norm_backward_rows<F: Float, N: Size>(
     #[unroll]
     for i in 0..per_unit {
         let vector = unit + i * row_units;
+        let inside = vector < row_vectors;
         // Zero past the row's end: such a vector adds nothing to the row's sums.
         weights[i] = select(
-            vector < row_vectors,
-            Vector::<f32, N>::cast_from(weight[select(vector < row_vectors, vector, 0usize)]),
+            inside,
+            Vector::<f32, N>::cast_from(weight[select(inside, vector, 0usize)]),
             Vector::new(0.0f32),
         );
         weight_sums[i] = Vector::<f32, N>::new(0.0f32);
@@ -1211,17 +1212,11 @@ fn wide_mix(x: Wide) -> Wide {
     let x = wide_add(x, wide_constant(GAMMA));
     let x = wide_multiply(
         wide_xor_shift(x, 30u32),
-        Wide {
-            high: 0xBF58_476Du32,
-            low: 0x1CE4_E5B9u32,
-        },
+        wide_constant(0xBF58_476D_1CE4_E5B9u64),
     );
     let x = wide_multiply(
         wide_xor_shift(x, 27u32),
-        Wide {
-            high: 0x94D0_49BBu32,
-            low: 0x1331_11EBu32,
-        },
+        wide_constant(0x94D0_49BB_1331_11EBu64),
     );
     wide_xor_shift(x, 31u32)
 }
@@ -1307,6 +1302,21 @@ fn dropout_mask<N: Size>(
     mask.consume()
 }
 
+/// The index, in vectors of `lanes` elements, of the vector at `column` of token `step` of
+/// batch `batch` in a tensor with those strides (in elements).
+#[cube]
+fn token_vector(
+    batch: u32,
+    step: u32,
+    batch_stride: u32,
+    token_stride: u32,
+    column: usize,
+    lanes: usize,
+) -> usize {
+    (batch as usize * batch_stride as usize + step as usize * token_stride as usize + column)
+        / lanes
+}
+
 /// `residual + dropout(input + bias)` over a `[batch, seq, width]` tensor, the part at
 /// `offset_*` of a `[_, full_seq, full_width]` one (each part optional at compile time;
 /// without residual and bias it is the dropout's backward; the seed comes as high and low
@@ -1367,10 +1377,14 @@ pub(super) fn bias_dropout_add<F: Float, N: Size>(
         let mut step = CUBE_POS_Y;
         while step < seq {
             let mut value = Vector::<f32, N>::cast_from(
-                input[(batch as usize * input_batch_stride as usize
-                    + step as usize * input_token_stride as usize
-                    + column)
-                    / lanes],
+                input[token_vector(
+                    batch,
+                    step,
+                    input_batch_stride,
+                    input_token_stride,
+                    column,
+                    lanes,
+                )],
             );
             if has_bias {
                 value += bias_value;
@@ -1392,16 +1406,24 @@ pub(super) fn bias_dropout_add<F: Float, N: Size>(
             }
             if has_residual {
                 value += Vector::<f32, N>::cast_from(
-                    residual[(batch as usize * residual_batch_stride as usize
-                        + step as usize * residual_token_stride as usize
-                        + column)
-                        / lanes],
+                    residual[token_vector(
+                        batch,
+                        step,
+                        residual_batch_stride,
+                        residual_token_stride,
+                        column,
+                        lanes,
+                    )],
                 );
             }
-            output[(batch as usize * output_batch_stride as usize
-                + step as usize * output_token_stride as usize
-                + column)
-                / lanes] = Vector::cast_from(value);
+            output[token_vector(
+                batch,
+                step,
+                output_batch_stride,
+                output_token_stride,
+                column,
+                lanes,
+            )] = Vector::cast_from(value);
             step += CUBE_COUNT_Y;
         }
         batch += CUBE_COUNT_Z;
