@@ -900,7 +900,7 @@ pub(super) fn norm_backward_rows<F: Float, N: Size>(
 }
 
 /// The rows `[first, end)` of chunk `chunk = CUBE_POS_Y` (`rows_per_chunk` rows each, the
-/// last chunk shorter) that a unit of a column-sum kernel adds up.
+/// last chunk shorter) that a unit of [`norm_backward_parameters`] adds up.
 #[derive(CubeType)]
 struct ChunkRows {
     chunk: usize,
@@ -965,44 +965,63 @@ pub(super) fn norm_backward_parameters<F: Float, N: Size>(
     }
 }
 
-/// Partial column sums: unit `vector` of cube `(CUBE_POS_X, chunk = CUBE_POS_Y)` sums its
-/// `N` adjacent columns over the chunk's rows (four rows a step, their loads independent)
-/// into row `chunk` of the `[chunks, width]` fp32 partials (summed over chunks afterwards).
-/// Adjacent units read adjacent vectors, and write whole vectors of partials.
+/// Column sums in one pass, with no partial rows to add afterwards: cube `CUBE_POS_X` owns
+/// `slice` adjacent column vectors (`N` columns each) over every row. Unit (`UNIT_POS_X`, a
+/// vector of the slice; `UNIT_POS_Y`, one of `groups` row groups) adds rows `group, group +
+/// groups, ...` (four a step, their loads independent); the cube then adds its groups'
+/// sums in shared memory, halving them `log2(groups)` times (always the same order), and
+/// writes the fp32 totals. On an H200 (bf16 bias gradient) this moved 79% of 4.3 TB/s at
+/// 8192 x 5120, 98% at 8192 x 16384 and 91% at 32768 x 5120, against 71-72%, 88% and 94%
+/// for partial sums of 128 row chunks and a second kernel adding them (same call).
 #[cube(launch_unchecked)]
-pub(super) fn column_sums<F: Float, N: Size>(
+pub(super) fn column_totals<F: Float, N: Size>(
     input: &Array<Vector<F, N>>,
-    partial: &mut Array<Vector<f32, N>>,
+    sums: &mut Array<Vector<f32, N>>,
     rows: u32,
     width: u32,
     input_stride: u32,
-    partial_stride: u32,
-    rows_per_chunk: u32,
+    #[comptime] slice: usize,
+    #[comptime] groups: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let lanes = input.vector_size();
-    let vector = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
-    if vector >= width as usize / lanes {
-        terminate!();
-    }
-    let ChunkRows { chunk, first, end } = chunk_rows(rows, rows_per_chunk);
+    let lane = UNIT_POS_X as usize;
+    let group = UNIT_POS_Y as usize;
+    let wanted = CUBE_POS_X as usize * slice + lane;
+    let inside = wanted < width as usize / lanes;
+    let vector = select(inside, wanted, 0usize);
+    let end = select(inside, rows as usize, 0usize);
     let stride = input_stride as usize / lanes;
-    let mut sum = Vector::<f32, N>::new(0.0f32);
-    let mut row = first;
-    while row + 4 <= end {
+    let mut total = Vector::<f32, N>::new(0.0f32);
+    let mut row = group;
+    while row + 3 * groups < end {
         let at = row * stride + vector;
         let a = Vector::<f32, N>::cast_from(input[at]);
-        let b = Vector::<f32, N>::cast_from(input[at + stride]);
-        let c = Vector::<f32, N>::cast_from(input[at + 2 * stride]);
-        let d = Vector::<f32, N>::cast_from(input[at + 3 * stride]);
-        sum += (a + b) + (c + d);
-        row += 4;
+        let b = Vector::<f32, N>::cast_from(input[at + groups * stride]);
+        let c = Vector::<f32, N>::cast_from(input[at + 2 * groups * stride]);
+        let d = Vector::<f32, N>::cast_from(input[at + 3 * groups * stride]);
+        total += (a + b) + (c + d);
+        row += 4 * groups;
     }
     while row < end {
-        sum += Vector::<f32, N>::cast_from(input[row * stride + vector]);
-        row += 1;
+        total += Vector::<f32, N>::cast_from(input[row * stride + vector]);
+        row += groups;
     }
-    partial[chunk * partial_stride as usize / lanes + vector] = sum;
+    let mut shared = SharedMemory::<Vector<f32, N>>::new(comptime!(slice * groups));
+    let at = group * slice + lane;
+    shared[at] = total;
+    sync_cube();
+    #[unroll]
+    for step in 0..comptime!(groups.trailing_zeros()) {
+        let half = comptime!(groups >> (step + 1));
+        if group < half {
+            shared[at] = shared[at] + shared[at + half * slice];
+        }
+        sync_cube();
+    }
+    if group == 0 && inside {
+        sums[wanted] = shared[lane];
+    }
 }
 
 /// Columns per cube of [`partial_sums`] (a warp: adjacent units read adjacent columns).
@@ -1011,10 +1030,10 @@ pub(super) const SUM_COLUMNS: u32 = 32;
 pub(super) const SUM_GROUPS: u32 = 16;
 
 /// The totals of `[kinds · chunks, width]` fp32 partial rows over their chunks (a norm's
-/// weight and bias partials, a bias gradient's row chunks), written in `F` as row `kind` of
-/// the `[kinds, width]` sums. Cube `(CUBE_POS_X, kind = CUBE_POS_Y)` takes [`SUM_COLUMNS`]
-/// adjacent columns of partial rows `kind · chunks ..`; its [`SUM_GROUPS`] row groups add
-/// every `SUM_GROUPS`-th row, and shared memory adds the groups, always in the same order.
+/// weight and bias partials), written in `F` as row `kind` of the `[kinds, width]` sums.
+/// Cube `(CUBE_POS_X, kind = CUBE_POS_Y)` takes [`SUM_COLUMNS`] adjacent columns of partial
+/// rows `kind · chunks ..`; its [`SUM_GROUPS`] row groups add every `SUM_GROUPS`-th row,
+/// and shared memory adds the groups, always in the same order.
 #[cube(launch_unchecked)]
 pub(super) fn partial_sums<F: Float>(
     partials: &Array<f32>,

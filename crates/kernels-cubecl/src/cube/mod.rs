@@ -75,14 +75,16 @@ const ROW_SPLIT_UNITS: usize = 256;
 /// outgrow the registers beyond 640).
 const ROW_SPLIT_CUBE_UNITS: usize = 640;
 
-/// The most shared memory the row-splitting norm backward takes (its fp32 weight and bias
-/// sums, its reductions): the 48 KiB a cube gets without opting in.
-const ROW_SPLIT_SHARED_BYTES: usize = 48 * 1024;
+/// The most shared memory a cube of the row-splitting norm backward (its fp32 weight and
+/// bias sums, its reductions) or of the column totals (its units' fp32 sums) takes: the
+/// 48 KiB a cube gets without opting in.
+const CUBE_SHARED_BYTES: usize = 48 * 1024;
 
-/// Row chunks of the column-sum partials (the norm's weight gradient, bias gradients; at
-/// most: fewer for short inputs). On an H200 (bf16 bias gradient, 8192 x 5120) 128 chunks
-/// moved 2970 GB/s, 256 2540 and 64 2580: fewer chunks write fewer partials to sum, more
-/// keep more loads in flight.
+/// Row chunks of the norm's weight- and bias-gradient partials where its row-splitting
+/// kernel does not apply (at most: fewer for short inputs). On an H200, for the bias
+/// gradient's former column sums in the same form (bf16, 8192 x 5120), 128 chunks moved
+/// 2970 GB/s, 256 2540 and 64 2580: fewer chunks write fewer partials to sum, more keep
+/// more loads in flight.
 const PARAMETER_CHUNKS: usize = 128;
 
 type Backend<R, F, I, BT> = CubeBackend<R, F, I, BT>;
@@ -274,7 +276,7 @@ struct NormBackwardSplit {
 impl NormBackwardSplit {
     /// For `rows` rows of `row_vectors` vectors of `lanes` elements, or `None` where the
     /// kernel's weight and bias sums and its reductions would not fit
-    /// [`ROW_SPLIT_SHARED_BYTES`] (or the device's shared memory).
+    /// [`CUBE_SHARED_BYTES`] (or the device's shared memory).
     fn of<R: CubeRuntime>(
         like: &CubeTensor<R>,
         rows: usize,
@@ -286,7 +288,7 @@ impl NormBackwardSplit {
         let sums = 2 * split.per_unit * split.row_units * lanes * 4;
         let scratch =
             4 * kernels::row_scratch_len(2, split.slots, split.row_units, rows_are_planes(like));
-        if sums + scratch > ROW_SPLIT_SHARED_BYTES.min(hardware.max_shared_memory_size) {
+        if sums + scratch > CUBE_SHARED_BYTES.min(hardware.max_shared_memory_size) {
             return None;
         }
         let multiprocessors = hardware.num_streaming_multiprocessors.unwrap_or(64) as usize;
@@ -299,6 +301,45 @@ impl NormBackwardSplit {
             cubes,
             row_steps: rows.div_ceil(cubes * split.slots),
         })
+    }
+}
+
+/// How [`kernels::column_totals`] splits `[rows, width]` columns: `cubes` slices of `slice`
+/// column vectors, each over every row in `groups` row groups.
+struct ColumnSlices {
+    slice: usize,
+    groups: usize,
+    cubes: usize,
+}
+
+impl ColumnSlices {
+    /// For `rows` rows of `row_vectors` vectors of `lanes` elements of `input`: slices of
+    /// whole 32-byte sectors (the memory's unit of transfer: where rows start on one, as
+    /// CubeCL's pitched rows do, no two cubes read a sector), about one a multiprocessor,
+    /// and as many row groups (a power of two) as a cube's units and shared memory allow,
+    /// no more than the rows need. At 5120 bf16 columns on an H200: 107 slices of 6
+    /// vectors, 128 row groups.
+    fn of<R: CubeRuntime>(
+        input: &CubeTensor<R>,
+        rows: usize,
+        row_vectors: usize,
+        lanes: usize,
+    ) -> Self {
+        let hardware = &input.client.properties().hardware;
+        let multiprocessors = hardware.num_streaming_multiprocessors.unwrap_or(64) as usize;
+        let shared_units = CUBE_SHARED_BYTES.min(hardware.max_shared_memory_size) / (lanes * 4);
+        let most_units = (hardware.max_units_per_cube as usize).min(shared_units);
+        let sector = (32 / (lanes * input.dtype.size())).max(1);
+        let slice = row_vectors
+            .div_ceil(multiprocessors)
+            .next_multiple_of(sector)
+            .min(most_units);
+        let groups = 1 << (most_units / slice).max(1).ilog2();
+        Self {
+            slice,
+            groups: groups.min(rows.next_power_of_two()),
+            cubes: row_vectors.div_ceil(slice),
+        }
     }
 }
 
@@ -316,8 +357,8 @@ fn row_vector_cubes(vectors: usize) -> (u32, CubeDim) {
     (u32_of(cubes, "row vectors"), CubeDim::new_1d(units as u32))
 }
 
-/// The cubes of a column-sum kernel: [`ELEMENT_UNITS`] column vectors by one row chunk
-/// each, over `vectors` column vectors and `chunks` row chunks.
+/// The cubes of [`kernels::norm_backward_parameters`]: [`ELEMENT_UNITS`] column vectors by
+/// one row chunk each, over `vectors` column vectors and `chunks` row chunks.
 fn column_chunk_cubes(vectors: usize, chunks: usize) -> CubeCount {
     CubeCount::Static(
         vectors.div_ceil(ELEMENT_UNITS as usize) as u32,
@@ -328,7 +369,13 @@ fn column_chunk_cubes(vectors: usize, chunks: usize) -> CubeCount {
 
 /// The totals over chunks of `[kinds · chunks, width]` fp32 partial rows, as `[kinds,
 /// width]` in `dtype` (one kernel, in a fixed order: Burn's reduction and cast would be
-/// three launches).
+/// three launches). This second launch is what keeps the norm backward below 70% of 4.3
+/// TB/s at 8192 x 1280 on an H200 (bf16): 26.4 us with it, 23.3 us (63%) without it (a
+/// measurement build that skipped it; 70% is 20.9 us). One launch would need the cube
+/// that adds the partials to see the other cubes' writes, a grid-scope fence that
+/// CubeCL 0.10's kernels cannot express (its synchronizations are the cube's and the
+/// plane's barriers and an async-proxy fence), and float atomics would make the weight
+/// gradient differ from run to run.
 fn sum_partials<R: CubeRuntime>(
     partials: &CubeTensor<R>,
     kinds: usize,
@@ -667,29 +714,27 @@ where
             return Tensor::zeros([width], (&input.device(), DType::F32));
         }
         let input = primitive(input);
-        let chunks = rows.min(PARAMETER_CHUNKS);
-        // Dense partial rows: `width` apart, so whole vectors of the input's lanes.
-        let partial = empty_contiguous_like(&input, Shape::new([chunks, width]), DType::F32);
         let lanes = vector_lanes(&[&input]);
+        let sums = empty_contiguous_like(&input, Shape::new([width]), DType::F32);
+        let slices = ColumnSlices::of(&input, rows, width / lanes, lanes);
         // SAFETY: the kernel keeps its accesses inside its arrays (module docs).
         unsafe {
-            kernels::column_sums::launch_unchecked::<R>(
+            kernels::column_totals::launch_unchecked::<R>(
                 &input.client,
-                column_chunk_cubes(width / lanes, chunks),
-                CubeDim::new_1d(ELEMENT_UNITS),
+                CubeCount::Static(u32_of(slices.cubes, "column slices"), 1, 1),
+                CubeDim::new_2d(slices.slice as u32, slices.groups as u32),
                 lanes,
                 input.clone().into_array_arg(),
-                partial.clone().into_array_arg(),
+                sums.clone().into_array_arg(),
                 u32_of(rows, "rows"),
                 u32_of(width, "width"),
                 stride(&input, 0),
-                stride(&partial, 0),
-                u32_of(rows.div_ceil(chunks), "rows per chunk"),
+                slices.slice,
+                slices.groups,
                 input.dtype.into(),
             )
         };
-        let sums: Tensor<Self, 2> = tensor(sum_partials(&partial, 1, chunks, width, DType::F32));
-        sums.reshape([width])
+        tensor(sums)
     }
 
     fn bias_dropout_add(
