@@ -264,6 +264,19 @@ impl RowSplit {
     }
 }
 
+/// The multiprocessors of `like`'s device (64 where its runtime does not say).
+fn multiprocessors<R: CubeRuntime>(like: &CubeTensor<R>) -> usize {
+    let hardware = &like.client.properties().hardware;
+    hardware.num_streaming_multiprocessors.unwrap_or(64) as usize
+}
+
+/// The shared memory a cube may take on `like`'s device: [`CUBE_SHARED_BYTES`], or less
+/// where the device has less.
+fn cube_shared_bytes<R: CubeRuntime>(like: &CubeTensor<R>) -> usize {
+    let hardware = &like.client.properties().hardware;
+    CUBE_SHARED_BYTES.min(hardware.max_shared_memory_size)
+}
+
 /// How the row-splitting norm backward ([`kernels::norm_backward_rows`]) takes its rows.
 struct NormBackwardSplit {
     split: RowSplit,
@@ -284,17 +297,15 @@ impl NormBackwardSplit {
         lanes: usize,
     ) -> Option<Self> {
         let split = RowSplit::of(like, row_vectors)?;
-        let hardware = &like.client.properties().hardware;
         let sums = 2 * split.per_unit * split.row_units * lanes * 4;
         let scratch =
             4 * kernels::row_scratch_len(2, split.slots, split.row_units, rows_are_planes(like));
-        if sums + scratch > CUBE_SHARED_BYTES.min(hardware.max_shared_memory_size) {
+        if sums + scratch > cube_shared_bytes(like) {
             return None;
         }
-        let multiprocessors = hardware.num_streaming_multiprocessors.unwrap_or(64) as usize;
         let cubes = rows.div_ceil(split.slots).clamp(
             1,
-            NORM_BACKWARD_SPLIT_CUBES_PER_MULTIPROCESSOR * multiprocessors,
+            NORM_BACKWARD_SPLIT_CUBES_PER_MULTIPROCESSOR * multiprocessors(like),
         );
         Some(Self {
             split,
@@ -325,13 +336,11 @@ impl ColumnSlices {
         row_vectors: usize,
         lanes: usize,
     ) -> Self {
-        let hardware = &input.client.properties().hardware;
-        let multiprocessors = hardware.num_streaming_multiprocessors.unwrap_or(64) as usize;
-        let shared_units = CUBE_SHARED_BYTES.min(hardware.max_shared_memory_size) / (lanes * 4);
-        let most_units = (hardware.max_units_per_cube as usize).min(shared_units);
+        let units = input.client.properties().hardware.max_units_per_cube as usize;
+        let most_units = units.min(cube_shared_bytes(input) / (lanes * 4));
         let sector = (32 / (lanes * input.dtype.size())).max(1);
         let slice = row_vectors
-            .div_ceil(multiprocessors)
+            .div_ceil(multiprocessors(input))
             .next_multiple_of(sector)
             .min(most_units);
         let groups = 1 << (most_units / slice).max(1).ilog2();
